@@ -1,0 +1,109 @@
+//! The admin listener (never the public port): /healthz, /readyz, /metrics, /admin/config,
+//! /admin/upstreams.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::body::Body;
+use crate::state::State;
+
+pub async fn serve(state: Arc<State>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(value: serde_json::Value) -> Response<Body> {
+    text(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(&value).unwrap_or_default(),
+    )
+}
+
+pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        );
+    }
+    let snap = state.snapshot.load_full();
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            if snap.router.is_empty() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no routes configured\n".into(),
+                )
+            } else {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            }
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.render(&snap.health()),
+        ),
+        "/admin/config" => json(serde_json::json!({
+            "generation": snap.generation,
+            "config": &*snap.config,
+        })),
+        "/admin/upstreams" => {
+            let services: Vec<_> = snap
+                .services
+                .iter()
+                .map(|s| {
+                    let backends: Vec<_> = s
+                        .pool
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            serde_json::json!({
+                                "address": b.addr.to_string(),
+                                "healthy": b.is_healthy(),
+                                "inFlight": b.in_flight.load(Ordering::Relaxed),
+                                "idleConnections": b.idle_count(),
+                                "source": "static",
+                            })
+                        })
+                        .collect();
+                    serde_json::json!({ "service": s.name, "backends": backends })
+                })
+                .collect();
+            json(serde_json::json!({ "generation": snap.generation, "services": services }))
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}

@@ -1,0 +1,1012 @@
+//! Configuration: the seed-compatible YAML read into validated, typed values (all problems at once,
+//! each with file, line and key). `compile` turns a `Config` into the runtime snapshot.
+
+pub mod duration;
+pub mod read;
+pub mod yaml;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use read::{Fields, Reader};
+use yaml::Node;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, self.line, self.key, self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in one config.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancing {
+    RoundRobin,
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathType {
+    Prefix,
+    Exact,
+}
+
+/// A static backend address, `http://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendAddr {
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority())
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    #[serde(with = "secs")]
+    pub connect: Duration,
+    #[serde(with = "secs")]
+    pub request: Duration,
+    #[serde(with = "secs")]
+    pub idle: Duration,
+    #[serde(with = "secs")]
+    pub header_read: Duration,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub enabled: bool,
+    pub rate_per_second: f64,
+    pub burst: u64,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quota {
+    pub enabled: bool,
+    pub limit: u64,
+    #[serde(with = "secs")]
+    pub period: Duration,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    pub enabled: bool,
+    pub public_key_path: Option<String>,
+    pub public_keys: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub algorithms: Vec<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(with = "secs")]
+    pub leeway: Duration,
+    pub require_exp: bool,
+    pub consumer_claim: String,
+    pub forward_claims: Vec<(String, String)>,
+    pub strip_authorization: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    pub enabled: bool,
+    pub https_port: u16,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redis {
+    pub address: Option<String>,
+    pub cluster: Vec<String>,
+    pub username: Option<String>,
+    #[serde(serialize_with = "redact")]
+    pub password: String,
+    pub db: u64,
+    pub tls: bool,
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    pub failure_mode: String,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Consul {
+    pub address: Option<String>,
+    #[serde(serialize_with = "redact_opt")]
+    pub token: Option<String>,
+    pub ca_cert: Option<String>,
+    pub datacenter: Option<String>,
+    pub register: bool,
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    #[serde(skip)]
+    pub line: usize,
+    pub path: String,
+    pub path_type: PathType,
+    pub strip_path: bool,
+    pub hosts: Vec<String>,
+    pub methods: Vec<String>,
+    pub backends: Vec<BackendAddr>,
+    pub consul_service_name: Option<String>,
+    pub consul_tags: Vec<String>,
+    pub consul_datacenter: Option<String>,
+    pub load_balancing: LoadBalancing,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub health_check_path: String,
+    pub max_body_size: Option<u64>,
+    pub authentication: Option<bool>,
+    pub rate_limiting: Option<RateLimit>,
+    pub quota: Option<Quota>,
+}
+
+/// A validated configuration, defaults applied. Produced by [`parse`].
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    pub gateway_bind: IpAddr,
+    pub gateway_port: u16,
+    pub admin_bind: IpAddr,
+    pub admin_port: u16,
+    #[serde(with = "secs")]
+    pub health_check_interval: Duration,
+    pub health_check_path: String,
+    #[serde(with = "secs")]
+    pub health_check_timeout: Duration,
+    pub services: Vec<Service>,
+    pub rate_limiting: Option<RateLimit>,
+    pub rate_limit_headers: String,
+    pub authentication: Authentication,
+    pub tls: Tls,
+    pub redis: Option<Redis>,
+    pub consul: Consul,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub max_header_size: u64,
+    pub max_body_size: Option<u64>,
+    pub max_connections: u64,
+    pub access_log: bool,
+    #[serde(with = "secs")]
+    pub shutdown_timeout: Duration,
+    pub trusted_proxies: Vec<String>,
+}
+
+mod secs {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "" } else { "<redacted>" })
+}
+
+fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "gatewayPort",
+    "gatewayBind",
+    "adminPort",
+    "adminBind",
+    "healthCheckInterval",
+    "healthCheckPath",
+    "healthCheckTimeout",
+    "services",
+    "rateLimiting",
+    "rateLimitHeaders",
+    "authentication",
+    "tls",
+    "redis",
+    "consul",
+    "timeouts",
+    "retries",
+    "maxHeaderSize",
+    "maxBodySize",
+    "maxConnections",
+    "accessLog",
+    "shutdownTimeout",
+    "trustedProxies",
+    "loadBalancing",
+];
+
+const SERVICE_KEYS: &[&str] = &[
+    "name",
+    "path",
+    "pathType",
+    "stripPath",
+    "hosts",
+    "methods",
+    "backends",
+    "consulServiceName",
+    "consulTags",
+    "consulDatacenter",
+    "loadBalancing",
+    "timeouts",
+    "retries",
+    "healthCheckPath",
+    "maxBodySize",
+    "authentication",
+    "rateLimiting",
+    "quota",
+];
+
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+];
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &name),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file: name,
+            line: 0,
+            key: String::new(),
+            message: format!("cannot read file: {e}"),
+        }])),
+    }
+}
+
+/// Parses and validates config text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let root = yaml::parse(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            line: e.line,
+            key: String::new(),
+            message: format!("YAML syntax error at column {}: {}", e.col, e.message),
+        }])
+    })?;
+    let mut r = Reader::new(file);
+    let cfg = read_config(&mut r, &root);
+    if r.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        r.errors.sort_by_key(|e| e.line);
+        Err(ConfigErrors(r.errors))
+    }
+}
+
+fn read_timeouts(r: &mut Reader, node: Option<&Node>, path: &str, base: &Timeouts) -> Timeouts {
+    let mut t = base.clone();
+    if let Some(node) = node {
+        let f = r.fields(node, path, &["connect", "request", "idle", "headerRead"]);
+        for (key, slot) in [
+            ("connect", &mut t.connect),
+            ("request", &mut t.request),
+            ("idle", &mut t.idle),
+            ("headerRead", &mut t.header_read),
+        ] {
+            if let Some(d) = r.duration(&f, key) {
+                if d.is_zero() {
+                    r.err(f.key_line(key), &f.key_path(key), "must be greater than 0");
+                } else {
+                    *slot = d;
+                }
+            }
+        }
+    }
+    t
+}
+
+fn read_rate_limit(r: &mut Reader, node: &Node, path: &str) -> RateLimit {
+    let f = r.fields(node, path, &["enabled", "ratePerSecond", "burst", "key"]);
+    let enabled = r.bool(&f, "enabled").unwrap_or(false);
+    let rate = r.float(&f, "ratePerSecond", 0.0);
+    let burst = r.uint(&f, "burst", 1, 1_000_000_000);
+    if enabled && rate.is_none() && !f.has("ratePerSecond") {
+        r.err(
+            f.line,
+            &f.key_path("ratePerSecond"),
+            "required when enabled",
+        );
+    }
+    let key = read_limit_key(r, &f, "ip");
+    RateLimit {
+        enabled,
+        rate_per_second: rate.unwrap_or(1.0),
+        burst: burst.unwrap_or(1),
+        key,
+    }
+}
+
+fn read_limit_key(r: &mut Reader, f: &Fields, default: &str) -> String {
+    let Some(k) = r.string(f, "key") else {
+        return default.to_string();
+    };
+    let ok = k == "ip"
+        || k == "consumer"
+        || k.strip_prefix("header:")
+            .is_some_and(|h| !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok());
+    if !ok {
+        r.err(
+            f.key_line("key"),
+            &f.key_path("key"),
+            format!("must be ip, consumer or header:NAME, found {k:?}"),
+        );
+    }
+    k
+}
+
+fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
+    let f = r.fields(node, path, &["enabled", "limit", "period", "key"]);
+    let enabled = r.bool(&f, "enabled").unwrap_or(false);
+    let limit = r.uint(&f, "limit", 1, u32::MAX as u64);
+    let period = r.duration(&f, "period");
+    if enabled {
+        for k in ["limit", "period"] {
+            if !f.has(k) {
+                r.err(f.line, &f.key_path(k), "required when enabled");
+            }
+        }
+    }
+    if let Some(p) = period {
+        if p < Duration::from_secs(1) {
+            r.err(
+                f.key_line("period"),
+                &f.key_path("period"),
+                "must be at least 1s",
+            );
+        }
+    }
+    let key = read_limit_key(r, &f, "consumer");
+    Quota {
+        enabled,
+        limit: limit.unwrap_or(1),
+        period: period.unwrap_or(Duration::from_secs(60)),
+        key,
+    }
+}
+
+fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<BackendAddr> {
+    let rest = match s.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => {
+            r.err(
+                line,
+                path,
+                format!("unsupported scheme {scheme:?} in {s:?} (backends are http://host:port)"),
+            );
+            return None;
+        }
+        None => s,
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.contains('/') || authority.contains('?') || authority.contains('@') {
+        r.err(
+            line,
+            path,
+            format!("backend {s:?} must be http://host:port with no path"),
+        );
+        return None;
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) => (h.to_string(), p.strip_prefix(':').unwrap_or("")),
+            None => {
+                r.err(line, path, format!("bad IPv6 address in {s:?}"));
+                return None;
+            }
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (authority.to_string(), ""),
+        }
+    };
+    let port = if port.is_empty() {
+        80
+    } else {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                r.err(line, path, format!("bad port in backend {s:?}"));
+                return None;
+            }
+        }
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
+    {
+        r.err(line, path, format!("bad host in backend {s:?}"));
+        return None;
+    }
+    Some(BackendAddr { host, port })
+}
+
+fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Service {
+    let f = r.fields(node, path, SERVICE_KEYS);
+    let name = r.string(&f, "name").unwrap_or_default();
+    if name.is_empty() {
+        r.err(f.line, &f.key_path("name"), "required");
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        r.err(
+            f.key_line("name"),
+            &f.key_path("name"),
+            "use letters, digits, '-', '_' or '.'",
+        );
+    }
+    let svc_path = r.string(&f, "path").unwrap_or_default();
+    if svc_path.is_empty() {
+        r.err(f.line, &f.key_path("path"), "required (e.g. \"/users/\")");
+    } else if !svc_path.starts_with('/') {
+        r.err(
+            f.key_line("path"),
+            &f.key_path("path"),
+            format!("must start with '/', found {svc_path:?}"),
+        );
+    } else if crate::proxy::route::normalize_path(&svc_path).as_deref() != Ok(svc_path.as_str()) {
+        r.err(
+            f.key_line("path"),
+            &f.key_path("path"),
+            format!(
+                "must be a normalized path (no dot segments, '//' or needless %-escapes), found {svc_path:?}"
+            ),
+        );
+    }
+    let path_type = match r.choice(&f, "pathType", &["prefix", "exact"]).as_deref() {
+        Some("exact") => PathType::Exact,
+        _ => PathType::Prefix,
+    };
+    let mut backends = Vec::new();
+    if let Some(list) = r.string_list(&f, "backends") {
+        for (i, (b, line)) in list.iter().enumerate() {
+            let p = format!("{}[{i}]", f.key_path("backends"));
+            if let Some(addr) = read_backend(r, b, *line, &p) {
+                if backends.contains(&addr) {
+                    r.err(*line, &p, format!("duplicate backend {b:?}"));
+                } else {
+                    backends.push(addr);
+                }
+            }
+        }
+    }
+    let consul_service_name = r.string(&f, "consulServiceName").filter(|s| !s.is_empty());
+    if backends.is_empty() && consul_service_name.is_none() {
+        r.err(
+            f.line,
+            path,
+            format!("service {name:?} needs backends or consulServiceName (or both)"),
+        );
+    }
+    let hosts = r
+        .string_list(&f, "hosts")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(h, _)| h.to_ascii_lowercase())
+        .collect();
+    let mut methods = Vec::new();
+    for (m, line) in r.string_list(&f, "methods").unwrap_or_default() {
+        let up = m.to_ascii_uppercase();
+        if METHODS.contains(&up.as_str()) {
+            methods.push(up);
+        } else {
+            r.err(
+                line,
+                &f.key_path("methods"),
+                format!("unknown HTTP method {m:?}"),
+            );
+        }
+    }
+    let load_balancing = read_lb(r, &f).unwrap_or(LoadBalancing::RoundRobin);
+    let timeouts = read_timeouts(r, f.get("timeouts"), &f.key_path("timeouts"), &top.timeouts);
+    let authentication = match f.get("authentication") {
+        Some(n) => {
+            let af = r.fields(n, &f.key_path("authentication"), &["enabled"]);
+            r.bool(&af, "enabled")
+        }
+        None => None,
+    };
+    let rate_limiting = f
+        .get("rateLimiting")
+        .map(|n| read_rate_limit(r, n, &f.key_path("rateLimiting")));
+    let quota = f
+        .get("quota")
+        .map(|n| read_quota(r, n, &f.key_path("quota")));
+    Service {
+        line: f.line,
+        path: svc_path,
+        path_type,
+        strip_path: r.bool(&f, "stripPath").unwrap_or(false),
+        hosts,
+        methods,
+        backends,
+        consul_service_name,
+        consul_tags: r
+            .string_list(&f, "consulTags")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect(),
+        consul_datacenter: r.string(&f, "consulDatacenter"),
+        load_balancing,
+        timeouts,
+        retries: r
+            .uint(&f, "retries", 0, 10)
+            .map(|v| v as u32)
+            .unwrap_or(top.retries),
+        health_check_path: r
+            .string(&f, "healthCheckPath")
+            .unwrap_or_else(|| top.health_check_path.clone()),
+        max_body_size: r.size(&f, "maxBodySize").or(top.max_body_size),
+        authentication,
+        rate_limiting,
+        quota,
+        name,
+    }
+}
+
+fn read_lb(r: &mut Reader, f: &Fields) -> Option<LoadBalancing> {
+    match r
+        .choice(f, "loadBalancing", &["roundRobin", "leastRequest"])
+        .as_deref()
+    {
+        Some("leastRequest") => Some(LoadBalancing::LeastRequest),
+        Some(_) => Some(LoadBalancing::RoundRobin),
+        None => None,
+    }
+}
+
+fn read_ip(r: &mut Reader, f: &Fields, key: &str, default: IpAddr) -> IpAddr {
+    match r.string(f, key) {
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => {
+                r.err(
+                    f.key_line(key),
+                    &f.key_path(key),
+                    format!("expected an IP address, found {s:?}"),
+                );
+                default
+            }
+        },
+        None => default,
+    }
+}
+
+fn read_auth(r: &mut Reader, node: Option<&Node>) -> Authentication {
+    let mut a = Authentication {
+        algorithms: vec!["RS256".into()],
+        leeway: Duration::from_secs(30),
+        require_exp: true,
+        consumer_claim: "sub".into(),
+        ..Default::default()
+    };
+    let Some(node) = node else { return a };
+    let f = r.fields(
+        node,
+        "authentication",
+        &[
+            "enabled",
+            "publicKeyPath",
+            "publicKeys",
+            "jwksUrl",
+            "algorithms",
+            "issuer",
+            "audience",
+            "leeway",
+            "requireExp",
+            "consumerClaim",
+            "forwardClaims",
+            "stripAuthorization",
+        ],
+    );
+    a.enabled = r.bool(&f, "enabled").unwrap_or(false);
+    a.public_key_path = r.string(&f, "publicKeyPath").filter(|s| !s.is_empty());
+    a.public_keys = r
+        .string_list(&f, "publicKeys")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    a.jwks_url = r.string(&f, "jwksUrl").filter(|s| !s.is_empty());
+    if let Some(u) = &a.jwks_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            r.err(
+                f.key_line("jwksUrl"),
+                "authentication.jwksUrl",
+                "must be an http:// or https:// URL",
+            );
+        }
+    }
+    if let Some(algs) = r.string_list(&f, "algorithms") {
+        const ALGS: &[&str] = &[
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+        ];
+        a.algorithms.clear();
+        for (alg, line) in algs {
+            if ALGS.contains(&alg.as_str()) {
+                a.algorithms.push(alg);
+            } else {
+                r.err(
+                    line,
+                    "authentication.algorithms",
+                    format!(
+                        "algorithm {alg:?} is not allowed (asymmetric only: {})",
+                        ALGS.join(", ")
+                    ),
+                );
+            }
+        }
+        if a.algorithms.is_empty() {
+            r.err(
+                f.key_line("algorithms"),
+                "authentication.algorithms",
+                "must list at least one algorithm",
+            );
+        }
+    }
+    a.issuer = r.string(&f, "issuer");
+    a.audience = r.string(&f, "audience");
+    if let Some(l) = r.duration(&f, "leeway") {
+        a.leeway = l;
+    }
+    a.require_exp = r.bool(&f, "requireExp").unwrap_or(true);
+    if let Some(c) = r.string(&f, "consumerClaim") {
+        a.consumer_claim = c;
+    }
+    a.forward_claims = r.string_map(&f, "forwardClaims").unwrap_or_default();
+    for (claim, header) in &a.forward_claims {
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            r.err(
+                f.key_line("forwardClaims"),
+                &format!("authentication.forwardClaims.{claim}"),
+                format!("{header:?} is not a valid header name"),
+            );
+        }
+    }
+    a.strip_authorization = r.bool(&f, "stripAuthorization").unwrap_or(false);
+    if a.enabled && a.public_key_path.is_none() && a.public_keys.is_empty() && a.jwks_url.is_none()
+    {
+        r.err(
+            f.line,
+            "authentication",
+            "enabled but no key: set publicKeyPath, publicKeys or jwksUrl",
+        );
+    }
+    a
+}
+
+fn read_redis(r: &mut Reader, node: &Node) -> Redis {
+    let f = r.fields(
+        node,
+        "redis",
+        &[
+            "address",
+            "cluster",
+            "username",
+            "password",
+            "db",
+            "tls",
+            "timeout",
+            "failureMode",
+            "keyPrefix",
+        ],
+    );
+    let address = r.string(&f, "address").filter(|s| !s.is_empty());
+    if let Some(a) = &address {
+        if !a.contains(':') {
+            r.err(
+                f.key_line("address"),
+                "redis.address",
+                format!("expected host:port, found {a:?}"),
+            );
+        }
+    }
+    Redis {
+        address,
+        cluster: r
+            .string_list(&f, "cluster")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect(),
+        username: r.string(&f, "username").filter(|s| !s.is_empty()),
+        password: r.string(&f, "password").unwrap_or_default(),
+        db: r.uint(&f, "db", 0, 15).unwrap_or(0),
+        tls: r.bool(&f, "tls").unwrap_or(false),
+        timeout: r
+            .duration(&f, "timeout")
+            .unwrap_or(Duration::from_millis(50)),
+        failure_mode: r
+            .choice(&f, "failureMode", &["open", "closed"])
+            .unwrap_or_else(|| "open".into()),
+        key_prefix: r
+            .string(&f, "keyPrefix")
+            .unwrap_or_else(|| "hexgate:".into()),
+    }
+}
+
+fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
+    let mut c = Consul {
+        service_name: "hexgate".into(),
+        ..Default::default()
+    };
+    let Some(node) = node else { return c };
+    let f = r.fields(
+        node,
+        "consul",
+        &[
+            "address",
+            "token",
+            "caCert",
+            "datacenter",
+            "register",
+            "serviceName",
+        ],
+    );
+    c.address = r.string(&f, "address");
+    c.token = r.string(&f, "token");
+    c.ca_cert = r.string(&f, "caCert");
+    c.datacenter = r.string(&f, "datacenter");
+    c.register = r.bool(&f, "register").unwrap_or(false);
+    if let Some(n) = r.string(&f, "serviceName") {
+        c.service_name = n;
+    }
+    c
+}
+
+fn read_config(r: &mut Reader, root: &Node) -> Config {
+    let f = r.fields(root, "", TOP_KEYS);
+    let mut cfg = Config {
+        gateway_bind: read_ip(r, &f, "gatewayBind", IpAddr::from([0, 0, 0, 0])),
+        gateway_port: r.port(&f, "gatewayPort").unwrap_or(8000),
+        admin_bind: read_ip(r, &f, "adminBind", IpAddr::from([127, 0, 0, 1])),
+        admin_port: r.port(&f, "adminPort").unwrap_or(9901),
+        health_check_interval: r
+            .duration(&f, "healthCheckInterval")
+            .unwrap_or(Duration::from_secs(5)),
+        health_check_path: r
+            .string(&f, "healthCheckPath")
+            .unwrap_or_else(|| "/health".into()),
+        health_check_timeout: r
+            .duration(&f, "healthCheckTimeout")
+            .unwrap_or(Duration::from_secs(2)),
+        services: Vec::new(),
+        rate_limiting: None,
+        rate_limit_headers: r
+            .choice(&f, "rateLimitHeaders", &["draft", "legacy", "both", "none"])
+            .unwrap_or_else(|| "draft".into()),
+        authentication: Authentication::default(),
+        tls: Tls {
+            enabled: false,
+            https_port: 8443,
+            cert_file: "./config/cert.pem".into(),
+            key_file: "./config/key.pem".into(),
+        },
+        redis: None,
+        consul: Consul::default(),
+        timeouts: Timeouts {
+            connect: Duration::from_secs(2),
+            request: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+            header_read: Duration::from_secs(10),
+        },
+        retries: r.uint(&f, "retries", 0, 10).map(|v| v as u32).unwrap_or(2),
+        max_header_size: r.size(&f, "maxHeaderSize").unwrap_or(64 * 1024),
+        max_body_size: r.size(&f, "maxBodySize"),
+        max_connections: r
+            .uint(&f, "maxConnections", 1, 10_000_000)
+            .unwrap_or(20_000),
+        access_log: r.bool(&f, "accessLog").unwrap_or(false),
+        shutdown_timeout: r
+            .duration(&f, "shutdownTimeout")
+            .unwrap_or(Duration::from_secs(30)),
+        trusted_proxies: Vec::new(),
+    };
+    if cfg.health_check_interval.is_zero() {
+        r.err(
+            f.key_line("healthCheckInterval"),
+            "healthCheckInterval",
+            "must be greater than 0",
+        );
+    }
+    if cfg.max_header_size < 1024 {
+        r.err(
+            f.key_line("maxHeaderSize"),
+            "maxHeaderSize",
+            "must be at least 1k",
+        );
+    }
+    let default_lb = read_lb(r, &f).unwrap_or(LoadBalancing::RoundRobin);
+    cfg.timeouts = read_timeouts(r, f.get("timeouts"), "timeouts", &cfg.timeouts);
+    for (p, line) in r.string_list(&f, "trustedProxies").unwrap_or_default() {
+        if parse_cidr(&p).is_none() {
+            r.err(
+                line,
+                "trustedProxies",
+                format!("expected an IP address or CIDR, found {p:?}"),
+            );
+        }
+        cfg.trusted_proxies.push(p);
+    }
+    cfg.rate_limiting = f
+        .get("rateLimiting")
+        .map(|n| read_rate_limit(r, n, "rateLimiting"));
+    cfg.authentication = read_auth(r, f.get("authentication"));
+    if let Some(n) = f.get("tls") {
+        let tf = r.fields(n, "tls", &["enabled", "httpsPort", "certFile", "keyFile"]);
+        cfg.tls.enabled = r.bool(&tf, "enabled").unwrap_or(false);
+        if let Some(p) = r.port(&tf, "httpsPort") {
+            cfg.tls.https_port = p;
+        }
+        if let Some(c) = r.string(&tf, "certFile") {
+            cfg.tls.cert_file = c;
+        }
+        if let Some(k) = r.string(&tf, "keyFile") {
+            cfg.tls.key_file = k;
+        }
+    }
+    cfg.redis = f.get("redis").map(|n| read_redis(r, n));
+    cfg.consul = read_consul(r, f.get("consul"));
+    if let Some(items) = r.list(&f, "services") {
+        let mut names = HashSet::new();
+        let mut routes = HashSet::new();
+        for (i, n) in items.iter().enumerate() {
+            let path = format!("services[{i}]");
+            let mut svc = read_service(r, n, &path, &cfg);
+            if !svc_has_key(n, "loadBalancing") {
+                svc.load_balancing = default_lb;
+            }
+            if !svc.name.is_empty() && !names.insert(svc.name.clone()) {
+                r.err(
+                    svc.line,
+                    &format!("{path}.name"),
+                    format!("duplicate service name {:?}", svc.name),
+                );
+            }
+            let route_key = (
+                svc.path.clone(),
+                svc.path_type,
+                svc.hosts.clone(),
+                svc.methods.clone(),
+            );
+            if !svc.path.is_empty() && !routes.insert(route_key) {
+                r.err(
+                    svc.line,
+                    &format!("{path}.path"),
+                    format!(
+                        "another service already routes {:?} with the same hosts and methods",
+                        svc.path
+                    ),
+                );
+            }
+            let auth_on = svc.authentication.unwrap_or(cfg.authentication.enabled);
+            if let Some(q) = &svc.quota {
+                if q.enabled && q.key == "consumer" && !auth_on {
+                    r.err(
+                        svc.line,
+                        &format!("{path}.quota"),
+                        format!(
+                            "service {:?}: a quota keyed by consumer needs authentication on this route",
+                            svc.name
+                        ),
+                    );
+                }
+            }
+            let rl = svc.rate_limiting.as_ref().or(cfg.rate_limiting.as_ref());
+            if let Some(rl) = rl {
+                if rl.enabled && rl.key == "consumer" && !auth_on {
+                    r.err(
+                        svc.line,
+                        &format!("{path}.rateLimiting"),
+                        format!(
+                            "service {:?}: a rate limit keyed by consumer needs authentication on this route",
+                            svc.name
+                        ),
+                    );
+                }
+            }
+            cfg.services.push(svc);
+        }
+    }
+    if cfg.tls.enabled && cfg.tls.https_port == cfg.gateway_port {
+        r.err(
+            f.key_line("tls"),
+            "tls.httpsPort",
+            "must differ from gatewayPort",
+        );
+    }
+    if cfg.admin_port == cfg.gateway_port && cfg.admin_port != 0 {
+        r.err(
+            f.key_line("adminPort"),
+            "adminPort",
+            "must differ from gatewayPort (the admin listener is never served on the public port)",
+        );
+    }
+    cfg
+}
+
+fn svc_has_key(n: &Node, key: &str) -> bool {
+    matches!(&n.kind, yaml::Kind::Map(m) if m.iter().any(|(k, _, v)| k == key && !v.is_null()))
+}
+
+/// Parses "10.0.0.0/8" or "127.0.0.1" into (network, prefix length).
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?),
+        None => {
+            let ip = s.parse::<IpAddr>().ok()?;
+            (ip, if ip.is_ipv4() { 32 } else { 128 })
+        }
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((ip, len))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,84 @@
+//! One mapping from gateway errors to status codes, with the side that failed
+//! (client, upstream or gateway) for logs and metrics.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+use crate::proxy::route::PathError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route for this path")]
+    NoRoute,
+    #[error("bad request path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("request body larger than the limit of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("no healthy backend")]
+    NoHealthyBackend,
+    #[error("could not connect to any backend")]
+    ConnectFailed,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::NoHealthyBackend | GatewayError::ConnectFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            GatewayError::NoRoute | GatewayError::BadPath(_) | GatewayError::BodyTooLarge(_) => {
+                Side::Client
+            }
+            GatewayError::NoHealthyBackend
+            | GatewayError::ConnectFailed
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Upstream(_) => Side::Upstream,
+            GatewayError::Internal(_) => Side::Gateway,
+        }
+    }
+
+    /// A short JSON error body carrying the request id.
+    pub fn to_response(&self, request_id: &str) -> Response<Body> {
+        json_error(self.status(), &self.to_string(), request_id)
+    }
+}
+
+pub fn json_error(status: StatusCode, message: &str, request_id: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": message,
+        "status": status.as_u16(),
+        "requestId": request_id,
+    })
+    .to_string();
+    let mut resp = Response::new(Body::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,14 @@
+//! HexGate: an API gateway. See docs/architecture.md for the map of modules.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod snapshot;
+pub mod state;
+pub mod upstream;

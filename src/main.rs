@@ -1,0 +1,237 @@
+//! The `hexgate` command line: run, validate, demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use hexgate::config::{self, Config};
+use hexgate::server::{self, Listeners};
+use hexgate::state::{Source, State};
+
+#[derive(Parser)]
+#[command(name = "hexgate", version, about = "HexGate API gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a YAML config file (hot-reloaded on change and on SIGHUP).
+    Run {
+        /// Path to the config file.
+        #[arg(long, short = 'c', default_value = "config/config.yaml")]
+        config: PathBuf,
+    },
+    /// Check a config file offline: exit 0 with a summary, or non-zero listing every problem.
+    Validate {
+        /// Path to the config file.
+        file: PathBuf,
+    },
+    /// Start the gateway with three built-in backends, memory only: the first thing to try.
+    Demo {
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+        /// Ports of the three demo backends (user-service x2, product-service).
+        #[arg(long, value_delimiter = ',', default_value = "8081,8082,8083")]
+        backend_ports: Vec<u16>,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HEXGATE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { file } => validate(&file),
+        Command::Run { config } => {
+            init_tracing();
+            let cfg = match config::load_file(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!(
+                        "hexgate: {} problem(s) in {}; not starting",
+                        errors.0.len(),
+                        config.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(msg) = unsupported_features(&cfg, &config.display().to_string()) {
+                eprintln!("{msg}");
+                return ExitCode::from(2);
+            }
+            report(run_gateway(cfg, Source::File(config), None))
+        }
+        Command::Demo {
+            port,
+            admin_port,
+            backend_ports,
+        } => {
+            init_tracing();
+            let ports: [u16; 3] = match backend_ports.as_slice() {
+                [a, b, c] => [*a, *b, *c],
+                _ => {
+                    eprintln!("hexgate demo: --backend-ports takes exactly three ports");
+                    return ExitCode::from(2);
+                }
+            };
+            let yaml = hexgate::demo::config_yaml(port, admin_port, ports);
+            let cfg = match config::parse(&yaml, "<demo>") {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let banner = hexgate::demo::banner(port, admin_port, ports);
+            report(run_gateway(cfg, Source::Embedded, Some((ports, banner))))
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hexgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn validate(file: &std::path::Path) -> ExitCode {
+    match config::load_file(file) {
+        Ok(cfg) => {
+            let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            let consul = cfg
+                .services
+                .iter()
+                .filter(|s| s.consul_service_name.is_some())
+                .count();
+            println!(
+                "{}: OK: {} service(s), {} static backend(s), {} discovered through Consul, gateway port {}, admin port {}",
+                file.display(),
+                cfg.services.len(),
+                backends,
+                consul,
+                cfg.gateway_port,
+                cfg.admin_port
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} problem(s)", file.display(), errors.0.len());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Features whose keys parse (so seed configs validate) but which this build cannot enforce yet.
+/// Starting anyway would silently let requests through that the config means to refuse.
+fn unsupported_features(cfg: &Config, file: &str) -> Result<(), String> {
+    let mut missing = Vec::new();
+    if cfg.authentication.enabled || cfg.services.iter().any(|s| s.authentication == Some(true)) {
+        missing.push("authentication (JWT)");
+    }
+    if cfg.rate_limiting.as_ref().is_some_and(|r| r.enabled)
+        || cfg
+            .services
+            .iter()
+            .any(|s| s.rate_limiting.as_ref().is_some_and(|r| r.enabled))
+    {
+        missing.push("rateLimiting");
+    }
+    if cfg
+        .services
+        .iter()
+        .any(|s| s.quota.as_ref().is_some_and(|q| q.enabled))
+    {
+        missing.push("quota");
+    }
+    if cfg.services.iter().any(|s| s.consul_service_name.is_some()) {
+        missing.push("consulServiceName (Consul discovery)");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{file}: this HexGate build does not enforce {} yet; refusing to start rather than \
+             serve routes without them. Disable those keys to run.",
+            missing.join(", ")
+        ))
+    }
+}
+
+fn run_gateway(
+    cfg: Config,
+    source: Source,
+    demo: Option<([u16; 3], String)>,
+) -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        if let Some((ports, _)) = &demo {
+            hexgate::demo::start_backends(*ports).await?;
+        }
+        let listeners = Listeners::bind(&cfg).await?;
+        let state = State::new(cfg, source);
+        tracing::info!(
+            public = ?listeners.public_addr(),
+            https = ?listeners.https_addr(),
+            admin = ?listeners.admin_addr(),
+            "hexgate listening"
+        );
+        if let Some((_, banner)) = &demo {
+            println!("{banner}");
+        }
+        tokio::spawn(hexgate::upstream::health::run(state.clone()));
+        tokio::spawn(hexgate::reload::watch(state.clone()));
+        server::serve(state, listeners, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,282 @@
+//! Prometheus metrics: names as constants, lock-free handles resolved per routing snapshot (the
+//! request path never hashes a label set), and the text exposition written at scrape time.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const HTTP_REQUESTS_TOTAL: &str = "hexgate_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "hexgate_http_request_duration_seconds";
+pub const UPSTREAM_REQUEST_DURATION: &str = "hexgate_upstream_request_duration_seconds";
+pub const UPSTREAM_HEALTHY: &str = "hexgate_upstream_healthy";
+pub const OPEN_CONNECTIONS: &str = "hexgate_open_connections";
+pub const CONFIG_RELOADS_TOTAL: &str = "hexgate_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "hexgate_config_last_reload_success_timestamp_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "hexgate_upstream_errors_total";
+
+/// Service label used for requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Methods with their own handle; anything else is counted as "OTHER".
+pub const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+
+/// Status codes with their own slot; others go to a small locked list (rare).
+const CODES: [u16; 24] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 413, 429, 431,
+    500, 501, 502, 503, 504,
+];
+
+pub fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cum}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+#[derive(Default)]
+pub struct MethodMetrics {
+    codes: [AtomicU64; CODES.len()],
+    other_codes: Mutex<Vec<(u16, u64)>>,
+    pub duration: Histogram,
+}
+
+impl MethodMetrics {
+    pub fn count(&self, code: u16) {
+        match CODES.iter().position(|c| *c == code) {
+            Some(i) => {
+                self.codes[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                if let Ok(mut others) = self.other_codes.lock() {
+                    match others.iter_mut().find(|(c, _)| *c == code) {
+                        Some((_, n)) => *n += 1,
+                        None => others.push((code, 1)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles for one service, kept across reloads so counters never reset.
+pub struct ServiceMetrics {
+    pub name: String,
+    pub methods: [MethodMetrics; METHODS.len()],
+    pub upstream_duration: Histogram,
+    pub upstream_errors: AtomicU64,
+}
+
+impl ServiceMetrics {
+    fn new(name: &str) -> Self {
+        ServiceMetrics {
+            name: name.to_string(),
+            methods: Default::default(),
+            upstream_duration: Histogram::default(),
+            upstream_errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, method: &http::Method, code: u16, elapsed: Duration) {
+        let m = &self.methods[method_index(method)];
+        m.count(code);
+        m.duration.observe(elapsed);
+    }
+}
+
+/// All metrics of one gateway process.
+#[derive(Default)]
+pub struct Registry {
+    services: Mutex<HashMap<String, Arc<ServiceMetrics>>>,
+    pub open_connections: AtomicI64,
+    pub reloads_success: AtomicU64,
+    pub reloads_failure: AtomicU64,
+    pub last_reload_success: AtomicU64,
+}
+
+impl Registry {
+    /// Resolves (or creates) the handles of a service; called when a snapshot is built.
+    pub fn service(&self, name: &str) -> Arc<ServiceMetrics> {
+        let mut map = match self.services.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(name.to_string())
+            .or_insert_with(|| Arc::new(ServiceMetrics::new(name)))
+            .clone()
+    }
+
+    pub fn record_reload(&self, ok: bool) {
+        if ok {
+            self.reloads_success.fetch_add(1, Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.last_reload_success.store(now, Ordering::Relaxed);
+        } else {
+            self.reloads_failure.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the Prometheus text format. `health` lists (service, backend, healthy).
+    pub fn render(&self, health: &[(String, String, bool)]) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let mut services: Vec<Arc<ServiceMetrics>> = match self.services.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+
+        let _ = writeln!(
+            out,
+            "# HELP {HTTP_REQUESTS_TOTAL} Requests handled, by service, method and status code."
+        );
+        let _ = writeln!(out, "# TYPE {HTTP_REQUESTS_TOTAL} counter");
+        for s in &services {
+            for (mi, m) in s.methods.iter().enumerate() {
+                for (ci, c) in m.codes.iter().enumerate() {
+                    let v = c.load(Ordering::Relaxed);
+                    if v > 0 {
+                        let _ = writeln!(
+                            out,
+                            "{HTTP_REQUESTS_TOTAL}{{service=\"{}\",method=\"{}\",code=\"{}\"}} {v}",
+                            s.name, METHODS[mi], CODES[ci]
+                        );
+                    }
+                }
+                if let Ok(others) = m.other_codes.lock() {
+                    for (code, v) in others.iter() {
+                        let _ = writeln!(
+                            out,
+                            "{HTTP_REQUESTS_TOTAL}{{service=\"{}\",method=\"{}\",code=\"{code}\"}} {v}",
+                            s.name, METHODS[mi]
+                        );
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP {HTTP_REQUEST_DURATION} Time from request to response headers, by service and method.");
+        let _ = writeln!(out, "# TYPE {HTTP_REQUEST_DURATION} histogram");
+        for s in &services {
+            for (mi, m) in s.methods.iter().enumerate() {
+                if m.duration.count.load(Ordering::Relaxed) > 0 {
+                    let labels = format!("service=\"{}\",method=\"{}\"", s.name, METHODS[mi]);
+                    m.duration.write(&mut out, HTTP_REQUEST_DURATION, &labels);
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP {UPSTREAM_REQUEST_DURATION} Time the upstream took to answer with headers, by service.");
+        let _ = writeln!(out, "# TYPE {UPSTREAM_REQUEST_DURATION} histogram");
+        for s in &services {
+            if s.upstream_duration.count.load(Ordering::Relaxed) > 0 {
+                let labels = format!("service=\"{}\"", s.name);
+                s.upstream_duration
+                    .write(&mut out, UPSTREAM_REQUEST_DURATION, &labels);
+            }
+        }
+        let _ = writeln!(out, "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream attempts (connect errors, resets, timeouts), by service.");
+        let _ = writeln!(out, "# TYPE {UPSTREAM_ERRORS_TOTAL} counter");
+        for s in &services {
+            let _ = writeln!(
+                out,
+                "{UPSTREAM_ERRORS_TOTAL}{{service=\"{}\"}} {}",
+                s.name,
+                s.upstream_errors.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {UPSTREAM_HEALTHY} 1 if the backend is in rotation, else 0."
+        );
+        let _ = writeln!(out, "# TYPE {UPSTREAM_HEALTHY} gauge");
+        for (svc, backend, ok) in health {
+            let _ = writeln!(
+                out,
+                "{UPSTREAM_HEALTHY}{{service=\"{svc}\",backend=\"{backend}\"}} {}",
+                u8::from(*ok)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {OPEN_CONNECTIONS} Client connections currently open."
+        );
+        let _ = writeln!(out, "# TYPE {OPEN_CONNECTIONS} gauge");
+        let _ = writeln!(
+            out,
+            "{OPEN_CONNECTIONS} {}",
+            self.open_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {CONFIG_RELOADS_TOTAL} Config reloads, by result."
+        );
+        let _ = writeln!(out, "# TYPE {CONFIG_RELOADS_TOTAL} counter");
+        let _ = writeln!(
+            out,
+            "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",
+            self.reloads_success.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
+            self.reloads_failure.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {CONFIG_LAST_RELOAD_SUCCESS} Unix time of the last successful config load."
+        );
+        let _ = writeln!(out, "# TYPE {CONFIG_LAST_RELOAD_SUCCESS} gauge");
+        let _ = writeln!(
+            out,
+            "{CONFIG_LAST_RELOAD_SUCCESS} {}",
+            self.last_reload_success.load(Ordering::Relaxed)
+        );
+        out
+    }
+}

@@ -1,0 +1,284 @@
+//! Forwarding to a backend: header rewriting, retries of unsent requests on another backend,
+//! timeouts, passive ejection, response streaming and WebSocket (Upgrade) pass-through.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{request_host, ConnInfo, X_REQUEST_ID};
+use crate::body::Body;
+use crate::error::GatewayError;
+use crate::snapshot::{ServiceRt, Snapshot};
+use crate::upstream::{Backend, PoolReturn};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in Connection.
+/// When `keep_upgrade` is set, `Connection: upgrade` and `Upgrade` survive (WebSocket).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove(header::CONNECTION);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The path and query sent upstream: the normalised path (with `stripPath` applied).
+fn upstream_uri(svc: &ServiceRt, uri: &Uri) -> Result<Uri, GatewayError> {
+    let path = super::route::normalize_path(uri.path())?;
+    let path: &str = match &svc.strip_prefix {
+        Some(p) => match path.strip_prefix(p.as_str()) {
+            Some(rest) if rest.starts_with('/') => rest,
+            _ => "/",
+        },
+        None => &path,
+    };
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    Uri::try_from(pq).map_err(|e| GatewayError::Internal(format!("bad upstream uri: {e}")))
+}
+
+fn add_forwarded_headers(
+    snap: &Snapshot,
+    headers: &mut HeaderMap,
+    conn: ConnInfo,
+    host: Option<&str>,
+    request_id: &str,
+) {
+    let peer_ip = conn.peer.ip().to_string();
+    let trusted = snap.is_trusted_proxy(conn.peer.ip());
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if trusted => format!("{prev}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST.clone(), h);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+}
+
+/// Counts a request in flight on a backend for least-request balancing.
+struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    fn new(b: &Arc<Backend>) -> Self {
+        b.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(b.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub async fn forward(
+    snap: &Snapshot,
+    svc: &Arc<ServiceRt>,
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+    request_id: &str,
+) -> Result<Response<Body>, GatewayError> {
+    if let Some(max) = svc.max_body_size {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(GatewayError::BodyTooLarge(max));
+        }
+    }
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let host = request_host(&req);
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+
+    let (mut parts, body) = req.into_parts();
+    parts.uri = upstream_uri(svc, &parts.uri)?;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_forwarded_headers(snap, &mut parts.headers, conn, host.as_deref(), request_id);
+    if let Some(h) = original_host {
+        parts.headers.insert(header::HOST, h);
+    }
+    let mut req = Request::from_parts(parts, Body::Incoming(body));
+
+    let deadline = Instant::now() + svc.timeouts.request;
+    let max_attempts = svc.retries as usize + 1;
+    let mut tried: u64 = 0;
+    let mut failures = 0usize;
+    // Stale pooled connections are retried without counting; this bounds the loop regardless.
+    for _ in 0..(max_attempts + svc.pool.backends.len() + 8) {
+        let Some((idx, backend)) = svc.pool.pick(tried) else {
+            return Err(if failures == 0 {
+                GatewayError::NoHealthyBackend
+            } else {
+                GatewayError::ConnectFailed
+            });
+        };
+        let backend = backend.clone();
+        let _in_flight = InFlight::new(&backend);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let connect_timeout = svc.timeouts.connect.min(remaining);
+        let (mut sender, reused) = match backend.checkout(connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(backend = %backend.addr, error = %e, "connect failed");
+                backend.record_failure();
+                svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                if idx < 64 {
+                    tried |= 1 << idx;
+                }
+                if failures >= max_attempts {
+                    return Err(GatewayError::ConnectFailed);
+                }
+                if Instant::now() >= deadline {
+                    return Err(GatewayError::UpstreamTimeout);
+                }
+                continue;
+            }
+        };
+        let sent_at = Instant::now();
+        let remaining = deadline.saturating_duration_since(sent_at);
+        let result = tokio::time::timeout(remaining, sender.try_send_request(req)).await;
+        let mut resp = match result {
+            Err(_) => {
+                backend.record_failure();
+                svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(GatewayError::UpstreamTimeout);
+            }
+            Ok(Ok(resp)) => resp,
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => {
+                    // Never written: safe to retry, on another backend unless the connection
+                    // was a stale pooled one.
+                    req = unsent;
+                    if !reused {
+                        backend.record_failure();
+                        svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                        failures += 1;
+                        if idx < 64 {
+                            tried |= 1 << idx;
+                        }
+                        if failures >= max_attempts {
+                            return Err(GatewayError::ConnectFailed);
+                        }
+                    }
+                    continue;
+                }
+                None => {
+                    backend.record_failure();
+                    svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(GatewayError::Upstream(e.into_error().to_string()));
+                }
+            },
+        };
+        backend.record_success();
+        svc.metrics.upstream_duration.observe(sent_at.elapsed());
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(GatewayError::Upstream(
+                    "101 Switching Protocols to a request that asked for no upgrade".into(),
+                ));
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, true);
+            return Ok(Response::from_parts(parts, Body::Empty));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let body = if http_body::Body::is_end_stream(&body) {
+            PoolReturn::new(backend, sender).give_back();
+            Body::Incoming(body)
+        } else {
+            Body::Pooled(body, Some(PoolReturn::new(backend, sender)))
+        };
+        return Ok(Response::from_parts(parts, body));
+    }
+    Err(GatewayError::ConnectFailed)
+}

@@ -1,0 +1,125 @@
+//! The request pipeline, one fixed sequence over one snapshot:
+//! load snapshot → normalise path and route → (auth, limits: later phases) → pick backend →
+//! forward with retries → metrics and access log.
+
+pub mod forward;
+pub mod route;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::Body;
+use crate::error::GatewayError;
+use crate::snapshot::Snapshot;
+use crate::state::State;
+
+pub const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// Connection facts the pipeline needs.
+#[derive(Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Entry point for every request on the public listeners.
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let snap = state.snapshot.load_full();
+    let request_id = request_id(&req);
+    let method = req.method().clone();
+    let access = snap
+        .config
+        .access_log
+        .then(|| (req.uri().path().to_string(), format!("{:?}", req.version())));
+
+    let (metrics, result) = match route_request(&snap, &req) {
+        Ok(svc) => {
+            let res = forward::forward(&snap, &svc, req, conn, &request_id).await;
+            (svc.metrics.clone(), res)
+        }
+        Err(e) => (snap.unmatched.clone(), Err(e)),
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.side() != crate::error::Side::Client {
+                tracing::warn!(request_id = %request_id, service = %metrics.name, error = %e, "request failed");
+            }
+            e.to_response(&request_id)
+        }
+    };
+    let elapsed = start.elapsed();
+    metrics.record(&method, resp.status().as_u16(), elapsed);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    if let Some((path, version)) = access {
+        println!(
+            "{} \"{} {} {}\" {} {:.3}ms service={} request_id={}",
+            conn.peer.ip(),
+            method,
+            path,
+            version,
+            resp.status().as_u16(),
+            elapsed.as_secs_f64() * 1000.0,
+            metrics.name,
+            request_id
+        );
+    }
+    Ok(resp)
+}
+
+fn route_request(
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+) -> Result<Arc<crate::snapshot::ServiceRt>, GatewayError> {
+    let path = route::normalize_path(req.uri().path())?;
+    let host = request_host(req);
+    let route = snap
+        .router
+        .find(host.as_deref(), req.method(), &path)
+        .ok_or(GatewayError::NoRoute)?;
+    Ok(route.service.clone())
+}
+
+/// The request's host without port, lower-cased (Host header, or the HTTP/2 authority).
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    let host = if raw.starts_with('[') {
+        raw.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(raw)
+    } else {
+        raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw)
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// The client's X-Request-Id if it is sane (1-128 of `[A-Za-z0-9._:-]`), else a new random one.
+fn request_id<B>(req: &Request<B>) -> String {
+    if let Some(v) = req.headers().get(X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+        {
+            if let Ok(s) = v.to_str() {
+                return s.to_string();
+            }
+        }
+    }
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}

@@ -1,0 +1,332 @@
+//! Listeners: the public port (HTTP/1.1 and h2c, or a redirect to HTTPS when TLS is on), the
+//! HTTPS port (rustls, ALPN h2/http1.1), the admin port; connection limits and graceful drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::Body;
+use crate::config::Config;
+use crate::proxy::{self, ConnInfo};
+use crate::state::State;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Proxy { tls: bool },
+    RedirectToHttps { https_port: u16 },
+}
+
+/// Bound listeners, ready to serve.
+pub struct Listeners {
+    public: TcpListener,
+    https: Option<(TcpListener, TlsAcceptor)>,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &Config) -> Result<Listeners, ServerError> {
+        let public_addr = SocketAddr::new(cfg.gateway_bind, cfg.gateway_port);
+        let public = TcpListener::bind(public_addr)
+            .await
+            .map_err(|e| ServerError::Bind(public_addr, e))?;
+        let https = if cfg.tls.enabled {
+            let acceptor =
+                tls_acceptor(Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file))?;
+            let addr = SocketAddr::new(cfg.gateway_bind, cfg.tls.https_port);
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServerError::Bind(addr, e))?;
+            Some((l, acceptor))
+        } else {
+            None
+        };
+        let admin_addr = SocketAddr::new(cfg.admin_bind, cfg.admin_port);
+        let admin = TcpListener::bind(admin_addr)
+            .await
+            .map_err(|e| ServerError::Bind(admin_addr, e))?;
+        Ok(Listeners {
+            public,
+            https,
+            admin,
+        })
+    }
+
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+}
+
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ServerError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls(format!(
+            "{}: no certificate found",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read)
+        .max_buf_size(cfg.max_header_size.max(8192) as usize)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(cfg.max_header_size.min(u32::MAX as u64) as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Tells connections to drain and waits until the last one has finished.
+struct Drain {
+    tx: watch::Sender<bool>,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests for up to
+/// `shutdownTimeout`.
+pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    let cfg = state.snapshot.load().config.clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let drain = Arc::new(Drain {
+        tx: watch::channel(false).0,
+    });
+    let limit = Arc::new(Semaphore::new(cfg.max_connections as usize));
+    let builder = Arc::new(http_builder(&cfg));
+
+    let mut tasks = Vec::new();
+    let public_mode = if cfg.tls.enabled {
+        Mode::RedirectToHttps {
+            https_port: cfg.tls.https_port,
+        }
+    } else {
+        Mode::Proxy { tls: false }
+    };
+    tasks.push(tokio::spawn(accept_loop(
+        state.clone(),
+        listeners.public,
+        None,
+        public_mode,
+        builder.clone(),
+        limit.clone(),
+        drain.clone(),
+        stop_rx.clone(),
+    )));
+    if let Some((l, acceptor)) = listeners.https {
+        tasks.push(tokio::spawn(accept_loop(
+            state.clone(),
+            l,
+            Some(acceptor),
+            Mode::Proxy { tls: true },
+            builder.clone(),
+            limit.clone(),
+            drain.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let admin_task = tokio::spawn(crate::admin::serve(state.clone(), listeners.admin));
+
+    shutdown.await;
+    tracing::info!(
+        timeout = ?cfg.shutdown_timeout,
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = drain.tx.send(true);
+    let drained = tokio::time::timeout(cfg.shutdown_timeout, drain.tx.closed()).await;
+    match drained {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(
+            open = drain.tx.receiver_count(),
+            "shutdown timeout reached with connections still open"
+        ),
+    }
+    admin_task.abort();
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_loop(
+    state: Arc<State>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mode: Mode,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limit: Arc<Semaphore>,
+    drain: Arc<Drain>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let drain_rx = drain.tx.subscribe();
+        tokio::spawn(async move {
+            state
+                .metrics
+                .open_connections
+                .fetch_add(1, Ordering::Relaxed);
+            serve_conn(state.clone(), stream, peer, tls, mode, &builder, drain_rx).await;
+            state
+                .metrics
+                .open_connections
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_conn(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    mode: Mode,
+    builder: &auto::Builder<TokioExecutor>,
+    drain: watch::Receiver<bool>,
+) {
+    match tls {
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(s)) => serve_io(state, TokioIo::new(s), peer, mode, builder, drain).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+        None => serve_io(state, TokioIo::new(stream), peer, mode, builder, drain).await,
+    }
+}
+
+async fn serve_io<I>(
+    state: Arc<State>,
+    io: I,
+    peer: SocketAddr,
+    mode: Mode,
+    builder: &auto::Builder<TokioExecutor>,
+    mut drain: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move {
+            match mode {
+                Mode::Proxy { tls } => proxy::handle(state, req, ConnInfo { peer, tls }).await,
+                Mode::RedirectToHttps { https_port } => Ok(redirect(&req, https_port)),
+            }
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let draining = *drain.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "connection ended with error");
+            }
+            return;
+        }
+        _ = drain.changed() => {
+            conn.as_mut().graceful_shutdown();
+        }
+    }
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "connection ended with error while draining");
+    }
+}
+
+/// The seed's behaviour with TLS on: the plain port answers 301 to the same URL over HTTPS.
+fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
+    let host = proxy::request_host(req).unwrap_or_else(|| "localhost".into());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = if https_port == 443 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{https_port}{pq}")
+    };
+    let mut resp = Response::new(Body::Empty);
+    *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}

@@ -1,0 +1,141 @@
+//! The immutable runtime view built from a validated `Config`: routes, pools, metric handles.
+//! Requests load one snapshot and use it to the end; a reload builds a new one and swaps it in.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{parse_cidr, Config, PathType, Timeouts};
+use crate::metrics::{Registry, ServiceMetrics, UNMATCHED};
+use crate::proxy::route::{Route, Router};
+use crate::upstream::{BackendSet, Pool};
+
+/// One service as the request path sees it.
+pub struct ServiceRt {
+    pub name: String,
+    pub pool: Pool,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    /// Set when `stripPath` is on: the prefix removed before forwarding.
+    pub strip_prefix: Option<String>,
+    pub health_check_path: String,
+    pub max_body_size: Option<u64>,
+    pub metrics: Arc<ServiceMetrics>,
+}
+
+pub struct Snapshot {
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub services: Vec<Arc<ServiceRt>>,
+    pub router: Router,
+    pub unmatched: Arc<ServiceMetrics>,
+    pub trusted_proxies: Vec<(IpAddr, u8)>,
+}
+
+impl Snapshot {
+    pub fn build(
+        config: Config,
+        generation: u64,
+        metrics: &Registry,
+        backends: &BackendSet,
+    ) -> Snapshot {
+        let mut services = Vec::with_capacity(config.services.len());
+        let mut routes = Vec::with_capacity(config.services.len());
+        for s in &config.services {
+            let pool = Pool::new(
+                s.backends
+                    .iter()
+                    .map(|a| backends.get_or_create(a))
+                    .collect(),
+                s.load_balancing,
+            );
+            let rt = Arc::new(ServiceRt {
+                name: s.name.clone(),
+                pool,
+                timeouts: s.timeouts.clone(),
+                retries: s.retries,
+                strip_prefix: (s.strip_path && s.path_type == PathType::Prefix)
+                    .then(|| s.path.trim_end_matches('/').to_string()),
+                health_check_path: s.health_check_path.clone(),
+                max_body_size: s.max_body_size,
+                metrics: metrics.service(&s.name),
+            });
+            routes.push(Route {
+                path: s.path.clone(),
+                path_type: s.path_type,
+                hosts: s.hosts.clone(),
+                methods: s
+                    .methods
+                    .iter()
+                    .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                    .collect(),
+                service: rt.clone(),
+            });
+            services.push(rt);
+        }
+        Snapshot {
+            generation,
+            trusted_proxies: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| parse_cidr(p))
+                .collect(),
+            config: Arc::new(config),
+            services,
+            router: Router::new(routes),
+            unmatched: metrics.service(UNMATCHED),
+        }
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies
+            .iter()
+            .any(|(net, len)| cidr_contains(*net, *len, ip))
+    }
+
+    /// (service, backend, healthy) for every backend, for metrics and /admin/upstreams.
+    pub fn health(&self) -> Vec<(String, String, bool)> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            for b in &s.pool.backends {
+                out.push((s.name.clone(), b.addr.to_string(), b.is_healthy()));
+            }
+        }
+        out
+    }
+}
+
+fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(cidr_contains(ip("10.0.0.0"), 8, ip("10.1.2.3")));
+        assert!(!cidr_contains(ip("10.0.0.0"), 8, ip("11.1.2.3")));
+        assert!(cidr_contains(ip("127.0.0.1"), 32, ip("::ffff:127.0.0.1")));
+        assert!(cidr_contains(ip("::1"), 128, ip("::1")));
+    }
+}

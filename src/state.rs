@@ -1,0 +1,95 @@
+//! Process-wide state: the current snapshot (swapped atomically on reload), the metric registry
+//! and the backends shared across snapshots.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use crate::config::{self, Config, ConfigErrors};
+use crate::metrics::Registry;
+use crate::snapshot::Snapshot;
+use crate::upstream::BackendSet;
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    /// Built in (the demo); never reloaded.
+    Embedded,
+}
+
+pub struct State {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Registry>,
+    pub backends: BackendSet,
+    pub health_wakeup: Notify,
+    pub source: Source,
+    generation: AtomicU64,
+}
+
+impl State {
+    pub fn new(config: Config, source: Source) -> Arc<State> {
+        let metrics = Arc::new(Registry::default());
+        let backends = BackendSet::default();
+        let snap = Snapshot::build(config, 1, &metrics, &backends);
+        metrics.record_reload(true);
+        Arc::new(State {
+            snapshot: ArcSwap::from_pointee(snap),
+            metrics,
+            backends,
+            health_wakeup: Notify::new(),
+            source,
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    /// Builds a snapshot from `config` and swaps it in; in-flight requests keep the old one.
+    pub fn apply(&self, config: Config) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let snap = Snapshot::build(config, generation, &self.metrics, &self.backends);
+        self.snapshot.store(Arc::new(snap));
+        self.metrics.record_reload(true);
+        self.health_wakeup.notify_one();
+        generation
+    }
+
+    /// Re-reads the source. On error the running snapshot stays and the failure is counted.
+    pub fn reload(&self) -> Result<u64, ConfigErrors> {
+        let Source::File(path) = &self.source else {
+            return Ok(self.snapshot.load().generation);
+        };
+        match config::load_file(path) {
+            Ok(cfg) => {
+                let old = self.snapshot.load();
+                if let Some(reason) = restart_needed(&old.config, &cfg) {
+                    tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
+                }
+                Ok(self.apply(cfg))
+            }
+            Err(e) => {
+                self.metrics.record_reload(false);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Settings a live reload cannot change (listeners are bound once).
+fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
+    if old.gateway_port != new.gateway_port || old.gateway_bind != new.gateway_bind {
+        Some("gatewayPort/gatewayBind")
+    } else if old.admin_port != new.admin_port || old.admin_bind != new.admin_bind {
+        Some("adminPort/adminBind")
+    } else if old.tls.enabled != new.tls.enabled
+        || old.tls.https_port != new.tls.https_port
+        || old.tls.cert_file != new.tls.cert_file
+        || old.tls.key_file != new.tls.key_file
+    {
+        Some("tls")
+    } else {
+        None
+    }
+}

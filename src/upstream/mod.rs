@@ -1,0 +1,267 @@
+//! Upstream backends: keep-alive connection pools, balancing (round robin, least-request P2C),
+//! passive ejection and the state that active health checks update.
+//!
+//! A `Backend` is shared by every snapshot that names the same address, so a reload keeps its
+//! connections and health state (see `BackendSet`).
+
+pub mod health;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::config::{BackendAddr, LoadBalancing};
+
+/// Idle connections kept per backend.
+const MAX_IDLE_PER_BACKEND: usize = 1024;
+/// How long an idle pooled connection may wait before it is dropped.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
+
+pub type Sender = http1::SendRequest<Body>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} timed out")]
+    Timeout(String),
+    #[error("connect to {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("handshake with {0}: {1}")]
+    Handshake(String, hyper::Error),
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// One backend address with its connection pool and health.
+pub struct Backend {
+    pub addr: BackendAddr,
+    /// `host:port`, used as the URI authority upstream.
+    pub authority: String,
+    idle: Mutex<Vec<Idle>>,
+    pub in_flight: AtomicUsize,
+    /// Set by active health checks.
+    active_healthy: AtomicBool,
+    /// Milliseconds since `epoch()` until which the backend is ejected (passive health).
+    ejected_until_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Backend {
+    pub fn new(addr: BackendAddr) -> Self {
+        Backend {
+            authority: addr.authority(),
+            addr,
+            idle: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            active_healthy: AtomicBool::new(true),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    pub fn set_active_health(&self, ok: bool) {
+        self.active_healthy.store(ok, Ordering::Relaxed);
+        if ok {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Passive health: eject for an exponentially growing back-off after a failure.
+    pub fn record_failure(&self) {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let backoff = EJECT_BASE
+            .saturating_mul(1u32 << (n - 1).min(5))
+            .min(EJECT_MAX);
+        self.ejected_until_ms
+            .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn pop_idle(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(i) = idle.pop() {
+            if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    fn push_idle(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_PER_BACKEND {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// A ready connection: a pooled one if any is still open, else a new one.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        connect_timeout: Duration,
+    ) -> Result<(Sender, bool), ConnectError> {
+        while let Some(mut s) = self.pop_idle() {
+            if s.is_ready() {
+                return Ok((s, true));
+            }
+            // A connection whose previous response just ended becomes ready within moments.
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), s.ready()).await {
+                return Ok((s, true));
+            }
+        }
+        Ok((self.connect(connect_timeout).await?, false))
+    }
+
+    pub async fn connect(&self, timeout: Duration) -> Result<Sender, ConnectError> {
+        let stream = match tokio::time::timeout(
+            timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnectError::Timeout(self.authority.clone())),
+            Ok(Err(e)) => return Err(ConnectError::Io(self.authority.clone(), e)),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ConnectError::Handshake(self.authority.clone(), e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Gives a connection back to its backend's pool when a response body has been read to the end.
+pub struct PoolReturn {
+    backend: Arc<Backend>,
+    sender: Sender,
+}
+
+impl PoolReturn {
+    pub fn new(backend: Arc<Backend>, sender: Sender) -> Self {
+        PoolReturn { backend, sender }
+    }
+
+    pub fn give_back(self) {
+        self.backend.push_idle(self.sender);
+    }
+}
+
+/// The backends of one service and how to choose among them.
+pub struct Pool {
+    pub backends: Vec<Arc<Backend>>,
+    lb: LoadBalancing,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(backends: Vec<Arc<Backend>>, lb: LoadBalancing) -> Self {
+        Pool {
+            backends,
+            lb,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Picks a healthy backend not in `tried` (a bitmask of indexes already attempted).
+    pub fn pick(&self, tried: u64) -> Option<(usize, &Arc<Backend>)> {
+        let n = self.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let usable = |i: usize| (i >= 64 || tried & (1 << i) == 0) && self.backends[i].is_healthy();
+        match self.lb {
+            LoadBalancing::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|i| usable(*i))
+                    .map(|i| (i, &self.backends[i]))
+            }
+            LoadBalancing::LeastRequest => {
+                let a = fastrand::usize(..n);
+                let b = fastrand::usize(..n);
+                let pick = match (usable(a), usable(b)) {
+                    (true, true) => {
+                        let la = self.backends[a].in_flight.load(Ordering::Relaxed);
+                        let lb = self.backends[b].in_flight.load(Ordering::Relaxed);
+                        Some(if lb < la { b } else { a })
+                    }
+                    (true, false) => Some(a),
+                    (false, true) => Some(b),
+                    (false, false) => (0..n).map(|k| (a + k) % n).find(|i| usable(*i)),
+                };
+                pick.map(|i| (i, &self.backends[i]))
+            }
+        }
+    }
+}
+
+/// Every backend alive in any snapshot, by address, so a reload reuses pools and health state.
+#[derive(Default)]
+pub struct BackendSet {
+    map: Mutex<HashMap<BackendAddr, Weak<Backend>>>,
+}
+
+impl BackendSet {
+    pub fn get_or_create(&self, addr: &BackendAddr) -> Arc<Backend> {
+        let mut map = match self.map.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(b) = map.get(addr).and_then(Weak::upgrade) {
+            return b;
+        }
+        let b = Arc::new(Backend::new(addr.clone()));
+        map.insert(addr.clone(), Arc::downgrade(&b));
+        map.retain(|_, w| w.strong_count() > 0);
+        b
+    }
+}
