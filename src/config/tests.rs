@@ -1,1 +1,230 @@
+use super::*;
 
+fn errs(yaml: &str) -> Vec<ConfigError> {
+    match parse(yaml, "test.yaml") {
+        Ok(_) => panic!("expected errors for:\n{yaml}"),
+        Err(e) => e.0,
+    }
+}
+
+#[test]
+fn seed_configs_load_unchanged() {
+    for f in ["config/config.yaml", "config/config-static-backends.yaml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        let cfg = load_file(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(cfg.gateway_port, 8000);
+        assert_eq!(cfg.health_check_interval, Duration::from_secs(5));
+        assert_eq!(cfg.services[0].name, "user-service");
+        assert_eq!(cfg.services[0].path, "/users/");
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/config.yaml");
+    let cfg = load_file(&path).unwrap();
+    let q = cfg.services[0].quota.as_ref().unwrap();
+    assert!(q.enabled);
+    assert_eq!(q.limit, 5);
+    assert_eq!(q.period, Duration::from_secs(60));
+    assert_eq!(q.key, "consumer");
+    assert!(cfg.authentication.enabled);
+    assert_eq!(
+        cfg.authentication.public_key_path.as_deref(),
+        Some("./config/public.pem")
+    );
+    assert_eq!(
+        cfg.redis.as_ref().unwrap().address.as_deref(),
+        Some("redis:6379")
+    );
+    assert!(!cfg.tls.enabled);
+    assert_eq!(cfg.tls.https_port, 8443);
+    let static_cfg = load_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/config-static-backends.yaml"),
+    )
+    .unwrap();
+    let rl = static_cfg.rate_limiting.unwrap();
+    assert!(rl.enabled);
+    assert_eq!(rl.rate_per_second, 1.0);
+    assert_eq!(rl.burst, 3);
+    assert_eq!(rl.key, "ip");
+    assert_eq!(static_cfg.services[0].backends.len(), 2);
+    assert_eq!(static_cfg.services[0].backends[0].host, "localhost");
+    assert_eq!(static_cfg.services[0].backends[0].port, 8081);
+}
+
+#[test]
+fn defaults() {
+    let cfg = parse(
+        "services:\n  - name: a\n    path: /a/\n    backends: [\"http://127.0.0.1:1\"]\n",
+        "t",
+    )
+    .unwrap();
+    assert_eq!(cfg.gateway_port, 8000);
+    assert_eq!(cfg.admin_port, 9901);
+    assert_eq!(cfg.admin_bind.to_string(), "127.0.0.1");
+    assert_eq!(cfg.services[0].health_check_path, "/health");
+    assert_eq!(cfg.services[0].load_balancing, LoadBalancing::RoundRobin);
+    assert_eq!(cfg.services[0].retries, 2);
+    assert!(!cfg.services[0].strip_path);
+}
+
+#[test]
+fn unknown_key_has_line_path_and_hint() {
+    let e = errs("gatewayPort: \"8000\"\nservices:\n  - name: a\n    path: /a/\n    backend: [\"http://x:1\"]\n");
+    let unknown = e
+        .iter()
+        .find(|e| e.message.contains("unknown key"))
+        .unwrap();
+    assert_eq!(unknown.line, 5);
+    assert_eq!(unknown.key, "services[0].backend");
+    assert!(
+        unknown.message.contains("did you mean \"backends\""),
+        "{}",
+        unknown.message
+    );
+    assert_eq!(
+        unknown.to_string(),
+        "test.yaml:5: services[0].backend: unknown key \"backend\" (did you mean \"backends\"?)"
+    );
+    let top = errs("gatwayPort: 1\nservices: []\n");
+    assert!(top[0].message.contains("did you mean \"gatewayPort\""));
+    assert_eq!(top[0].line, 1);
+}
+
+#[test]
+fn all_problems_reported_at_once() {
+    let e = errs(
+        "gatewayPort: \"99999\"\nhealthCheckInterval: \"5x\"\nservices:\n  - name: a\n    path: users\n    backends: [\"ftp://x:1\"]\n    loadBalancing: roundrobin\nrateLimiting: {enabled: yes, ratePerSecond: -1, burst: 3}\n",
+    );
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    for k in [
+        "gatewayPort",
+        "healthCheckInterval",
+        "services[0].path",
+        "services[0].backends[0]",
+        "services[0].loadBalancing",
+        "rateLimiting.enabled",
+        "rateLimiting.ratePerSecond",
+    ] {
+        assert!(keys.contains(&k), "missing {k} in {keys:?}");
+    }
+    let lb = e
+        .iter()
+        .find(|e| e.key == "services[0].loadBalancing")
+        .unwrap();
+    assert!(lb.message.contains("did you mean \"roundRobin\""));
+    assert_eq!(lb.line, 7);
+    let rl = e
+        .iter()
+        .find(|e| e.key == "rateLimiting.ratePerSecond")
+        .unwrap();
+    assert_eq!(rl.line, 8);
+}
+
+#[test]
+fn cross_field_checks() {
+    let e = errs("services:\n  - name: a\n    path: /a/\n    backends: [\"http://x:1\"]\n    quota: {enabled: true, limit: 5, period: 1m}\n");
+    assert!(
+        e[0].message.contains("needs authentication"),
+        "{}",
+        e[0].message
+    );
+    assert_eq!(e[0].key, "services[0].quota");
+
+    let e = errs("services:\n  - name: a\n    path: /a/\n    backends: [\"http://x:1\"]\n  - name: a\n    path: /a/\n    backends: [\"http://x:1\"]\n");
+    assert!(e
+        .iter()
+        .any(|e| e.message.contains("duplicate service name")));
+    assert!(e.iter().any(|e| e.message.contains("already routes")));
+
+    let e = errs("services:\n  - name: a\n    path: /a/\n");
+    assert!(e[0].message.contains("needs backends or consulServiceName"));
+
+    let e = errs("adminPort: 8000\nservices: []\n");
+    assert!(e[0].message.contains("never served on the public port"));
+
+    let e = errs("services:\n  - name: a\n    path: /a/../b/\n    backends: [\"http://x:1\"]\n");
+    assert!(e[0].message.contains("normalized"));
+
+    let e = errs("authentication: {enabled: true}\nservices: []\n");
+    assert!(e[0].message.contains("no key"));
+
+    let e = errs("authentication: {enabled: true, publicKeyPath: k.pem, algorithms: [HS256]}\nservices: []\n");
+    assert!(e[0].message.contains("not allowed"));
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let e = errs("services:\n  - name: a\n    path: [/a/\n");
+    assert!(e[0].message.contains("YAML syntax error"));
+    assert!(e[0].line >= 3, "{:?}", e[0]);
+}
+
+#[test]
+fn wrong_types() {
+    let e = errs("services: {a: 1}\n");
+    assert!(e[0].message.contains("expected a list"));
+    let e = errs("tls: true\nservices: []\n");
+    assert!(e[0].message.contains("expected a mapping"));
+    let e = errs("accessLog: \"yes\"\nservices: []\n");
+    assert!(e[0].message.contains("true or false"));
+}
+
+#[test]
+fn extended_keys_parse() {
+    let cfg = parse(
+        r#"
+gatewayPort: 8080
+adminPort: "9000"
+adminBind: "0.0.0.0"
+loadBalancing: leastRequest
+timeouts: {connect: 500ms, request: 10s, idle: 2m}
+retries: 3
+maxHeaderSize: 32k
+accessLog: true
+shutdownTimeout: 1m30s
+trustedProxies: ["127.0.0.1", "10.0.0.0/8"]
+services:
+  - name: api
+    path: /api/
+    stripPath: true
+    hosts: ["api.example.com"]
+    methods: [get, POST]
+    backends: ["http://127.0.0.1:9001", "http://[::1]:9002"]
+    timeouts: {request: 2s}
+    maxBodySize: 10m
+  - name: exact
+    path: /status
+    pathType: exact
+    loadBalancing: roundRobin
+    backends: ["http://127.0.0.1:9003"]
+"#,
+        "t",
+    )
+    .unwrap();
+    assert_eq!(cfg.gateway_port, 8080);
+    assert_eq!(cfg.admin_port, 9000);
+    let api = &cfg.services[0];
+    assert_eq!(api.load_balancing, LoadBalancing::LeastRequest);
+    assert_eq!(api.methods, vec!["GET", "POST"]);
+    assert_eq!(api.timeouts.request, Duration::from_secs(2));
+    assert_eq!(api.timeouts.connect, Duration::from_millis(500));
+    assert_eq!(api.retries, 3);
+    assert_eq!(api.max_body_size, Some(10 * 1024 * 1024));
+    assert_eq!(api.backends[1].host, "::1");
+    assert_eq!(cfg.services[1].path_type, PathType::Exact);
+    assert_eq!(cfg.services[1].load_balancing, LoadBalancing::RoundRobin);
+    assert_eq!(cfg.shutdown_timeout, Duration::from_secs(90));
+    assert_eq!(cfg.max_header_size, 32 * 1024);
+}
+
+#[test]
+fn secrets_are_redacted_when_serialized() {
+    let cfg = parse(
+        "redis: {address: \"r:6379\", password: \"hunter2\"}\nconsul: {token: \"secret-token\"}\nservices: []\n",
+        "t",
+    )
+    .unwrap();
+    let json = serde_json::to_string(&cfg).unwrap();
+    assert!(!json.contains("hunter2"));
+    assert!(!json.contains("secret-token"));
+    assert!(json.contains("<redacted>"));
+}

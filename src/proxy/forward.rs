@@ -172,6 +172,9 @@ pub async fn forward(
     if let Some(h) = original_host {
         parts.headers.insert(header::HOST, h);
     }
+    // A request with no body and an idempotent method can be replayed if the connection dies
+    // after it was written (e.g. a pooled connection the backend closed at that moment).
+    let replayable = parts.method.is_idempotent() && http_body::Body::is_end_stream(&body);
     let mut req = Request::from_parts(parts, Body::Incoming(body));
 
     let deadline = Instant::now() + svc.timeouts.request;
@@ -210,6 +213,13 @@ pub async fn forward(
                 continue;
             }
         };
+        let replay = replayable.then(|| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().clone(),
+            )
+        });
         let sent_at = Instant::now();
         let remaining = deadline.saturating_duration_since(sent_at);
         let result = tokio::time::timeout(remaining, sender.try_send_request(req)).await;
@@ -239,9 +249,25 @@ pub async fn forward(
                     continue;
                 }
                 None => {
-                    backend.record_failure();
                     svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(GatewayError::Upstream(e.into_error().to_string()));
+                    if !reused {
+                        backend.record_failure();
+                        failures += 1;
+                        if idx < 64 {
+                            tried |= 1 << idx;
+                        }
+                    }
+                    match replay {
+                        Some((method, uri, headers)) if failures < max_attempts => {
+                            let mut r = Request::new(Body::Empty);
+                            *r.method_mut() = method;
+                            *r.uri_mut() = uri;
+                            *r.headers_mut() = headers;
+                            req = r;
+                            continue;
+                        }
+                        _ => return Err(GatewayError::Upstream(e.into_error().to_string())),
+                    }
                 }
             },
         };

@@ -1,0 +1,7 @@
+//! The one integration-test binary: real backends, the real `hexgate` binary, real sockets.
+
+mod cli;
+mod lifecycle;
+mod proxy;
+mod support;
+mod tls;

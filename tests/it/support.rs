@@ -1,0 +1,442 @@
+//! Shared fixtures: real backends on loopback ports, the real `hexgate` binary as a child process,
+//! and small HTTP clients. Every server binds 127.0.0.1 and is stopped when its handle drops.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().unwrap().port()
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "hexgate-it-{}-{}-{}",
+        std::process::id(),
+        name,
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What a test backend does with each request.
+#[derive(Clone, Copy)]
+pub enum Behaviour {
+    /// "Hello from Backend (Port N)", echoing the path in `x-path` and request headers as `x-seen-*`.
+    Hello,
+    /// Sleeps before answering.
+    Slow(Duration),
+    /// Reads the whole body and answers with its length.
+    CountBody,
+    /// Accepts a WebSocket-style Upgrade and echoes bytes back.
+    UpgradeEcho,
+}
+
+/// A real HTTP backend on a loopback port, counting requests; aborted on drop.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+    /// Set to true to drop every open connection too, like a killed process.
+    kill: tokio::sync::watch::Sender<bool>,
+}
+
+impl TestBackend {
+    pub async fn start(behaviour: Behaviour) -> TestBackend {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), behaviour)
+    }
+
+    pub fn start_on(listener: TcpListener, behaviour: Behaviour) -> TestBackend {
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let (kill, kill_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let h = h.clone();
+                let mut kill_rx = kill_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let h = h.clone();
+                        async move { Ok::<_, Infallible>(answer(req, behaviour, addr.port(), &h).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = kill_rx.wait_for(|k| *k) => {}
+                    }
+                });
+            }
+        });
+        TestBackend {
+            addr,
+            hits,
+            task,
+            kill,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Stops listening and drops every open connection, like a killed process.
+    pub fn stop(&self) {
+        self.task.abort();
+        let _ = self.kill.send(true);
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    behaviour: Behaviour,
+    port: u16,
+    hits: &AtomicU64,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/health" {
+        return Response::new(Full::new(Bytes::from_static(b"OK")));
+    }
+    hits.fetch_add(1, Ordering::Relaxed);
+    let mut builder = Response::builder()
+        .header("x-backend-port", port.to_string())
+        .header("x-path", req.uri().to_string());
+    for (k, v) in req.headers() {
+        if k.as_str().starts_with("x-") || k == http::header::HOST {
+            builder = builder.header(format!("x-seen-{}", k.as_str()), v.clone());
+        }
+    }
+    match behaviour {
+        Behaviour::Hello => builder
+            .body(Full::new(Bytes::from(format!(
+                "Hello from Backend (Port {port})"
+            ))))
+            .unwrap(),
+        Behaviour::Slow(d) => {
+            tokio::time::sleep(d).await;
+            builder.body(Full::new(Bytes::from("slow"))).unwrap()
+        }
+        Behaviour::CountBody => {
+            let mut n: u64 = 0;
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame.unwrap().into_data() {
+                    n += d.len() as u64;
+                }
+            }
+            builder.body(Full::new(Bytes::from(n.to_string()))).unwrap()
+        }
+        Behaviour::UpgradeEcho => {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let (mut r, mut w) = tokio::io::split(&mut io);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            builder
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    }
+}
+
+/// A `hexgate run` child process with its config file; killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hexgate")
+}
+
+impl Gateway {
+    /// Writes `yaml` (with `{port}` and `{admin}` replaced) and starts the gateway on it.
+    pub async fn start(yaml: &str) -> Gateway {
+        let dir = temp_dir("gw");
+        Self::start_in(dir, yaml).await
+    }
+
+    pub async fn start_in(dir: PathBuf, yaml: &str) -> Gateway {
+        let port = free_port();
+        let admin_port = free_port();
+        let config = dir.join("config.yaml");
+        let text = yaml
+            .replace("{port}", &port.to_string())
+            .replace("{admin}", &admin_port.to_string())
+            .replace("{dir}", &dir.display().to_string());
+        std::fs::write(&config, text).unwrap();
+        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("HEXGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hexgate");
+        let gw = Gateway {
+            child,
+            port,
+            admin_port,
+            dir,
+            config,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok((s, _)) = get(self.admin_port, "/healthz").await {
+                if s == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway did not become ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Resident memory of the gateway process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    pub fn rewrite_config(&self, yaml: &str) {
+        let text = yaml
+            .replace("{port}", &self.port.to_string())
+            .replace("{admin}", &self.admin_port.to_string())
+            .replace("{dir}", &self.dir.display().to_string());
+        let tmp = self.dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(self.admin_port, "/metrics").await.unwrap().1
+    }
+
+    /// Waits until the reload counter reaches `n` successes.
+    pub async fn wait_reloads(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let want = format!("hexgate_config_reloads_total{{result=\"success\"}} {n}");
+        while Instant::now() < deadline {
+            if self.metrics().await.contains(&want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("reload {n} not seen; log:\n{}", self.log());
+    }
+
+    /// Waits for the process to exit, up to `limit`, returning its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub type Resp = (u16, String);
+
+/// One GET over a fresh HTTP/1.1 connection.
+pub async fn get(port: u16, path: &str) -> Result<Resp, String> {
+    request(
+        port,
+        Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::<Bytes>::new())
+            .unwrap(),
+    )
+    .await
+    .map(|r| (r.0, r.2))
+}
+
+/// One request over a fresh HTTP/1.1 connection: (status, headers, body).
+pub async fn request<B>(
+    port: u16,
+    req: Request<B>,
+) -> Result<(u16, http::HeaderMap, String), String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A keep-alive HTTP/1.1 client on one connection, reconnecting when the server closes it.
+pub struct KeepAlive {
+    port: u16,
+    sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+}
+
+impl KeepAlive {
+    pub fn new(port: u16) -> Self {
+        KeepAlive { port, sender: None }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Resp, String> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            self.sender = Some(sender);
+        }
+        let sender = self.sender.as_mut().unwrap();
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let req = Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::new())
+            .unwrap();
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.sender = None;
+                return Err(e.to_string());
+            }
+        };
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// One GET over HTTP/2 with prior knowledge (h2c).
+pub async fn get_h2c(port: u16, path: &str) -> Result<(u16, http::Version, String), String> {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://localhost:{port}{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let version = resp.version();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, version, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Asserts that a command-line tool the tests need is installed, naming the setup command.
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{name}` is not installed: run `make setup` (scripts/setup.sh) first"
+    );
+}
