@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the test suite and benchmarks need on a Debian machine (run as root, or with sudo).
+# Idempotent: does nothing when everything is already present.
+set -euo pipefail
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have curl          || need_pkgs+=(curl)
+have openssl       || need_pkgs+=(openssl)
+have redis-server  || need_pkgs+=(redis-server)
+have nginx         || need_pkgs+=(nginx-light)
+have wrk           || need_pkgs+=(wrk)
+have haproxy       || need_pkgs+=(haproxy)
+[ -e /etc/ssl/certs/ca-certificates.crt ] || need_pkgs+=(ca-certificates)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "setup: installing ${need_pkgs[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# Debian starts some services on install; the tests start their own on free ports.
+for svc in nginx redis-server haproxy; do
+  if have systemctl && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    $SUDO systemctl stop "$svc" || true
+  fi
+done
+
+have cargo || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
+echo "setup: ok"
