@@ -69,14 +69,22 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// The path and query sent upstream: the normalised path (with `stripPath` applied).
-fn upstream_uri(svc: &ServiceRt, uri: &Uri) -> Result<Uri, GatewayError> {
-    let path = super::route::normalize_path(uri.path())?;
+/// `normalized` is set when normalisation changed the request's path.
+fn upstream_uri(
+    svc: &ServiceRt,
+    uri: Uri,
+    normalized: Option<String>,
+) -> Result<Uri, GatewayError> {
+    if normalized.is_none() && svc.strip_prefix.is_none() && uri.scheme().is_none() {
+        return Ok(uri); // already origin-form and normal: forward as is
+    }
+    let path = normalized.as_deref().unwrap_or(uri.path());
     let path: &str = match &svc.strip_prefix {
         Some(p) => match path.strip_prefix(p.as_str()) {
             Some(rest) if rest.starts_with('/') => rest,
             _ => "/",
         },
-        None => &path,
+        None => path,
     };
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -142,6 +150,7 @@ pub async fn forward(
     snap: &Snapshot,
     svc: &Arc<ServiceRt>,
     mut req: Request<Incoming>,
+    normalized: Option<String>,
     conn: ConnInfo,
     request_id: &str,
 ) -> Result<Response<Body>, GatewayError> {
@@ -165,7 +174,7 @@ pub async fn forward(
     });
 
     let (mut parts, body) = req.into_parts();
-    parts.uri = upstream_uri(svc, &parts.uri)?;
+    parts.uri = upstream_uri(svc, std::mem::take(&mut parts.uri), normalized)?;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     add_forwarded_headers(snap, &mut parts.headers, conn, host.as_deref(), request_id);

@@ -43,8 +43,8 @@ pub async fn handle(
         .then(|| (req.uri().path().to_string(), format!("{:?}", req.version())));
 
     let (metrics, result) = match route_request(&snap, &req) {
-        Ok(svc) => {
-            let res = forward::forward(&snap, &svc, req, conn, &request_id).await;
+        Ok((svc, normalized)) => {
+            let res = forward::forward(&snap, &svc, req, normalized, conn, &request_id).await;
             (svc.metrics.clone(), res)
         }
         Err(e) => (snap.unmatched.clone(), Err(e)),
@@ -79,17 +79,22 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// The route's service, and the normalised path when it differs from the request's.
 fn route_request(
     snap: &Snapshot,
     req: &Request<Incoming>,
-) -> Result<Arc<crate::snapshot::ServiceRt>, GatewayError> {
+) -> Result<(Arc<crate::snapshot::ServiceRt>, Option<String>), GatewayError> {
     let path = route::normalize_path(req.uri().path())?;
     let host = request_host(req);
     let route = snap
         .router
         .find(host.as_deref(), req.method(), &path)
         .ok_or(GatewayError::NoRoute)?;
-    Ok(route.service.clone())
+    let changed = match path {
+        std::borrow::Cow::Owned(p) => Some(p),
+        std::borrow::Cow::Borrowed(_) => None,
+    };
+    Ok((route.service.clone(), changed))
 }
 
 /// The request's host without port, lower-cased (Host header, or the HTTP/2 authority).
