@@ -3,6 +3,7 @@
 
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::auth::AuthError;
 use crate::body::Body;
 use crate::proxy::route::PathError;
 
@@ -17,6 +18,8 @@ pub enum Side {
 pub enum GatewayError {
     #[error("no route for this path")]
     NoRoute,
+    #[error("{0}")]
+    Unauthorized(#[from] AuthError),
     #[error("bad request path: {0}")]
     BadPath(#[from] PathError),
     #[error("request body larger than the limit of {0} bytes")]
@@ -37,6 +40,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoHealthyBackend | GatewayError::ConnectFailed => {
@@ -50,9 +54,10 @@ impl GatewayError {
 
     pub fn side(&self) -> Side {
         match self {
-            GatewayError::NoRoute | GatewayError::BadPath(_) | GatewayError::BodyTooLarge(_) => {
-                Side::Client
-            }
+            GatewayError::NoRoute
+            | GatewayError::BadPath(_)
+            | GatewayError::BodyTooLarge(_)
+            | GatewayError::Unauthorized(_) => Side::Client,
             GatewayError::NoHealthyBackend
             | GatewayError::ConnectFailed
             | GatewayError::UpstreamTimeout
@@ -63,7 +68,21 @@ impl GatewayError {
 
     /// A short JSON error body carrying the request id.
     pub fn to_response(&self, request_id: &str) -> Response<Body> {
-        json_error(self.status(), &self.to_string(), request_id)
+        let mut resp = json_error(self.status(), &self.to_string(), request_id);
+        if let GatewayError::Unauthorized(e) = self {
+            // RFC 6750 section 3: no error code when the request carried no token at all.
+            let challenge = match e {
+                AuthError::Missing => "Bearer realm=\"hexgate\"".to_string(),
+                other => format!(
+                    "Bearer realm=\"hexgate\", error=\"invalid_token\", error_description=\"{}\"",
+                    other.to_string().replace(['"', '\\'], "'")
+                ),
+            };
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        resp
     }
 }
 

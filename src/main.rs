@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use hexgate::auth::keys::Alg;
+use hexgate::auth::tools;
 use hexgate::config::{self, Config};
 use hexgate::server::{self, Listeners};
 use hexgate::state::{Source, State};
@@ -29,6 +31,43 @@ enum Command {
     Validate {
         /// Path to the config file.
         file: PathBuf,
+    },
+    /// Write a key pair for signing test tokens: DIR/private.pem (0600) and DIR/public.pem.
+    Keygen {
+        /// Directory to write into (created if missing).
+        #[arg(long, default_value = "config")]
+        out: PathBuf,
+        /// Key type by algorithm: RS256 (RSA-2048, default), ES256, ES384 or EdDSA.
+        #[arg(long, default_value = "RS256")]
+        alg: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a signed JWT on stdout (and nothing else), e.g. TOKEN=$(hexgate token --sub alice).
+    Token {
+        /// PEM private key (PKCS#8, or PKCS#1 RSA).
+        #[arg(long, default_value = "config/private.pem")]
+        key: PathBuf,
+        /// Subject (the consumer id by default).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long)]
+        iss: Option<String>,
+        #[arg(long)]
+        aud: Option<String>,
+        /// Key id for the token header.
+        #[arg(long)]
+        kid: Option<String>,
+        /// Signing algorithm; defaults to the key's (RS256 for RSA).
+        #[arg(long)]
+        alg: Option<String>,
+        /// Extra claim, k=v (v parsed as JSON when it is valid JSON, else a string). Repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
     },
     /// Start the gateway with three built-in backends, memory only: the first thing to try.
     Demo {
@@ -58,6 +97,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { file } => validate(&file),
+        Command::Keygen { out, alg, force } => keygen(&out, &alg, force),
+        Command::Token {
+            key,
+            sub,
+            ttl,
+            iss,
+            aud,
+            kid,
+            alg,
+            claims,
+        } => match token(&key, sub, &ttl, iss, aud, kid, alg, claims) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hexgate token: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Run { config } => {
             init_tracing();
             let cfg = match config::load_file(&config) {
@@ -108,11 +167,80 @@ fn main() -> ExitCode {
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<config::ConfigErrors>().is_some() => {
+            eprintln!("{e}");
+            eprintln!("hexgate: configuration rejected; not starting");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("hexgate: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn parse_alg(s: &str) -> anyhow::Result<Alg> {
+    Alg::parse(s).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown algorithm {s:?} (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"
+        )
+    })
+}
+
+fn keygen(out: &std::path::Path, alg: &str, force: bool) -> ExitCode {
+    let result = parse_alg(alg).and_then(|a| Ok(tools::keygen(out, a, force)?));
+    match result {
+        Ok(()) => {
+            eprintln!(
+                "wrote {0}/private.pem (keep it secret) and {0}/public.pem (set authentication.publicKeyPath to it)",
+                out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hexgate keygen: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn token(
+    key: &std::path::Path,
+    sub: String,
+    ttl: &str,
+    iss: Option<String>,
+    aud: Option<String>,
+    kid: Option<String>,
+    alg: Option<String>,
+    claims: Vec<String>,
+) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(key).with_context(|| format!("{}", key.display()))?;
+    let signing =
+        tools::SigningKey::from_pem(&text).with_context(|| format!("{}", key.display()))?;
+    let alg = match alg {
+        Some(a) => parse_alg(&a)?,
+        None => signing.default_alg(),
+    };
+    let ttl = config::duration::parse(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut body = serde_json::json!({ "sub": sub, "iat": now, "exp": now + ttl.as_secs() });
+    if let Some(i) = iss {
+        body["iss"] = i.into();
+    }
+    if let Some(a) = aud {
+        body["aud"] = a.into();
+    }
+    for c in claims {
+        let (k, v) = c
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--claim {c:?}: expected key=value"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.into()));
+        body[k] = value;
+    }
+    Ok(tools::sign_token(&signing, alg, kid.as_deref(), &body)?)
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {
@@ -147,9 +275,6 @@ fn validate(file: &std::path::Path) -> ExitCode {
 /// Starting anyway would silently let requests through that the config means to refuse.
 fn unsupported_features(cfg: &Config, file: &str) -> Result<(), String> {
     let mut missing = Vec::new();
-    if cfg.authentication.enabled || cfg.services.iter().any(|s| s.authentication == Some(true)) {
-        missing.push("authentication (JWT)");
-    }
     if cfg.rate_limiting.as_ref().is_some_and(|r| r.enabled)
         || cfg
             .services
@@ -197,7 +322,7 @@ fn run_gateway(
             hexgate::demo::start_backends(*ports).await?;
         }
         let listeners = Listeners::bind(&cfg).await?;
-        let state = State::new(cfg, source);
+        let state = State::new(cfg, source)?;
         tracing::info!(
             public = ?listeners.public_addr(),
             https = ?listeners.https_addr(),

@@ -15,6 +15,8 @@ pub const OPEN_CONNECTIONS: &str = "hexgate_open_connections";
 pub const CONFIG_RELOADS_TOTAL: &str = "hexgate_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "hexgate_config_last_reload_success_timestamp_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "hexgate_upstream_errors_total";
+pub const AUTH_FAILURES_TOTAL: &str = "hexgate_auth_failures_total";
+pub const JWKS_REFRESHES_TOTAL: &str = "hexgate_jwks_refreshes_total";
 
 /// Service label used for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -110,6 +112,8 @@ pub struct ServiceMetrics {
     pub methods: [MethodMetrics; METHODS.len()],
     pub upstream_duration: Histogram,
     pub upstream_errors: AtomicU64,
+    /// Indexed like `auth::REASONS`.
+    pub auth_failures: [AtomicU64; crate::auth::REASONS.len()],
 }
 
 impl ServiceMetrics {
@@ -119,6 +123,13 @@ impl ServiceMetrics {
             methods: Default::default(),
             upstream_duration: Histogram::default(),
             upstream_errors: AtomicU64::new(0),
+            auth_failures: Default::default(),
+        }
+    }
+
+    pub fn auth_failure(&self, reason: &str) {
+        if let Some(i) = crate::auth::REASONS.iter().position(|r| *r == reason) {
+            self.auth_failures[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -137,6 +148,8 @@ pub struct Registry {
     pub reloads_success: AtomicU64,
     pub reloads_failure: AtomicU64,
     pub last_reload_success: AtomicU64,
+    pub jwks_refresh_success: AtomicU64,
+    pub jwks_refresh_failure: AtomicU64,
 }
 
 impl Registry {
@@ -161,6 +174,14 @@ impl Registry {
             self.last_reload_success.store(now, Ordering::Relaxed);
         } else {
             self.reloads_failure.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn record_jwks_refresh(&self, ok: bool) {
+        if ok {
+            self.jwks_refresh_success.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.jwks_refresh_failure.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -230,6 +251,35 @@ impl Registry {
                 s.upstream_errors.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(out, "# HELP {AUTH_FAILURES_TOTAL} Requests refused by JWT authentication, by service and reason.");
+        let _ = writeln!(out, "# TYPE {AUTH_FAILURES_TOTAL} counter");
+        for s in &services {
+            for (i, reason) in crate::auth::REASONS.iter().enumerate() {
+                let v = s.auth_failures[i].load(Ordering::Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{AUTH_FAILURES_TOTAL}{{service=\"{}\",reason=\"{reason}\"}} {v}",
+                        s.name
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {JWKS_REFRESHES_TOTAL} JWKS fetches, by result."
+        );
+        let _ = writeln!(out, "# TYPE {JWKS_REFRESHES_TOTAL} counter");
+        let _ = writeln!(
+            out,
+            "{JWKS_REFRESHES_TOTAL}{{result=\"success\"}} {}",
+            self.jwks_refresh_success.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "{JWKS_REFRESHES_TOTAL}{{result=\"failure\"}} {}",
+            self.jwks_refresh_failure.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP {UPSTREAM_HEALTHY} 1 if the backend is in rotation, else 0."

@@ -4,7 +4,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::config::{parse_cidr, Config, PathType, Timeouts};
+use http::HeaderName;
+
+use crate::auth::{Authenticator, X_CONSUMER_ID};
+use crate::config::{parse_cidr, Config, ConfigError, ConfigErrors, PathType, Timeouts};
 use crate::metrics::{Registry, ServiceMetrics, UNMATCHED};
 use crate::proxy::route::{Route, Router};
 use crate::upstream::{BackendSet, Pool};
@@ -20,6 +23,8 @@ pub struct ServiceRt {
     pub health_check_path: String,
     pub max_body_size: Option<u64>,
     pub metrics: Arc<ServiceMetrics>,
+    /// JWT required on this route (global switch or the service's override).
+    pub auth: bool,
 }
 
 pub struct Snapshot {
@@ -29,15 +34,44 @@ pub struct Snapshot {
     pub router: Router,
     pub unmatched: Arc<ServiceMetrics>,
     pub trusted_proxies: Vec<(IpAddr, u8)>,
+    pub auth: Option<Arc<Authenticator>>,
+    /// Headers only the gateway sets upstream; removed from every client request.
+    pub identity_headers: Vec<HeaderName>,
 }
 
 impl Snapshot {
+    /// Builds a snapshot. `prev_auth` is reused when the authentication config and key files are
+    /// unchanged, so the JWKS cache and verified-token cache survive a reload.
     pub fn build(
         config: Config,
         generation: u64,
-        metrics: &Registry,
+        metrics: &Arc<Registry>,
         backends: &BackendSet,
-    ) -> Snapshot {
+        prev_auth: Option<&Arc<Authenticator>>,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let auth_needed = config.authentication.enabled
+            || config
+                .services
+                .iter()
+                .any(|s| s.authentication == Some(true));
+        let auth = if auth_needed {
+            let (fingerprint, keys) =
+                Authenticator::prepare(&config.authentication, config.base_dir.as_deref())
+                    .map_err(|e| auth_error(&config, e.to_string()))?;
+            match prev_auth {
+                Some(a) if a.fingerprint == fingerprint => Some(a.clone()),
+                _ => Some(
+                    Authenticator::new(&config.authentication, fingerprint, keys, metrics.clone())
+                        .map_err(|e| auth_error(&config, e.to_string()))?,
+                ),
+            }
+        } else {
+            None
+        };
+        let identity_headers = match &auth {
+            Some(a) => a.identity_headers(),
+            None => vec![X_CONSUMER_ID],
+        };
         let mut services = Vec::with_capacity(config.services.len());
         let mut routes = Vec::with_capacity(config.services.len());
         for s in &config.services {
@@ -58,6 +92,7 @@ impl Snapshot {
                 health_check_path: s.health_check_path.clone(),
                 max_body_size: s.max_body_size,
                 metrics: metrics.service(&s.name),
+                auth: s.authentication.unwrap_or(config.authentication.enabled),
             });
             routes.push(Route {
                 path: s.path.clone(),
@@ -72,8 +107,10 @@ impl Snapshot {
             });
             services.push(rt);
         }
-        Snapshot {
+        Ok(Snapshot {
             generation,
+            auth,
+            identity_headers,
             trusted_proxies: config
                 .trusted_proxies
                 .iter()
@@ -83,7 +120,7 @@ impl Snapshot {
             services,
             router: Router::new(routes),
             unmatched: metrics.service(UNMATCHED),
-        }
+        })
     }
 
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
@@ -102,6 +139,15 @@ impl Snapshot {
         }
         out
     }
+}
+
+fn auth_error(config: &Config, message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: config.file.clone(),
+        line: 0,
+        key: "authentication".into(),
+        message,
+    }])
 }
 
 fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {

@@ -31,29 +31,36 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Config, source: Source) -> Arc<State> {
+    pub fn new(config: Config, source: Source) -> Result<Arc<State>, ConfigErrors> {
         let metrics = Arc::new(Registry::default());
         let backends = BackendSet::default();
-        let snap = Snapshot::build(config, 1, &metrics, &backends);
+        let snap = Snapshot::build(config, 1, &metrics, &backends, None)?;
         metrics.record_reload(true);
-        Arc::new(State {
+        Ok(Arc::new(State {
             snapshot: ArcSwap::from_pointee(snap),
             metrics,
             backends,
             health_wakeup: Notify::new(),
             source,
             generation: AtomicU64::new(1),
-        })
+        }))
     }
 
     /// Builds a snapshot from `config` and swaps it in; in-flight requests keep the old one.
-    pub fn apply(&self, config: Config) -> u64 {
+    pub fn apply(&self, config: Config) -> Result<u64, ConfigErrors> {
+        let old = self.snapshot.load_full();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let snap = Snapshot::build(config, generation, &self.metrics, &self.backends);
+        let snap = Snapshot::build(
+            config,
+            generation,
+            &self.metrics,
+            &self.backends,
+            old.auth.as_ref(),
+        )?;
         self.snapshot.store(Arc::new(snap));
         self.metrics.record_reload(true);
         self.health_wakeup.notify_one();
-        generation
+        Ok(generation)
     }
 
     /// Re-reads the source. On error the running snapshot stays and the failure is counted.
@@ -61,19 +68,17 @@ impl State {
         let Source::File(path) = &self.source else {
             return Ok(self.snapshot.load().generation);
         };
-        match config::load_file(path) {
-            Ok(cfg) => {
-                let old = self.snapshot.load();
-                if let Some(reason) = restart_needed(&old.config, &cfg) {
-                    tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
-                }
-                Ok(self.apply(cfg))
+        let result = config::load_file(path).and_then(|cfg| {
+            let old = self.snapshot.load();
+            if let Some(reason) = restart_needed(&old.config, &cfg) {
+                tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
             }
-            Err(e) => {
-                self.metrics.record_reload(false);
-                Err(e)
-            }
+            self.apply(cfg)
+        });
+        if result.is_err() {
+            self.metrics.record_reload(false);
         }
+        result
     }
 }
 

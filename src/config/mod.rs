@@ -231,6 +231,12 @@ pub struct Config {
     #[serde(with = "secs")]
     pub shutdown_timeout: Duration,
     pub trusted_proxies: Vec<String>,
+    /// Directory of the config file, for resolving relative key paths.
+    #[serde(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
+    /// The file name used in error messages.
+    #[serde(skip)]
+    pub file: String,
 }
 
 mod secs {
@@ -306,7 +312,10 @@ const METHODS: &[&str] = &[
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let name = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &name),
+        Ok(text) => parse(&text, &name).map(|mut c| {
+            c.base_dir = path.parent().map(|p| p.to_path_buf());
+            c
+        }),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             file: name,
             line: 0,
@@ -867,6 +876,8 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
             .duration(&f, "shutdownTimeout")
             .unwrap_or(Duration::from_secs(30)),
         trusted_proxies: Vec::new(),
+        base_dir: None,
+        file: r.file.clone(),
     };
     if cfg.health_check_interval.is_zero() {
         r.err(

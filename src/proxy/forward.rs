@@ -151,6 +151,7 @@ pub async fn forward(
     svc: &Arc<ServiceRt>,
     mut req: Request<Incoming>,
     normalized: Option<String>,
+    identity: Option<Arc<crate::auth::Identity>>,
     conn: ConnInfo,
     request_id: &str,
 ) -> Result<Response<Body>, GatewayError> {
@@ -178,6 +179,18 @@ pub async fn forward(
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     add_forwarded_headers(snap, &mut parts.headers, conn, host.as_deref(), request_id);
+    // Identity headers come from the gateway only: whatever the client sent is dropped, always.
+    for h in &snap.identity_headers {
+        parts.headers.remove(h);
+    }
+    if let Some(id) = &identity {
+        for (name, value) in &id.headers {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        if snap.auth.as_ref().is_some_and(|a| a.strip_authorization) {
+            parts.headers.remove(header::AUTHORIZATION);
+        }
+    }
     if let Some(h) = original_host {
         parts.headers.insert(header::HOST, h);
     }

@@ -44,7 +44,13 @@ pub async fn handle(
 
     let (metrics, result) = match route_request(&snap, &req) {
         Ok((svc, normalized)) => {
-            let res = forward::forward(&snap, &svc, req, normalized, conn, &request_id).await;
+            let res = match authenticate(&snap, &svc, &req).await {
+                Ok(identity) => {
+                    forward::forward(&snap, &svc, req, normalized, identity, conn, &request_id)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             (svc.metrics.clone(), res)
         }
         Err(e) => (snap.unmatched.clone(), Err(e)),
@@ -77,6 +83,29 @@ pub async fn handle(
         );
     }
     Ok(resp)
+}
+
+/// Step 3: the consumer identity when the route requires a token.
+async fn authenticate(
+    snap: &Snapshot,
+    svc: &crate::snapshot::ServiceRt,
+    req: &Request<Incoming>,
+) -> Result<Option<Arc<crate::auth::Identity>>, GatewayError> {
+    if !svc.auth {
+        return Ok(None);
+    }
+    let Some(auth) = &snap.auth else {
+        return Err(GatewayError::Internal(
+            "authentication not configured".into(),
+        ));
+    };
+    match auth.authenticate(req.headers()).await {
+        Ok(identity) => Ok(Some(identity)),
+        Err(e) => {
+            svc.metrics.auth_failure(e.label());
+            Err(GatewayError::Unauthorized(e))
+        }
+    }
 }
 
 /// The route's service, and the normalised path when it differs from the request's.

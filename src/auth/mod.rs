@@ -1,0 +1,352 @@
+//! JWT authentication: the key set (PEM files and/or a JWKS URL, refreshed in the background),
+//! the verified-token cache, and the per-request check that yields the consumer identity.
+
+pub mod cache;
+pub mod fetch;
+pub mod jwt;
+pub mod keys;
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+
+use crate::config::Authentication;
+use crate::metrics::Registry;
+use jwt::{Policy, SigCheck, TokenError};
+use keys::{Alg, Key};
+
+/// Header carrying the verified consumer id upstream.
+pub const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+/// At most one on-demand JWKS refresh (unknown kid) per this interval.
+const MIN_REFRESH_GAP: Duration = Duration::from_secs(5);
+const DEFAULT_JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("401 Unauthorized: Missing Authorization header")]
+    Missing,
+    #[error("Authorization header must be \"Bearer <token>\"")]
+    BadHeader,
+    #[error("{0}")]
+    Token(#[from] TokenError),
+}
+
+impl AuthError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::BadHeader => "malformed",
+            AuthError::Token(t) => t.label(),
+        }
+    }
+}
+
+/// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
+pub const REASONS: [&str; 13] = [
+    "missing",
+    "malformed",
+    "too_large",
+    "algorithm",
+    "unknown_kid",
+    "no_key",
+    "bad_signature",
+    "expired",
+    "missing_exp",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "no_consumer",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{path}: {msg}")]
+    KeyFile { path: String, msg: String },
+    #[error("algorithm {0} is not supported")]
+    Algorithm(String),
+}
+
+/// Who the request is from, and the headers that say so upstream.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub consumer: Arc<str>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+pub struct KeySet {
+    pub keys: Vec<Key>,
+    pub generation: u64,
+}
+
+pub struct Authenticator {
+    /// Config and key-file contents this was built from; equal fingerprints reuse the instance.
+    pub fingerprint: String,
+    policy: Policy,
+    pem_keys: Vec<Key>,
+    keys: ArcSwap<KeySet>,
+    cache: cache::TokenCache,
+    jwks_url: Option<String>,
+    refresh: tokio::sync::Mutex<Option<Instant>>,
+    forward_claims: Vec<(String, HeaderName)>,
+    pub strip_authorization: bool,
+    metrics: Arc<Registry>,
+    /// Seconds until the next scheduled JWKS refresh (from Cache-Control max-age).
+    refresh_after_secs: AtomicU64,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Finds a key file: as given (relative to the working directory, as the original gateway did),
+/// else relative to the config file's directory.
+pub fn resolve(path: &str, base: Option<&Path>) -> PathBuf {
+    let p = PathBuf::from(path);
+    if p.is_absolute() || p.exists() {
+        return p;
+    }
+    match base {
+        Some(b) if b.join(&p).exists() => b.join(p),
+        _ => p,
+    }
+}
+
+impl Authenticator {
+    /// Reads the key files and builds the fingerprint; cheap enough to run on every reload.
+    pub fn prepare(
+        cfg: &Authentication,
+        base: Option<&Path>,
+    ) -> Result<(String, Vec<Key>), SetupError> {
+        let mut fingerprint = format!("{cfg:?}");
+        let mut keys = Vec::new();
+        let files = cfg.public_key_path.iter().chain(cfg.public_keys.iter());
+        for f in files {
+            let path = resolve(f, base);
+            let text = std::fs::read_to_string(&path).map_err(|e| SetupError::KeyFile {
+                path: path.display().to_string(),
+                msg: format!("cannot read public key: {e}"),
+            })?;
+            let parsed = keys::from_pem(&text, f).map_err(|e| SetupError::KeyFile {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            fingerprint.push_str(&text);
+            keys.extend(parsed);
+        }
+        Ok((fingerprint, keys))
+    }
+
+    pub fn new(
+        cfg: &Authentication,
+        fingerprint: String,
+        pem_keys: Vec<Key>,
+        metrics: Arc<Registry>,
+    ) -> Result<Arc<Authenticator>, SetupError> {
+        let mut algorithms = Vec::new();
+        for a in &cfg.algorithms {
+            algorithms.push(Alg::parse(a).ok_or_else(|| SetupError::Algorithm(a.clone()))?);
+        }
+        let forward_claims = cfg
+            .forward_claims
+            .iter()
+            .filter_map(|(c, h)| {
+                HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(|h| (c.clone(), h))
+            })
+            .collect();
+        let auth = Arc::new(Authenticator {
+            fingerprint,
+            policy: Policy {
+                algorithms,
+                issuer: cfg.issuer.clone(),
+                audience: cfg.audience.clone(),
+                leeway: cfg.leeway,
+                require_exp: cfg.require_exp,
+                consumer_claim: cfg.consumer_claim.clone(),
+            },
+            keys: ArcSwap::from_pointee(KeySet {
+                keys: pem_keys.clone(),
+                generation: 1,
+            }),
+            pem_keys,
+            cache: cache::TokenCache::new(),
+            jwks_url: cfg.jwks_url.clone(),
+            refresh: tokio::sync::Mutex::new(None),
+            forward_claims,
+            strip_authorization: cfg.strip_authorization,
+            metrics,
+            refresh_after_secs: AtomicU64::new(DEFAULT_JWKS_MAX_AGE.as_secs()),
+        });
+        if auth.jwks_url.is_some() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(refresh_loop(Arc::downgrade(&auth)));
+            }
+        }
+        Ok(auth)
+    }
+
+    /// Header names that only the gateway may set upstream.
+    pub fn identity_headers(&self) -> Vec<HeaderName> {
+        std::iter::once(X_CONSUMER_ID)
+            .chain(self.forward_claims.iter().map(|(_, h)| h.clone()))
+            .collect()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.load().keys.len()
+    }
+
+    /// Checks the request's bearer token. RSA work is skipped for tokens already verified.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
+        let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
+        let token = bearer(value)?;
+        if token.len() > jwt::MAX_TOKEN_LEN {
+            return Err(TokenError::TooLarge.into());
+        }
+        let now = now_unix();
+        let key_generation = self.keys.load().generation;
+        if let Some(hit) = self
+            .cache
+            .get(token, key_generation, now, self.policy.leeway)?
+        {
+            return Ok(hit);
+        }
+        let parts = jwt::split(token)?;
+        let mut outcome = {
+            let set = self.keys.load();
+            jwt::check_signature(&parts, &self.policy, &set.keys)
+        };
+        if let SigCheck::UnknownKid(_) = outcome {
+            if self.refresh_jwks(true).await {
+                let set = self.keys.load();
+                outcome = jwt::check_signature(&parts, &self.policy, &set.keys);
+            }
+        }
+        match outcome {
+            SigCheck::Ok => {}
+            SigCheck::UnknownKid(k) => return Err(TokenError::UnknownKid(k).into()),
+            SigCheck::Failed(e) => return Err(e.into()),
+        }
+        let verified = jwt::check_claims(&parts.payload, &self.policy, now)?;
+        let identity = Arc::new(self.identity(&verified));
+        self.cache
+            .insert(token, key_generation, verified.exp, identity.clone());
+        Ok(identity)
+    }
+
+    fn identity(&self, v: &jwt::Verified) -> Identity {
+        let mut headers = Vec::with_capacity(1 + self.forward_claims.len());
+        if let Ok(h) = HeaderValue::from_str(&v.consumer) {
+            headers.push((X_CONSUMER_ID, h));
+        }
+        for (claim, header) in &self.forward_claims {
+            let text = match v.claims.get(claim) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Null) | None => continue,
+                Some(other) => other.to_string(),
+            };
+            if let Ok(h) = HeaderValue::from_str(&text) {
+                headers.push((header.clone(), h));
+            }
+        }
+        Identity {
+            consumer: Arc::from(v.consumer.as_str()),
+            headers,
+        }
+    }
+
+    /// Fetches the JWKS now. `on_demand` refreshes (unknown kid) happen at most once per few
+    /// seconds. Returns true when a new key set was installed.
+    pub async fn refresh_jwks(&self, on_demand: bool) -> bool {
+        let Some(url) = &self.jwks_url else {
+            return false;
+        };
+        let mut last = self.refresh.lock().await;
+        if on_demand && last.is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match fetch::get(url, Duration::from_secs(5)).await {
+            Ok((body, max_age)) => match keys::from_jwks(&body, url) {
+                Ok(jwks_keys) => {
+                    let old = self.keys.load();
+                    let mut all = self.pem_keys.clone();
+                    all.extend(jwks_keys);
+                    if all != old.keys {
+                        let generation = old.generation + 1;
+                        self.keys.store(Arc::new(KeySet {
+                            keys: all,
+                            generation,
+                        }));
+                        self.cache.clear();
+                        tracing::info!(url, keys = self.key_count(), "JWKS key set updated");
+                    }
+                    self.metrics.record_jwks_refresh(true);
+                    drop(last);
+                    self.next_refresh_hint(max_age);
+                    true
+                }
+                Err(e) => {
+                    self.metrics.record_jwks_refresh(false);
+                    tracing::warn!(url, error = %e, "JWKS refresh failed; keeping the last good key set");
+                    false
+                }
+            },
+            Err(e) => {
+                self.metrics.record_jwks_refresh(false);
+                tracing::warn!(url, error = %e, "JWKS refresh failed; keeping the last good key set");
+                false
+            }
+        }
+    }
+
+    fn next_refresh_hint(&self, max_age: Option<Duration>) {
+        let age = max_age
+            .unwrap_or(DEFAULT_JWKS_MAX_AGE)
+            .clamp(MIN_REFRESH_GAP, Duration::from_secs(24 * 3600));
+        self.refresh_after_secs
+            .store(age.as_secs(), Ordering::Relaxed);
+    }
+}
+
+/// Background refresh: at start, then on the JWKS's Cache-Control max-age (default 5 minutes),
+/// retrying failures with a capped back-off. Stops when the authenticator is dropped.
+async fn refresh_loop(auth: Weak<Authenticator>) {
+    let mut failures = 0u32;
+    loop {
+        let wait = {
+            let Some(a) = auth.upgrade() else { return };
+            if a.refresh_jwks(false).await {
+                failures = 0;
+                Duration::from_secs(a.refresh_after_secs.load(Ordering::Relaxed))
+            } else {
+                failures += 1;
+                Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer(value: &HeaderValue) -> Result<&str, AuthError> {
+    let s = value.to_str().map_err(|_| AuthError::BadHeader)?;
+    let (scheme, token) = s.split_once(' ').ok_or(AuthError::BadHeader)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::BadHeader);
+    }
+    let token = token.trim();
+    if token.is_empty() || token.contains(' ') {
+        return Err(AuthError::BadHeader);
+    }
+    Ok(token)
+}
