@@ -119,7 +119,7 @@ pub fn split(token: &str) -> Result<Parts<'_>, TokenError> {
     let kid = hv.get("kid").and_then(|k| k.as_str()).map(str::to_string);
     Ok(Parts {
         header: Header { alg, kid },
-        signing_input: token[..h.len() + 1 + p.len()].as_bytes(),
+        signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
         payload,
         signature,
     })
