@@ -1,5 +1,6 @@
 //! The one integration-test binary: real backends, the real `hexgate` binary, real sockets.
 
+mod auth;
 mod cli;
 mod lifecycle;
 mod proxy;
