@@ -20,6 +20,10 @@ pub enum GatewayError {
     NoRoute,
     #[error("{0}")]
     Unauthorized(#[from] AuthError),
+    #[error("429 Too Many Requests")]
+    TooManyRequests,
+    #[error("limit store unavailable")]
+    LimitsUnavailable,
     #[error("bad request path: {0}")]
     BadPath(#[from] PathError),
     #[error("request body larger than the limit of {0} bytes")]
@@ -41,6 +45,8 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoHealthyBackend | GatewayError::ConnectFailed => {
@@ -57,7 +63,9 @@ impl GatewayError {
             GatewayError::NoRoute
             | GatewayError::BadPath(_)
             | GatewayError::BodyTooLarge(_)
-            | GatewayError::Unauthorized(_) => Side::Client,
+            | GatewayError::Unauthorized(_)
+            | GatewayError::TooManyRequests => Side::Client,
+            GatewayError::LimitsUnavailable => Side::Gateway,
             GatewayError::NoHealthyBackend
             | GatewayError::ConnectFailed
             | GatewayError::UpstreamTimeout

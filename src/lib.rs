@@ -6,6 +6,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

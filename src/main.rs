@@ -275,21 +275,6 @@ fn validate(file: &std::path::Path) -> ExitCode {
 /// Starting anyway would silently let requests through that the config means to refuse.
 fn unsupported_features(cfg: &Config, file: &str) -> Result<(), String> {
     let mut missing = Vec::new();
-    if cfg.rate_limiting.as_ref().is_some_and(|r| r.enabled)
-        || cfg
-            .services
-            .iter()
-            .any(|s| s.rate_limiting.as_ref().is_some_and(|r| r.enabled))
-    {
-        missing.push("rateLimiting");
-    }
-    if cfg
-        .services
-        .iter()
-        .any(|s| s.quota.as_ref().is_some_and(|q| q.enabled))
-    {
-        missing.push("quota");
-    }
     if cfg.services.iter().any(|s| s.consul_service_name.is_some()) {
         missing.push("consulServiceName (Consul discovery)");
     }

@@ -17,6 +17,9 @@ pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "hexgate_config_last_reload_success
 pub const UPSTREAM_ERRORS_TOTAL: &str = "hexgate_upstream_errors_total";
 pub const AUTH_FAILURES_TOTAL: &str = "hexgate_auth_failures_total";
 pub const JWKS_REFRESHES_TOTAL: &str = "hexgate_jwks_refreshes_total";
+pub const RATELIMIT_DECISIONS_TOTAL: &str = "hexgate_ratelimit_decisions_total";
+pub const REDIS_ERRORS_TOTAL: &str = "hexgate_redis_errors_total";
+pub const REDIS_REQUEST_DURATION: &str = "hexgate_redis_request_duration_seconds";
 
 /// Service label used for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -67,6 +70,19 @@ impl Histogram {
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    fn write_unlabelled(&self, out: &mut String, name: &str) {
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+
     fn write(&self, out: &mut String, name: &str, labels: &str) {
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -114,6 +130,8 @@ pub struct ServiceMetrics {
     pub upstream_errors: AtomicU64,
     /// Indexed like `auth::REASONS`.
     pub auth_failures: [AtomicU64; crate::auth::REASONS.len()],
+    /// [limit][result], indexed like `limits::LIMITS` and `limits::RESULTS`.
+    pub limit_decisions: [[AtomicU64; 4]; 2],
 }
 
 impl ServiceMetrics {
@@ -124,6 +142,13 @@ impl ServiceMetrics {
             upstream_duration: Histogram::default(),
             upstream_errors: AtomicU64::new(0),
             auth_failures: Default::default(),
+            limit_decisions: Default::default(),
+        }
+    }
+
+    pub fn limit_decision(&self, limit: usize, result: usize) {
+        if let Some(c) = self.limit_decisions.get(limit).and_then(|l| l.get(result)) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -150,6 +175,8 @@ pub struct Registry {
     pub last_reload_success: AtomicU64,
     pub jwks_refresh_success: AtomicU64,
     pub jwks_refresh_failure: AtomicU64,
+    pub redis_errors: AtomicU64,
+    pub redis_duration: Histogram,
 }
 
 impl Registry {
@@ -264,6 +291,41 @@ impl Registry {
                     );
                 }
             }
+        }
+        let _ = writeln!(out, "# HELP {RATELIMIT_DECISIONS_TOTAL} Rate-limit and quota decisions, by service, limit and result.");
+        let _ = writeln!(out, "# TYPE {RATELIMIT_DECISIONS_TOTAL} counter");
+        for s in &services {
+            for (li, limit) in crate::limits::LIMITS.iter().enumerate() {
+                for (ri, result) in crate::limits::RESULTS.iter().enumerate() {
+                    let v = s.limit_decisions[li][ri].load(Ordering::Relaxed);
+                    if v > 0 {
+                        let _ = writeln!(
+                            out,
+                            "{RATELIMIT_DECISIONS_TOTAL}{{service=\"{}\",limit=\"{limit}\",result=\"{result}\"}} {v}",
+                            s.name
+                        );
+                    }
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {REDIS_ERRORS_TOTAL} Redis limit calls that failed or timed out."
+        );
+        let _ = writeln!(out, "# TYPE {REDIS_ERRORS_TOTAL} counter");
+        let _ = writeln!(
+            out,
+            "{REDIS_ERRORS_TOTAL} {}",
+            self.redis_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {REDIS_REQUEST_DURATION} Time of Redis limit calls."
+        );
+        let _ = writeln!(out, "# TYPE {REDIS_REQUEST_DURATION} histogram");
+        if self.redis_duration.count.load(Ordering::Relaxed) > 0 {
+            self.redis_duration
+                .write_unlabelled(&mut out, REDIS_REQUEST_DURATION);
         }
         let _ = writeln!(
             out,

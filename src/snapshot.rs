@@ -25,6 +25,8 @@ pub struct ServiceRt {
     pub metrics: Arc<ServiceMetrics>,
     /// JWT required on this route (global switch or the service's override).
     pub auth: bool,
+    /// Rate limit and quota of this route, if any.
+    pub limits: Option<crate::limits::RoutePolicies>,
 }
 
 pub struct Snapshot {
@@ -93,6 +95,12 @@ impl Snapshot {
                 max_body_size: s.max_body_size,
                 metrics: metrics.service(&s.name),
                 auth: s.authentication.unwrap_or(config.authentication.enabled),
+                limits: crate::limits::RoutePolicies::build(
+                    &config,
+                    &s.name,
+                    s.rate_limiting.as_ref(),
+                    s.quota.as_ref(),
+                ),
             });
             routes.push(Route {
                 path: s.path.clone(),

@@ -23,6 +23,8 @@ pub enum Source {
 
 pub struct State {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Limit state outlives snapshots: a reload does not reset anyone's limits.
+    pub limiter: crate::limits::Limiter,
     pub metrics: Arc<Registry>,
     pub backends: BackendSet,
     pub health_wakeup: Notify,
@@ -34,9 +36,11 @@ impl State {
     pub fn new(config: Config, source: Source) -> Result<Arc<State>, ConfigErrors> {
         let metrics = Arc::new(Registry::default());
         let backends = BackendSet::default();
+        let limiter = crate::limits::Limiter::new(&config, metrics.clone());
         let snap = Snapshot::build(config, 1, &metrics, &backends, None)?;
         metrics.record_reload(true);
         Ok(Arc::new(State {
+            limiter,
             snapshot: ArcSwap::from_pointee(snap),
             metrics,
             backends,
@@ -88,6 +92,8 @@ fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
         Some("gatewayPort/gatewayBind")
     } else if old.admin_port != new.admin_port || old.admin_bind != new.admin_bind {
         Some("adminPort/adminBind")
+    } else if format!("{:?}", old.redis) != format!("{:?}", new.redis) {
+        Some("redis")
     } else if old.tls.enabled != new.tls.enabled
         || old.tls.https_port != new.tls.https_port
         || old.tls.cert_file != new.tls.cert_file

@@ -42,15 +42,22 @@ pub async fn handle(
         .access_log
         .then(|| (req.uri().path().to_string(), format!("{:?}", req.version())));
 
+    let mut limit_headers = Vec::new();
+    let mut retry_after = None;
     let (metrics, result) = match route_request(&snap, &req) {
         Ok((svc, normalized)) => {
-            let res = match authenticate(&snap, &svc, &req).await {
-                Ok(identity) => {
-                    forward::forward(&snap, &svc, req, normalized, identity, conn, &request_id)
-                        .await
-                }
-                Err(e) => Err(e),
-            };
+            let res = pipeline(
+                &state,
+                &snap,
+                &svc,
+                req,
+                normalized,
+                conn,
+                &request_id,
+                &mut limit_headers,
+                &mut retry_after,
+            )
+            .await;
             (svc.metrics.clone(), res)
         }
         Err(e) => (snap.unmatched.clone(), Err(e)),
@@ -64,6 +71,13 @@ pub async fn handle(
             e.to_response(&request_id)
         }
     };
+    for (name, value) in limit_headers {
+        resp.headers_mut().insert(name, value);
+    }
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     let elapsed = start.elapsed();
     metrics.record(&method, resp.status().as_u16(), elapsed);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -83,6 +97,76 @@ pub async fn handle(
         );
     }
     Ok(resp)
+}
+
+/// Steps 3 to 6 for a routed request: authenticate, apply limits, forward.
+#[allow(clippy::too_many_arguments)]
+async fn pipeline(
+    state: &State,
+    snap: &Snapshot,
+    svc: &Arc<crate::snapshot::ServiceRt>,
+    req: Request<Incoming>,
+    normalized: Option<String>,
+    conn: ConnInfo,
+    request_id: &str,
+    limit_headers: &mut Vec<(http::HeaderName, HeaderValue)>,
+    retry_after: &mut Option<u64>,
+) -> Result<Response<Body>, GatewayError> {
+    let identity = authenticate(snap, svc, &req).await?;
+    if let Some(policies) = &svc.limits {
+        let ip = client_ip(snap, conn.peer.ip(), req.headers());
+        let verdict = state
+            .limiter
+            .check(
+                policies,
+                &svc.metrics,
+                ip,
+                identity.as_ref().map(|i| &*i.consumer),
+                req.headers(),
+            )
+            .await;
+        if verdict.unavailable {
+            return Err(GatewayError::LimitsUnavailable);
+        }
+        *limit_headers = verdict.headers;
+        if verdict.retry_after.is_some() {
+            *retry_after = verdict.retry_after;
+            return Err(GatewayError::TooManyRequests);
+        }
+    }
+    forward::forward(snap, svc, req, normalized, identity, conn, request_id).await
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
+/// address in X-Forwarded-For that is not itself a trusted proxy.
+pub fn client_ip(
+    snap: &Snapshot,
+    peer: std::net::IpAddr,
+    headers: &http::HeaderMap,
+) -> std::net::IpAddr {
+    if !snap.is_trusted_proxy(peer) {
+        return peer;
+    }
+    let mut ip = peer;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(addr) => {
+                ip = addr;
+                if !snap.is_trusted_proxy(addr) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    ip
 }
 
 /// Step 3: the consumer identity when the route requires a token.
