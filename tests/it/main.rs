@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod lifecycle;
+mod limits;
 mod proxy;
 mod support;
 mod tls;

@@ -1,0 +1,420 @@
+//! Rate limits and quotas through the real gateway, in memory and through a real redis-server
+//! (single and cluster): exact sharing across instances, failure modes, script reloads.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Empty;
+
+use crate::support::*;
+
+async fn call(port: u16, path: &str, key: Option<&str>) -> (u16, http::HeaderMap) {
+    let mut b = Request::get(path).header("host", "localhost");
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    let (s, h, _) = request(port, b.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    (s, h)
+}
+
+fn yaml(backend: &TestBackend, limits: &str, redis: &str) -> String {
+    format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\n{redis}services:\n  - name: users\n    path: /users/\n    backends: [\"{}\"]\n{limits}",
+        backend.url()
+    )
+}
+
+/// A `redis:` block; `extra` lines may set `timeout` (default here 200ms) and more.
+fn redis_block(r: &RedisServer, extra: &str) -> String {
+    let timeout = if extra.contains("timeout:") {
+        ""
+    } else {
+        "  timeout: 200ms\n"
+    };
+    format!(
+        "redis:\n  address: \"127.0.0.1:{}\"\n{timeout}{extra}",
+        r.port
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_burst_example_and_headers_in_memory() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let gw = Gateway::start(&format!(
+        "rateLimiting: {{enabled: true, ratePerSecond: 1, burst: 3}}\n{}",
+        yaml(&b, "", "")
+    ))
+    .await;
+    let mut codes = Vec::new();
+    let mut last = None;
+    for i in 1..=4 {
+        let (s, h) = call(gw.port, &format!("/users/{i}"), None).await;
+        codes.push(s);
+        last = Some(h);
+    }
+    assert_eq!(codes, vec![200, 200, 200, 429]);
+    let h = last.unwrap();
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(h["ratelimit-policy"], "\"rate\";q=3;w=3");
+    assert_eq!(h["ratelimit"], "\"rate\";r=0;t=3");
+    let (s, h) = call(gw.port, "/users/5", None).await;
+    assert_eq!(s, 429);
+    assert!(h.contains_key("retry-after"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, h) = call(gw.port, "/users/6", None).await;
+    assert_eq!(s, 200, "one more per second");
+    assert!(h["ratelimit"]
+        .to_str()
+        .unwrap()
+        .starts_with("\"rate\";r=0;"));
+    let m = gw.metrics().await;
+    assert!(m.contains("hexgate_ratelimit_decisions_total{service=\"users\",limit=\"rate\",result=\"limited\"} 2"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_headers_and_per_service_override() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let cfg = format!(
+        "rateLimiting: {{enabled: true, ratePerSecond: 1, burst: 1}}\nrateLimitHeaders: legacy\n{}  - name: open\n    path: /open/\n    rateLimiting: {{enabled: false}}\n    backends: [\"{}\"]\n  - name: own\n    path: /own/\n    rateLimiting: {{enabled: true, ratePerSecond: 10, burst: 5, key: \"header:x-api-key\"}}\n    backends: [\"{}\"]\n",
+        yaml(&b, "", ""),
+        b.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&cfg).await;
+    let (s, h) = call(gw.port, "/users/1", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["ratelimit-limit"], "1");
+    assert_eq!(h["ratelimit-remaining"], "0");
+    assert!(!h.contains_key("ratelimit-policy"), "legacy only");
+    assert_eq!(call(gw.port, "/users/2", None).await.0, 429);
+    for _ in 0..10 {
+        assert_eq!(
+            call(gw.port, "/open/x", None).await.0,
+            200,
+            "limit disabled for this service"
+        );
+    }
+    let codes: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..6 {
+            v.push(call(gw.port, "/own/x", Some("k1")).await.0);
+        }
+        v
+    };
+    assert_eq!(
+        codes,
+        vec![200, 200, 200, 200, 200, 429],
+        "own burst of 5 per API key"
+    );
+    assert_eq!(
+        call(gw.port, "/own/x", Some("k2")).await.0,
+        200,
+        "keys are isolated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_window_through_redis_and_refusals_are_free() {
+    let redis = RedisServer::start();
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let limits = "    quota: {enabled: true, limit: 3, period: 2s, key: \"header:x-api-key\"}\n";
+    let gw = Gateway::start(&yaml(&b, limits, &redis_block(&redis, ""))).await;
+    // Redis connects in the background at start; wait until it is in use.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("evalsha") == 0 {
+        call(gw.port, "/users/warm", Some("warmup")).await;
+        assert!(
+            Instant::now() < deadline,
+            "gateway never used Redis: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(call(gw.port, "/users/1", Some("alice")).await.0);
+    }
+    assert_eq!(codes, vec![200, 200, 200]);
+    // Refused requests (many) do not use up quota.
+    let mut last = None;
+    for _ in 0..20 {
+        let (s, h) = call(gw.port, "/users/1", Some("alice")).await;
+        assert_eq!(s, 429);
+        last = Some(h);
+    }
+    let h = last.unwrap();
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3).contains(&retry), "Retry-After {retry}");
+    assert_eq!(h["ratelimit-policy"], "\"quota\";q=3;w=2");
+    assert_eq!(
+        call(gw.port, "/users/1", Some("bob")).await.0,
+        200,
+        "per-consumer isolation"
+    );
+    // Once the window has passed, exactly `limit` again.
+    let wait = Duration::from_millis(2100 + 2000 / 60).saturating_sub(start.elapsed());
+    tokio::time::sleep(wait).await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(call(gw.port, "/users/1", Some("alice")).await.0);
+    }
+    assert_eq!(codes, vec![200, 200, 200, 429]);
+    let keys = redis.cli(&["KEYS", "*"]);
+    assert!(
+        keys.contains("hexgate:{q:users:alice}"),
+        "hash-tagged key: {keys}"
+    );
+    let ttl: i64 = redis
+        .cli(&["PTTL", "hexgate:{q:users:alice}"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 4000, "idle keys expire: PTTL {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_gateways_share_one_quota_exactly_with_one_evalsha_per_limit() {
+    let redis = RedisServer::start();
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let limits = "    rateLimiting: {enabled: true, ratePerSecond: 100000, burst: 100000, key: \"header:x-api-key\"}\n    quota: {enabled: true, limit: 40, period: 1h, key: \"header:x-api-key\"}\n";
+    let cfg = yaml(&b, limits, &redis_block(&redis, "  timeout: 2s\n"));
+    let mut gws = Vec::new();
+    for _ in 0..4 {
+        gws.push(Gateway::start(&cfg).await);
+    }
+    // Warm every gateway's Redis connection (and script cache) on another key.
+    for gw in &gws {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            call(gw.port, "/users/warm", Some("warmup")).await;
+            let m = gw.metrics().await;
+            if m.contains("limit=\"quota\",result=\"allowed\"") && !m.contains("failed_open") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gateway never used Redis");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let evalsha_before = redis.calls("evalsha");
+    let ok = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let ports: Vec<u16> = gws.iter().map(|g| g.port).collect();
+    for t in 0..8 {
+        let (ok, limited, ports) = (ok.clone(), limited.clone(), ports.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let port = ports[(t + i) % ports.len()];
+                match call(port, "/users/x", Some("shared")).await.0 {
+                    200 => ok.fetch_add(1, Ordering::Relaxed),
+                    429 => limited.fetch_add(1, Ordering::Relaxed),
+                    other => panic!("unexpected status {other}"),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        ok.load(Ordering::Relaxed),
+        40,
+        "exactly the limit across 4 instances"
+    );
+    assert_eq!(limited.load(Ordering::Relaxed), 160);
+    let evalsha = redis.calls("evalsha") - evalsha_before;
+    // One EVALSHA per limit per request; requests the rate limit refused would add a refund.
+    assert_eq!(evalsha, 400, "2 limits x 200 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fail_open_then_recovers_and_survives_script_flush() {
+    let mut redis = RedisServer::start();
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let limits =
+        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
+    let gw = Gateway::start(&yaml(
+        &b,
+        limits,
+        &redis_block(&redis, "  timeout: 100ms\n  failureMode: open\n"),
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("evalsha") == 0 {
+        call(gw.port, "/users/warm", Some("k")).await;
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SCRIPT FLUSH mid-run: the next call gets NOSCRIPT, reloads, and succeeds.
+    redis.cli(&["SCRIPT", "FLUSH"]);
+    for _ in 0..5 {
+        assert_eq!(call(gw.port, "/users/1", Some("k")).await.0, 200);
+    }
+    let m = gw.metrics().await;
+    assert!(
+        !m.contains("failed_open"),
+        "script flush must not count as a failure: {m}"
+    );
+
+    // Kill Redis under load: no failed requests, none slower than the timeout (plus slack).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let slowest = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let (stop, failures, slowest, port) =
+            (stop.clone(), failures.clone(), slowest.clone(), gw.port);
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                let t = Instant::now();
+                if call(port, "/users/1", Some("k")).await.0 != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                slowest.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("result=\"failed_open\""),
+        "fail-open decisions counted: {m}"
+    );
+    redis.restart();
+    let evalsha_deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("evalsha") == 0 {
+        assert!(
+            Instant::now() < evalsha_deadline,
+            "Redis not used again after restart: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "fail-open serves every request"
+    );
+    let slowest = slowest.load(Ordering::Relaxed);
+    assert!(
+        slowest < 1000,
+        "a request waited {slowest}ms with a 100ms Redis timeout"
+    );
+    assert!(gw.metrics().await.contains("hexgate_redis_errors_total "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fail_closed_gives_503_then_recovers() {
+    let mut redis = RedisServer::start();
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let limits =
+        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
+    let gw = Gateway::start(&yaml(
+        &b,
+        limits,
+        &redis_block(&redis, "  timeout: 100ms\n  failureMode: closed\n"),
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(gw.port, "/users/1", Some("k")).await.0 != 200 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.kill();
+    let t = Instant::now();
+    let (s, _) = call(gw.port, "/users/1", Some("k")).await;
+    assert_eq!(s, 503);
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(gw.metrics().await.contains("result=\"failed_closed\""));
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(gw.port, "/users/1", Some("k")).await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never recovered after Redis came back: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_hosts_the_limits() {
+    require_tool("redis-cli");
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(Instant::now() < deadline, "cluster never became ok");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    let redis = format!("redis:\n  cluster: [{}]\n  timeout: 2s\n", list.join(", "));
+    let limits = "    quota: {enabled: true, limit: 3, period: 1h, key: \"header:x-api-key\"}\n";
+    let gw = Gateway::start(&yaml(&b, limits, &redis)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        call(gw.port, "/users/w", Some("warm")).await;
+        let m = gw.metrics().await;
+        if m.contains("limit=\"quota\",result=\"allowed\"") && !m.contains("failed_open") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster never used: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for consumer in 0..12 {
+        let key = format!("consumer-{consumer}");
+        let mut codes = Vec::new();
+        for _ in 0..4 {
+            codes.push(call(gw.port, "/users/x", Some(&key)).await.0);
+        }
+        assert_eq!(codes, vec![200, 200, 200, 429], "{key}");
+    }
+    let with_keys = nodes
+        .iter()
+        .filter(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0) > 0)
+        .count();
+    assert!(with_keys >= 2, "keys spread over the masters");
+    assert!(!gw.metrics().await.contains("failed_open"));
+}
