@@ -37,19 +37,26 @@ pub async fn serve_hello(listener: TcpListener) {
     }
 }
 
-/// The demo's configuration, in the same YAML a user would write.
-pub fn config_yaml(port: u16, admin_port: u16, backend_ports: [u16; 3]) -> String {
+/// The demo's configuration, in the same YAML a user would write. `keys` is the directory
+/// holding the demo's freshly generated key pair.
+pub fn config_yaml(port: u16, admin_port: u16, backend_ports: [u16; 3], keys: &str) -> String {
     let [a, b, c] = backend_ports;
     format!(
         r#"gatewayPort: "{port}"
 adminPort: "{admin_port}"
 healthCheckInterval: 5
+authentication:
+  enabled: true
+  publicKeyPath: "{keys}/public.pem"
 services:
   - name: "user-service"
     path: "/users/"
     backends: ["http://127.0.0.1:{a}", "http://127.0.0.1:{b}"]
+    rateLimiting: {{enabled: true, ratePerSecond: 1, burst: 3, key: consumer}}
+    quota: {{enabled: true, limit: 100, period: "1h"}}
   - name: "product-service"
     path: "/products/"
+    authentication: {{enabled: false}}
     backends: ["http://127.0.0.1:{c}"]
 "#
     )
@@ -67,18 +74,34 @@ pub async fn start_backends(ports: [u16; 3]) -> std::io::Result<()> {
     Ok(())
 }
 
-pub fn banner(port: u16, admin_port: u16, backend_ports: [u16; 3]) -> String {
+pub fn banner(
+    port: u16,
+    admin_port: u16,
+    backend_ports: [u16; 3],
+    keys: &str,
+    token: &str,
+) -> String {
     let [a, b, c] = backend_ports;
     format!(
         r#"HexGate demo is running (memory only, no Redis or Consul needed).
   gateway  http://localhost:{port}
   admin    http://localhost:{admin_port}  (/metrics, /admin/upstreams, /admin/config)
-  backends user-service on {a} and {b}, product-service on {c}
+  backends user-service on {a} and {b} (JWT required, 1 request/s with a burst of 3 per consumer,
+           100 per hour), product-service on {c} (public)
+  keys     {keys}/private.pem and public.pem (made for this demo)
 
 Try, in another terminal:
   curl http://localhost:{port}/products/abc     # Hello from Backend (Port {c})
-  curl http://localhost:{port}/users/1          # Hello from Backend (Port {a})
-  curl http://localhost:{port}/users/2          # Hello from Backend (Port {b})  (round robin)
+  curl http://localhost:{port}/users/1          # 401 Unauthorized: Missing Authorization header
+
+  export TOKEN={token}
+  # (or make one: TOKEN=$(hexgate token --key {keys}/private.pem --sub alice))
+  curl -H "Authorization: Bearer $TOKEN" http://localhost:{port}/users/1   # Port {a}
+  curl -H "Authorization: Bearer $TOKEN" http://localhost:{port}/users/2   # Port {b} (round robin)
+
+  # four rapid requests: 200, 200, 200, then 429 Too Many Requests
+  for i in 1 2 3 4; do curl -s -o /dev/null -w "%{{http_code}}\n" -H "Authorization: Bearer $TOKEN" http://localhost:{port}/users/$i; done
+
   curl -i http://localhost:{port}/nowhere       # 404 with a JSON reason
   curl http://localhost:{admin_port}/admin/upstreams
   curl -s http://localhost:{admin_port}/metrics | grep hexgate_http_requests_total

@@ -150,7 +150,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let yaml = hexgate::demo::config_yaml(port, admin_port, ports);
+            let keys = std::env::temp_dir().join(format!("hexgate-demo-{}", std::process::id()));
+            let token = match demo_keys(&keys) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("hexgate demo: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            let keys_str = keys.display().to_string();
+            let yaml = hexgate::demo::config_yaml(port, admin_port, ports, &keys_str);
             let cfg = match config::parse(&yaml, "<demo>") {
                 Ok(c) => c,
                 Err(e) => {
@@ -158,10 +167,28 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let banner = hexgate::demo::banner(port, admin_port, ports);
-            report(run_gateway(cfg, Source::Embedded, Some((ports, banner))))
+            let banner = hexgate::demo::banner(port, admin_port, ports, &keys_str, &token);
+            let result = run_gateway(cfg, Source::Embedded, Some((ports, banner)));
+            let _ = std::fs::remove_dir_all(&keys);
+            report(result)
         }
     }
+}
+
+/// A fresh RS256 key pair for the demo, and a day-long token for "alice".
+fn demo_keys(dir: &std::path::Path) -> anyhow::Result<String> {
+    tools::keygen(dir, Alg::RS256, true)?;
+    let private = dir.join("private.pem");
+    token(
+        &private,
+        "alice".into(),
+        "24h",
+        None,
+        None,
+        None,
+        None,
+        Vec::new(),
+    )
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

@@ -2,6 +2,7 @@
 
 mod auth;
 mod cli;
+mod demo;
 mod lifecycle;
 mod limits;
 mod proxy;
