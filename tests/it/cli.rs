@@ -94,7 +94,7 @@ fn run_refuses_features_this_build_cannot_enforce() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("refusing to start") && err.contains("quota"),
+        err.contains("refusing to start") && err.contains("consulServiceName"),
         "{err}"
     );
 }
