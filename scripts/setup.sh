@@ -29,5 +29,8 @@ for svc in nginx redis-server haproxy; do
   fi
 done
 
+# consul is not in Debian's current suite: a separate script fetches it from the previous one.
+bash "$(dirname "$0")/install-consul.sh"
+
 have cargo || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
 echo "setup: ok"
