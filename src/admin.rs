@@ -61,7 +61,13 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            if snap.router.is_empty() {
+            if !state.discovery.synced() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: waiting for the first answer from Consul\n".into(),
+                )
+            } else if snap.router.is_empty() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
@@ -74,7 +80,11 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(&snap.health()),
+            {
+                let mut out = state.metrics.render(&snap.health());
+                state.discovery.render(&mut out);
+                out
+            },
         ),
         "/admin/config" => json(serde_json::json!({
             "generation": snap.generation,
@@ -85,17 +95,18 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 .services
                 .iter()
                 .map(|s| {
-                    let backends: Vec<_> = s
-                        .pool
+                    let members = s.pool.members();
+                    let backends: Vec<_> = members
                         .backends
                         .iter()
-                        .map(|b| {
+                        .enumerate()
+                        .map(|(i, b)| {
                             serde_json::json!({
                                 "address": b.addr.to_string(),
                                 "healthy": b.is_healthy(),
                                 "inFlight": b.in_flight.load(Ordering::Relaxed),
                                 "idleConnections": b.idle_count(),
-                                "source": "static",
+                                "source": if i < members.static_count { "static" } else { "consul" },
                             })
                         })
                         .collect();

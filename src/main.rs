@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use hexgate::auth::keys::Alg;
 use hexgate::auth::tools;
 use hexgate::config::{self, Config};
+use hexgate::discovery::consul::ConsulClient;
+use hexgate::discovery::kv;
 use hexgate::server::{self, Listeners};
 use hexgate::state::{Source, State};
 
@@ -20,12 +22,49 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE and write it to KEY with check-and-set (refused if KEY changed meanwhile).
+    Push {
+        #[arg(long, default_value = "hexgate/config")]
+        key: String,
+        file: PathBuf,
+        /// Write only if the key's ModifyIndex is this (0: only if the key does not exist);
+        /// default: the index read just before writing.
+        #[arg(long)]
+        cas: Option<u64>,
+        /// Overwrite without check-and-set.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the config stored at KEY.
+    Get {
+        #[arg(long, default_value = "hexgate/config")]
+        key: String,
+    },
+    /// Show what pushing FILE would change.
+    Diff {
+        #[arg(long, default_value = "hexgate/config")]
+        key: String,
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the gateway with a YAML config file (hot-reloaded on change and on SIGHUP).
     Run {
         /// Path to the config file.
         #[arg(long, short = 'c', default_value = "config/config.yaml")]
         config: PathBuf,
+        /// Read the config from this Consul KV key instead (e.g. hexgate/config), and follow it.
+        /// Consul is found through CONSUL_HTTP_ADDR (default http://127.0.0.1:8500).
+        #[arg(long, conflicts_with = "config")]
+        consul_key: Option<String>,
+    },
+    /// Store, show or compare the config kept in Consul KV.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCommand,
     },
     /// Check a config file offline: exit 0 with a summary, or non-zero listing every problem.
     Validate {
@@ -117,26 +156,28 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, consul_key } => {
             init_tracing();
-            let cfg = match config::load_file(&config) {
-                Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    eprintln!(
-                        "hexgate: {} problem(s) in {}; not starting",
-                        errors.0.len(),
-                        config.display()
-                    );
-                    return ExitCode::from(2);
+            match consul_key {
+                Some(key) => report(run_from_consul(key)),
+                None => {
+                    let cfg = match config::load_file(&config) {
+                        Ok(c) => c,
+                        Err(errors) => {
+                            eprintln!("{errors}");
+                            eprintln!(
+                                "hexgate: {} problem(s) in {}; not starting",
+                                errors.0.len(),
+                                config.display()
+                            );
+                            return ExitCode::from(2);
+                        }
+                    };
+                    report(run_gateway(cfg, Source::File(config), None))
                 }
-            };
-            if let Err(msg) = unsupported_features(&cfg, &config.display().to_string()) {
-                eprintln!("{msg}");
-                return ExitCode::from(2);
             }
-            report(run_gateway(cfg, Source::File(config), None))
         }
+        Command::Config { action } => config_command(action),
         Command::Demo {
             port,
             admin_port,
@@ -298,43 +339,69 @@ fn validate(file: &std::path::Path) -> ExitCode {
     }
 }
 
-/// Features whose keys parse (so seed configs validate) but which this build cannot enforce yet.
-/// Starting anyway would silently let requests through that the config means to refuse.
-fn unsupported_features(cfg: &Config, file: &str) -> Result<(), String> {
-    let mut missing = Vec::new();
-    if cfg.services.iter().any(|s| s.consul_service_name.is_some()) {
-        missing.push("consulServiceName (Consul discovery)");
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{file}: this HexGate build does not enforce {} yet; refusing to start rather than \
-             serve routes without them. Disable those keys to run.",
-            missing.join(", ")
-        ))
-    }
-}
-
 fn run_gateway(
     cfg: Config,
     source: Source,
     demo: Option<([u16; 3], String)>,
 ) -> anyhow::Result<()> {
+    run_gateway_at(cfg, source, demo, 0)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()
-        .context("starting the runtime")?;
+        .context("starting the runtime")
+}
+
+/// `run --consul-key`: the config must exist and be valid at start.
+fn run_from_consul(key: String) -> anyhow::Result<()> {
+    let (cfg, index) = runtime()?.block_on(async {
+        let client = ConsulClient::new(&hexgate::config::Consul::default())?;
+        kv::load(&client, &key).await.map_err(|e| match e {
+            kv::KvError::Invalid(errors) => anyhow::Error::new(errors),
+            other => anyhow::anyhow!("{other}"),
+        })
+    })?;
+    run_gateway_at(cfg, Source::ConsulKv(key), None, index)
+}
+
+fn run_gateway_at(
+    cfg: Config,
+    source: Source,
+    demo: Option<([u16; 3], String)>,
+    kv_index: u64,
+) -> anyhow::Result<()> {
+    let rt = runtime()?;
     rt.block_on(async move {
         if let Some((ports, _)) = &demo {
             hexgate::demo::start_backends(*ports).await?;
         }
         let listeners = Listeners::bind(&cfg).await?;
-        let state = State::new(cfg, source)?;
+        let needs_consul = cfg.consul.register
+            || cfg.services.iter().any(|s| s.consul_service_name.is_some())
+            || matches!(source, Source::ConsulKv(_));
+        let consul = if needs_consul {
+            Some(ConsulClient::new(&cfg.consul)?)
+        } else {
+            None
+        };
+        let registration = if cfg.consul.register {
+            consul
+                .clone()
+                .map(|c| Registration::new(c, &cfg, &listeners))
+        } else {
+            None
+        };
+        let kv = match &source {
+            Source::ConsulKv(key) => consul.clone().map(|c| (c, key.clone())),
+            _ => None,
+        };
+        let state = State::new(cfg, source, consul)?;
         tracing::info!(
             public = ?listeners.public_addr(),
             https = ?listeners.https_addr(),
@@ -346,9 +413,174 @@ fn run_gateway(
         }
         tokio::spawn(hexgate::upstream::health::run(state.clone()));
         tokio::spawn(hexgate::reload::watch(state.clone()));
+        if let Some((client, key)) = kv {
+            tokio::spawn(hexgate::discovery::kv::watch(
+                state.clone(),
+                client,
+                key,
+                kv_index,
+            ));
+        }
+        if let Some(r) = &registration {
+            r.register().await;
+        }
         server::serve(state, listeners, shutdown_signal()).await;
+        if let Some(r) = &registration {
+            r.deregister().await;
+        }
         Ok(())
     })
+}
+
+/// This instance's entry in Consul's catalog (service `consul.serviceName`, default `hexgate`),
+/// with an HTTP check on the admin /healthz, so Prometheus can find every instance.
+struct Registration {
+    client: ConsulClient,
+    id: String,
+    definition: serde_json::Value,
+}
+
+impl Registration {
+    fn new(client: ConsulClient, cfg: &Config, listeners: &Listeners) -> Registration {
+        let admin_port = listeners
+            .admin_addr()
+            .map(|a| a.port())
+            .unwrap_or(cfg.admin_port);
+        let gateway_port = listeners
+            .public_addr()
+            .map(|a| a.port())
+            .unwrap_or(cfg.gateway_port);
+        let address = cfg.consul.advertise_address.clone().unwrap_or_else(|| {
+            if cfg.admin_bind.is_unspecified() {
+                "127.0.0.1".into()
+            } else {
+                cfg.admin_bind.to_string()
+            }
+        });
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "local".into());
+        let id = format!("{}-{host}-{gateway_port}", cfg.consul.service_name);
+        let definition = serde_json::json!({
+            "ID": id,
+            "Name": cfg.consul.service_name,
+            "Address": address,
+            "Port": admin_port,
+            "Tags": ["hexgate"],
+            "Meta": { "gateway_port": gateway_port.to_string(), "admin_port": admin_port.to_string() },
+            "Check": {
+                "HTTP": format!("http://{address}:{admin_port}/healthz"),
+                "Interval": "5s",
+                "Timeout": "2s",
+                "DeregisterCriticalServiceAfter": "1m"
+            }
+        });
+        Registration {
+            client,
+            id,
+            definition,
+        }
+    }
+
+    async fn register(&self) {
+        match self.client.register(&self.definition).await {
+            Ok(()) => tracing::info!(id = %self.id, "registered in Consul"),
+            Err(e) => tracing::warn!(id = %self.id, error = %e, "Consul registration failed"),
+        }
+    }
+
+    async fn deregister(&self) {
+        match self.client.deregister(&self.id).await {
+            Ok(()) => tracing::info!(id = %self.id, "deregistered from Consul"),
+            Err(e) => tracing::warn!(id = %self.id, error = %e, "Consul deregistration failed"),
+        }
+    }
+}
+
+fn config_command(action: ConfigCommand) -> ExitCode {
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hexgate config: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let result: anyhow::Result<ExitCode> = rt.block_on(async {
+        let client = ConsulClient::new(&hexgate::config::Consul::default())?;
+        match action {
+            ConfigCommand::Get { key } => match client.kv_get(&key, 0, std::time::Duration::from_secs(1)).await? {
+                (Some((text, _)), _) => {
+                    print!("{text}");
+                    if !text.ends_with('\n') {
+                        println!();
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                (None, _) => {
+                    eprintln!("hexgate config get: key {key:?} does not exist");
+                    Ok(ExitCode::from(1))
+                }
+            },
+            ConfigCommand::Diff { key, file } => {
+                let new = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+                let old = client
+                    .kv_get(&key, 0, std::time::Duration::from_secs(1))
+                    .await?
+                    .0
+                    .map(|(t, _)| t)
+                    .unwrap_or_default();
+                let d = kv::diff(&old, &new);
+                if d.is_empty() {
+                    println!("no changes");
+                } else {
+                    print!("{d}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            ConfigCommand::Push { key, file, cas, force } => {
+                let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+                if let Err(errors) = config::parse(&text, &file.display().to_string()) {
+                    eprintln!("{errors}");
+                    eprintln!("hexgate config push: {} problem(s); nothing pushed", errors.0.len());
+                    return Ok(ExitCode::from(2));
+                }
+                let cas = if force {
+                    None
+                } else {
+                    match cas {
+                        Some(c) => Some(c),
+                        None => Some(
+                            client
+                                .kv_get(&key, 0, std::time::Duration::from_secs(1))
+                                .await?
+                                .0
+                                .map(|(_, modify)| modify)
+                                .unwrap_or(0),
+                        ),
+                    }
+                };
+                if client.kv_put(&key, &text, cas).await? {
+                    eprintln!("pushed {} to Consul key {key}", file.display());
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!(
+                        "hexgate config push: {key} changed since index {} was read; nothing pushed (check `hexgate config diff`, then push again, or use --force)",
+                        cas.unwrap_or(0)
+                    );
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hexgate config: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn shutdown_signal() {

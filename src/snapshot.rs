@@ -15,7 +15,9 @@ use crate::upstream::{BackendSet, Pool};
 /// One service as the request path sees it.
 pub struct ServiceRt {
     pub name: String,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
+    /// The Consul watch feeding this pool, if any.
+    pub discovery: Option<crate::discovery::WatchKey>,
     pub timeouts: Timeouts,
     pub retries: u32,
     /// Set when `stripPath` is on: the prefix removed before forwarding.
@@ -77,16 +79,24 @@ impl Snapshot {
         let mut services = Vec::with_capacity(config.services.len());
         let mut routes = Vec::with_capacity(config.services.len());
         for s in &config.services {
-            let pool = Pool::new(
+            let pool = Arc::new(Pool::new(
                 s.backends
                     .iter()
                     .map(|a| backends.get_or_create(a))
                     .collect(),
                 s.load_balancing,
-            );
+            ));
             let rt = Arc::new(ServiceRt {
                 name: s.name.clone(),
                 pool,
+                discovery: s
+                    .consul_service_name
+                    .as_ref()
+                    .map(|name| crate::discovery::WatchKey {
+                        service: name.clone(),
+                        tags: s.consul_tags.clone(),
+                        datacenter: s.consul_datacenter.clone(),
+                    }),
                 timeouts: s.timeouts.clone(),
                 retries: s.retries,
                 strip_prefix: (s.strip_path && s.path_type == PathType::Prefix)
@@ -141,7 +151,7 @@ impl Snapshot {
     pub fn health(&self) -> Vec<(String, String, bool)> {
         let mut out = Vec::new();
         for s in &self.services {
-            for b in &s.pool.backends {
+            for b in &s.pool.members().backends {
                 out.push((s.name.clone(), b.addr.to_string(), b.is_healthy()));
             }
         }

@@ -17,6 +17,8 @@ use crate::upstream::BackendSet;
 #[derive(Debug, Clone)]
 pub enum Source {
     File(PathBuf),
+    /// A Consul KV key, watched by `discovery::kv::watch`.
+    ConsulKv(String),
     /// Built in (the demo); never reloaded.
     Embedded,
 }
@@ -26,24 +28,32 @@ pub struct State {
     /// Limit state outlives snapshots: a reload does not reset anyone's limits.
     pub limiter: crate::limits::Limiter,
     pub metrics: Arc<Registry>,
-    pub backends: BackendSet,
+    pub backends: Arc<BackendSet>,
+    pub discovery: Arc<crate::discovery::Discovery>,
     pub health_wakeup: Notify,
     pub source: Source,
     generation: AtomicU64,
 }
 
 impl State {
-    pub fn new(config: Config, source: Source) -> Result<Arc<State>, ConfigErrors> {
+    pub fn new(
+        config: Config,
+        source: Source,
+        consul: Option<crate::discovery::consul::ConsulClient>,
+    ) -> Result<Arc<State>, ConfigErrors> {
         let metrics = Arc::new(Registry::default());
-        let backends = BackendSet::default();
+        let backends = Arc::new(BackendSet::default());
         let limiter = crate::limits::Limiter::new(&config, metrics.clone());
+        let discovery = crate::discovery::Discovery::new(consul);
         let snap = Snapshot::build(config, 1, &metrics, &backends, None)?;
+        discovery.reconcile(&snap, &backends);
         metrics.record_reload(true);
         Ok(Arc::new(State {
             limiter,
             snapshot: ArcSwap::from_pointee(snap),
             metrics,
             backends,
+            discovery,
             health_wakeup: Notify::new(),
             source,
             generation: AtomicU64::new(1),
@@ -61,6 +71,7 @@ impl State {
             &self.backends,
             old.auth.as_ref(),
         )?;
+        self.discovery.reconcile(&snap, &self.backends);
         self.snapshot.store(Arc::new(snap));
         self.metrics.record_reload(true);
         self.health_wakeup.notify_one();

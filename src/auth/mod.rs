@@ -2,7 +2,6 @@
 //! the verified-token cache, and the per-request check that yields the consumer identity.
 
 pub mod cache;
-pub mod fetch;
 pub mod jwt;
 pub mod keys;
 pub mod tools;
@@ -275,7 +274,7 @@ impl Authenticator {
             return false;
         }
         *last = Some(Instant::now());
-        match fetch::get(url, Duration::from_secs(5)).await {
+        match crate::httpc::get_url(url, Duration::from_secs(5)).await {
             Ok((body, max_age)) => match keys::from_jwks(&body, url) {
                 Ok(jwks_keys) => {
                     let old = self.keys.load();

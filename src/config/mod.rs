@@ -175,6 +175,8 @@ pub struct Consul {
     pub datacenter: Option<String>,
     pub register: bool,
     pub service_name: String,
+    /// Address registered for this instance (default: adminBind, or 127.0.0.1 when that is 0.0.0.0).
+    pub advertise_address: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -816,6 +818,7 @@ fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
             "datacenter",
             "register",
             "serviceName",
+            "advertiseAddress",
         ],
     );
     c.address = r.string(&f, "address");
@@ -825,6 +828,16 @@ fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
     c.register = r.bool(&f, "register").unwrap_or(false);
     if let Some(n) = r.string(&f, "serviceName") {
         c.service_name = n;
+    }
+    c.advertise_address = r.string(&f, "advertiseAddress");
+    if let Some(a) = &c.address {
+        if crate::httpc::Endpoint::parse(a, false, None).is_err() {
+            r.err(
+                f.key_line("address"),
+                "consul.address",
+                format!("expected host:port or http(s)://host:port, found {a:?}"),
+            );
+        }
     }
     c
 }

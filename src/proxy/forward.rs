@@ -204,7 +204,7 @@ pub async fn forward(
     let mut tried: u64 = 0;
     let mut failures = 0usize;
     // Stale pooled connections are retried without counting; this bounds the loop regardless.
-    for _ in 0..(max_attempts + svc.pool.backends.len() + 8) {
+    for _ in 0..(max_attempts + svc.pool.len() + 8) {
         let Some((idx, backend)) = svc.pool.pick(tried) else {
             return Err(if failures == 0 {
                 GatewayError::NoHealthyBackend
@@ -212,7 +212,6 @@ pub async fn forward(
                 GatewayError::ConnectFailed
             });
         };
-        let backend = backend.clone();
         let _in_flight = InFlight::new(&backend);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let connect_timeout = svc.timeouts.connect.min(remaining);

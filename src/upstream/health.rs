@@ -37,7 +37,7 @@ pub async fn run(state: Arc<State>) {
         let mut seen = HashSet::new();
         let mut checks = Vec::new();
         for svc in snap.services.iter() {
-            for b in &svc.pool.backends {
+            for b in &svc.pool.static_backends {
                 if seen.insert(b.authority.clone()) {
                     let b = b.clone();
                     let path = svc.health_check_path.clone();

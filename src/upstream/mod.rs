@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -194,53 +195,120 @@ impl PoolReturn {
     }
 }
 
+/// The current members of a pool: static backends first, then discovered ones; `schedule` repeats
+/// each member's index by its weight (Consul's `Weights.Passing`), so balancing honours weights.
+pub struct Members {
+    pub backends: Vec<Arc<Backend>>,
+    /// How many of `backends` (from the start) are static.
+    pub static_count: usize,
+    schedule: Vec<u32>,
+}
+
+impl Members {
+    fn new(backends: Vec<(Arc<Backend>, u32)>, static_count: usize) -> Members {
+        let mut schedule = Vec::new();
+        // Interleave by weight (1, 2, ..., max) so a heavy backend's turns are spread out.
+        let max = backends.iter().map(|(_, w)| *w).max().unwrap_or(1);
+        for round in 1..=max {
+            for (i, (_, w)) in backends.iter().enumerate() {
+                if *w >= round {
+                    schedule.push(i as u32);
+                }
+            }
+        }
+        Members {
+            backends: backends.into_iter().map(|(b, _)| b).collect(),
+            static_count,
+            schedule,
+        }
+    }
+}
+
 /// The backends of one service and how to choose among them.
 pub struct Pool {
-    pub backends: Vec<Arc<Backend>>,
+    pub static_backends: Vec<Arc<Backend>>,
+    members: ArcSwap<Members>,
     lb: LoadBalancing,
     next: AtomicUsize,
 }
 
 impl Pool {
     pub fn new(backends: Vec<Arc<Backend>>, lb: LoadBalancing) -> Self {
+        let n = backends.len();
         Pool {
-            backends,
+            members: ArcSwap::from_pointee(Members::new(
+                backends.iter().map(|b| (b.clone(), 1)).collect(),
+                n,
+            )),
+            static_backends: backends,
             lb,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Picks a healthy backend not in `tried` (a bitmask of indexes already attempted).
-    pub fn pick(&self, tried: u64) -> Option<(usize, &Arc<Backend>)> {
-        let n = self.backends.len();
+    /// Replaces the discovered part of the pool. Backends are looked up in `set`, so one that
+    /// stays keeps its connections and passive-health state.
+    pub fn set_discovered(&self, set: &BackendSet, discovered: &[(BackendAddr, u32)]) {
+        let mut all: Vec<(Arc<Backend>, u32)> = self
+            .static_backends
+            .iter()
+            .map(|b| (b.clone(), 1))
+            .collect();
+        for (addr, weight) in discovered {
+            if self.static_backends.iter().any(|b| &b.addr == addr) {
+                continue;
+            }
+            all.push((set.get_or_create(addr), (*weight).max(1)));
+        }
+        self.members
+            .store(Arc::new(Members::new(all, self.static_backends.len())));
+    }
+
+    pub fn members(&self) -> Arc<Members> {
+        self.members.load_full()
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.load().backends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Picks a healthy backend not in `tried` (a bitmask of member indexes already attempted).
+    pub fn pick(&self, tried: u64) -> Option<(usize, Arc<Backend>)> {
+        let m = self.members.load();
+        let n = m.schedule.len();
         if n == 0 {
             return None;
         }
-        let usable = |i: usize| (i >= 64 || tried & (1 << i) == 0) && self.backends[i].is_healthy();
-        match self.lb {
+        let usable = |i: usize| (i >= 64 || tried & (1 << i) == 0) && m.backends[i].is_healthy();
+        let at = |k: usize| m.schedule[k % n] as usize;
+        let chosen = match self.lb {
             LoadBalancing::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .find(|i| usable(*i))
-                    .map(|i| (i, &self.backends[i]))
+                (0..n).map(|k| at(start + k)).find(|i| usable(*i))
             }
             LoadBalancing::LeastRequest => {
-                let a = fastrand::usize(..n);
-                let b = fastrand::usize(..n);
-                let pick = match (usable(a), usable(b)) {
+                let a = at(fastrand::usize(..n));
+                let b = at(fastrand::usize(..n));
+                match (usable(a), usable(b)) {
                     (true, true) => {
-                        let la = self.backends[a].in_flight.load(Ordering::Relaxed);
-                        let lb = self.backends[b].in_flight.load(Ordering::Relaxed);
+                        let la = m.backends[a].in_flight.load(Ordering::Relaxed);
+                        let lb = m.backends[b].in_flight.load(Ordering::Relaxed);
                         Some(if lb < la { b } else { a })
                     }
                     (true, false) => Some(a),
                     (false, true) => Some(b),
-                    (false, false) => (0..n).map(|k| (a + k) % n).find(|i| usable(*i)),
-                };
-                pick.map(|i| (i, &self.backends[i]))
+                    (false, false) => {
+                        let start = fastrand::usize(..n);
+                        (0..n).map(|k| at(start + k)).find(|i| usable(*i))
+                    }
+                }
             }
-        }
+        };
+        chosen.map(|i| (i, m.backends[i].clone()))
     }
 }
 
