@@ -83,20 +83,26 @@ fn missing_file_is_a_clear_error() {
 }
 
 #[test]
-fn run_refuses_features_this_build_cannot_enforce() {
+fn run_with_a_missing_key_file_names_it() {
+    // The seed config points at ./config/public.pem; run from a directory without it.
+    let dir = temp_dir("nokey");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/config.yaml");
     let out = Command::new(bin())
         .arg("run")
         .arg("--config")
         .arg(&path)
+        .current_dir(&dir)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("refusing to start") && err.contains("consulServiceName"),
+        err.contains("public.pem")
+            && err.contains("cannot read public key")
+            && err.contains("authentication"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

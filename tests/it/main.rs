@@ -2,6 +2,7 @@
 
 mod auth;
 mod cli;
+mod consul;
 mod demo;
 mod lifecycle;
 mod limits;

@@ -195,6 +195,11 @@ impl Gateway {
     }
 
     pub async fn start_in(dir: PathBuf, yaml: &str) -> Gateway {
+        Self::start_with(dir, yaml, &[]).await
+    }
+
+    /// Starts with extra environment variables (e.g. CONSUL_HTTP_ADDR).
+    pub async fn start_with(dir: PathBuf, yaml: &str, env: &[(&str, &str)]) -> Gateway {
         let port = free_port();
         let admin_port = free_port();
         let config = dir.join("config.yaml");
@@ -207,6 +212,7 @@ impl Gateway {
         let child = Command::new(bin())
             .args(["run", "--config"])
             .arg(&config)
+            .envs(env.iter().copied())
             .env("HEXGATE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -218,6 +224,29 @@ impl Gateway {
             admin_port,
             dir,
             config,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// `hexgate run --consul-key KEY` with the ports the stored config names.
+    pub async fn start_consul_key(consul: &str, key: &str, port: u16, admin_port: u16) -> Gateway {
+        let dir = temp_dir("gwkv");
+        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["run", "--consul-key", key])
+            .env("CONSUL_HTTP_ADDR", consul)
+            .env("HEXGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hexgate");
+        let gw = Gateway {
+            child,
+            port,
+            admin_port,
+            config: dir.join("none"),
+            dir,
         };
         gw.wait_ready().await;
         gw
@@ -534,4 +563,130 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A real `consul agent -dev` on free loopback ports (DNS and gRPC off), stopped by pid on drop.
+pub struct ConsulAgent {
+    pub http_port: u16,
+    ports: [u16; 4],
+    child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl ConsulAgent {
+    pub fn start() -> ConsulAgent {
+        require_tool("consul");
+        let mut a = ConsulAgent {
+            http_port: free_port(),
+            ports: [free_port(), free_port(), free_port(), 0],
+            child: None,
+            dir: temp_dir("consul"),
+        };
+        a.ports[3] = a.http_port;
+        a.restart();
+        a
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Starts a fresh dev agent (empty catalog and KV) on the same ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::File::create(self.dir.join("consul.log")).unwrap();
+        let child = Command::new("consul")
+            .args([
+                "agent",
+                "-dev",
+                "-bind=127.0.0.1",
+                "-client=127.0.0.1",
+                "-dns-port=-1",
+                "-grpc-port=-1",
+            ])
+            .arg(format!("-http-port={}", self.http_port))
+            .arg(format!("-serf-lan-port={}", self.ports[0]))
+            .arg(format!("-serf-wan-port={}", self.ports[1]))
+            .arg(format!("-server-port={}", self.ports[2]))
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start consul");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-m",
+                    "1",
+                    &format!("{}/v1/status/leader", self.addr()),
+                ])
+                .output();
+            if let Ok(o) = out {
+                let s = String::from_utf8_lossy(&o.stdout);
+                if s.contains("127.0.0.1:") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("consul did not elect itself leader");
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A raw HTTP call to the agent with curl: (status, body).
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-m", "5", "-X", method, "-w", "\n%{http_code}"]);
+        if let Some(b) = body {
+            cmd.args(["--data-binary", b]);
+        }
+        cmd.arg(format!("{}{}", self.addr(), path));
+        let out = cmd.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Registers a backend with an HTTP check on its /health every second.
+    pub fn register(&self, id: &str, service: &str, port: u16) {
+        let def = format!(
+            r#"{{"ID":"{id}","Name":"{service}","Address":"127.0.0.1","Port":{port},"Check":{{"HTTP":"http://127.0.0.1:{port}/health","Interval":"1s","Timeout":"1s"}}}}"#
+        );
+        let (code, body) = self.http("PUT", "/v1/agent/service/register", Some(&def));
+        assert_eq!(code, 200, "register {id}: {body}");
+    }
+
+    pub fn deregister(&self, id: &str) {
+        let (code, body) = self.http("PUT", &format!("/v1/agent/service/deregister/{id}"), None);
+        assert_eq!(code, 200, "deregister {id}: {body}");
+    }
+}
+
+impl Drop for ConsulAgent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `hexgate` with args and CONSUL_HTTP_ADDR set: (exit code, stdout, stderr).
+pub fn hexgate_cli(consul: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env("CONSUL_HTTP_ADDR", consul)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
