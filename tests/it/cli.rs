@@ -23,7 +23,11 @@ fn validate(yaml: &str) -> (i32, String, String) {
 
 #[test]
 fn seed_config_validates_unchanged() {
-    for f in ["config/config.yaml", "config/config-static-backends.yaml"] {
+    for f in [
+        "config/config.yaml",
+        "config/config-static-backends.yaml",
+        "config/config-consul.yaml",
+    ] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let out = Command::new(bin())
             .arg("validate")
