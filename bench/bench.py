@@ -74,8 +74,8 @@ def to_ms(v):
     return n * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}[unit]
 
 
-def run_wrk(port, conns, seconds, threads, path="/users/1"):
-    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"]
+def run_wrk(port, conns, seconds, threads, path="/users/1", extra=()):
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = to_ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
@@ -107,9 +107,22 @@ class Proc:
                 pass
 
 
+def hexgate_yaml(port, admin, backend_port, extra="", route_extra=""):
+    return f"""gatewayPort: "{port}"
+gatewayBind: 127.0.0.1
+adminPort: "{admin}"
+healthCheckInterval: 5
+{extra}services:
+  - name: bench
+    path: /
+    backends: ["http://127.0.0.1:{backend_port}"]
+{route_extra}"""
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="plain", choices=["plain"])
+    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full"],
+                    help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", default="64,256")
@@ -119,17 +132,18 @@ def main():
     ap.add_argument("--no-haproxy", action="store_true")
     args = ap.parse_args()
 
-    for tool in ["wrk", "nginx"]:
+    for tool in ["wrk", "nginx"] + (["redis-server", "redis-cli"] if args.mode == "full" else []):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not installed: run `make setup` (scripts/setup.sh)")
-    use_haproxy = not args.no_haproxy and shutil.which("haproxy")
+    use_haproxy = args.mode == "plain" and not args.no_haproxy and shutil.which("haproxy")
     if not os.path.exists(args.hexgate):
         raise SystemExit(f"{args.hexgate} missing: run `cargo build --release`")
 
     tmp = tempfile.mkdtemp(prefix="hexgate-bench-")
     log = open(os.path.join(tmp, "bench.log"), "w")
-    backend_port, nginx_port, haproxy_port, hg_port, hg_admin = (free_port() for _ in range(5))
+    backend_port, nginx_port, haproxy_port = (free_port() for _ in range(3))
     procs = []
+    redis = None
     try:
         with open(os.path.join(tmp, "backend.conf"), "w") as f:
             f.write(f"""worker_processes 1; daemon off; pid {tmp}/backend.pid; error_log {tmp}/backend.err;
@@ -137,6 +151,42 @@ events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{backend_port} reuseport; location / {{ return 200 "ok"; }} }} }}
 """)
+        procs.append(Proc(["nginx", "-c", f"{tmp}/backend.conf", "-p", tmp], log))
+        wait_port(backend_port)
+        # targets: name -> (proc, port, wrk extra args)
+        targets = {}
+        hg_variants = {"hexgate": ("", "")}
+        headers = {}
+        if args.mode == "full":
+            subprocess.run([args.hexgate, "keygen", "--out", f"{tmp}/keys"], check=True, capture_output=True)
+            token = subprocess.run([args.hexgate, "token", "--key", f"{tmp}/keys/private.pem", "--sub", "bench",
+                                    "--ttl", "24h"], check=True, capture_output=True, text=True).stdout.strip()
+            redis_port = free_port()
+            redis = Proc(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], log)
+            procs.append(redis)
+            wait_port(redis_port)
+            auth = f'authentication: {{enabled: true, publicKeyPath: "{tmp}/keys/public.pem"}}\n'
+            redis_cfg = f'redis: {{address: "127.0.0.1:{redis_port}", timeout: 1s}}\n'
+            limits = ("    rateLimiting: {enabled: true, ratePerSecond: 1000000000, burst: 1000000000, key: \"header:x-api-key\"}\n"
+                      "    quota: {enabled: true, limit: 4000000000, period: 1h, key: \"header:x-api-key\"}\n")
+            limits_consumer = limits.replace("header:x-api-key", "consumer")
+            hg_variants = {
+                "hexgate": ("", ""),
+                "hg+jwt": (auth, ""),
+                "hg+redis": (redis_cfg, limits),
+                "hg+jwt+redis": (auth + redis_cfg, limits_consumer),
+            }
+            headers = {"hg+jwt": ["-H", f"Authorization: Bearer {token}"],
+                       "hg+redis": ["-H", "X-Api-Key: bench"],
+                       "hg+jwt+redis": ["-H", f"Authorization: Bearer {token}"]}
+        for name, (extra, route_extra) in hg_variants.items():
+            port, admin = free_port(), free_port()
+            cfg = os.path.join(tmp, f"{name}.yaml")
+            with open(cfg, "w") as f:
+                f.write(hexgate_yaml(port, admin, backend_port, extra, route_extra))
+            targets[name] = (Proc([args.hexgate, "run", "--config", cfg], log), port, headers.get(name, []))
+            wait_port(port)
         with open(os.path.join(tmp, "proxy.conf"), "w") as f:
             f.write(f"""worker_processes {args.workers}; daemon off; pid {tmp}/proxy.pid; error_log {tmp}/proxy.err;
 events {{ worker_connections 8192; }}
@@ -146,8 +196,11 @@ http {{ access_log off; keepalive_requests 1000000;
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }} }}
 """)
-        with open(os.path.join(tmp, "haproxy.cfg"), "w") as f:
-            f.write(f"""global
+        targets["nginx"] = (Proc(["nginx", "-c", f"{tmp}/proxy.conf", "-p", tmp], log), nginx_port, [])
+        wait_port(nginx_port)
+        if use_haproxy:
+            with open(os.path.join(tmp, "haproxy.cfg"), "w") as f:
+                f.write(f"""global
   nbthread {args.workers}
   maxconn 4000
 defaults
@@ -163,69 +216,70 @@ frontend fe
 backend be
   server s1 127.0.0.1:{backend_port}
 """)
-        with open(os.path.join(tmp, "hexgate.yaml"), "w") as f:
-            f.write(f"""gatewayPort: "{hg_port}"
-gatewayBind: 127.0.0.1
-adminPort: "{hg_admin}"
-healthCheckInterval: 5
-services:
-  - name: bench
-    path: /
-    backends: ["http://127.0.0.1:{backend_port}"]
-""")
-        procs.append(Proc(["nginx", "-c", f"{tmp}/backend.conf", "-p", tmp], log))
-        wait_port(backend_port)
-        proxies = {}
-        proxies["hexgate"] = Proc([args.hexgate, "run", "--config", f"{tmp}/hexgate.yaml"], log)
-        wait_port(hg_port)
-        proxies["nginx"] = Proc(["nginx", "-c", f"{tmp}/proxy.conf", "-p", tmp], log)
-        wait_port(nginx_port)
-        if use_haproxy:
-            proxies["haproxy"] = Proc(["haproxy", "-f", f"{tmp}/haproxy.cfg"], log)
+            targets["haproxy"] = (Proc(["haproxy", "-f", f"{tmp}/haproxy.cfg"], log), haproxy_port, [])
             wait_port(haproxy_port)
-        procs += proxies.values()
-        ports = {"hexgate": hg_port, "nginx": nginx_port, "haproxy": haproxy_port}
+        procs += [t[0] for t in targets.values()]
         time.sleep(0.5)
+        reference = "nginx" if args.mode == "plain" else "hexgate"
 
         results = {}
+        redis_stats = {}
         for conns in [int(c) for c in args.conns.split(",")]:
-            for name in proxies:
-                run_wrk(ports[name], conns, 2, 1)  # warm-up
+            for name, (proc, port, hdrs) in targets.items():
+                run_wrk(port, conns, 2, 1, extra=hdrs)  # warm-up
             for r in range(args.rounds):
-                for name, proc in proxies.items():
+                for name, (proc, port, hdrs) in targets.items():
                     s0, t0 = steal()
                     c0 = cpu_ticks(proc.pids())
-                    res = run_wrk(ports[name], conns, args.seconds, 1)
+                    rc0 = cpu_ticks(redis.pids()) if redis else 0
+                    e0 = evalsha_calls(redis_port) if redis else 0
+                    res = run_wrk(port, conns, args.seconds, 1, extra=hdrs)
                     c1 = cpu_ticks(proc.pids())
+                    rc1 = cpu_ticks(redis.pids()) if redis else 0
+                    e1 = evalsha_calls(redis_port) if redis else 0
                     s1, t1 = steal()
                     res["steal"] = 100.0 * (s1 - s0) / max(1, t1 - t0)
                     res["cpu_us"] = (c1 - c0) / CLK_TCK * 1e6 / max(1, res["requests"])
+                    res["redis_cpu_us"] = (rc1 - rc0) / CLK_TCK * 1e6 / max(1, res["requests"])
+                    res["evalsha_per_req"] = (e1 - e0) / max(1, res["requests"])
                     results.setdefault((conns, name), []).append(res)
-                    print(f"c={conns} round={r + 1} {name:8s} {res['rps']:9.0f} req/s  p50 {res['p50']:6.2f}ms  "
-                          f"p99 {res['p99']:6.2f}ms  cpu/req {res['cpu_us']:5.1f}us  steal {res['steal']:4.1f}%"
+                    extra_txt = ""
+                    if redis and "redis" in name:
+                        extra_txt = f"  redis cpu/req {res['redis_cpu_us']:5.1f}us  evalsha/req {res['evalsha_per_req']:.2f}"
+                    print(f"c={conns} round={r + 1} {name:13s} {res['rps']:9.0f} req/s  p50 {res['p50']:6.2f}ms  "
+                          f"p99 {res['p99']:6.2f}ms  cpu/req {res['cpu_us']:5.1f}us  steal {res['steal']:4.1f}%" + extra_txt
                           + (f"  non2xx {res['non2xx']}" if res["non2xx"] else "")
                           + (f"  sockerr {res['sockerr']}" if res["sockerr"] else ""), flush=True)
 
         print()
-        print(f"| conns | proxy | req/s | p50 ms | p99 ms | CPU µs/req | runs kept | req/s vs nginx | CPU vs nginx |")
-        print(f"|---|---|---|---|---|---|---|---|---|")
+        print(f"| conns | proxy | req/s | p50 ms | p99 ms | CPU µs/req | Redis CPU µs/req | EVALSHA/req | runs kept | req/s vs {reference} | CPU vs {reference} |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for conns in [int(c) for c in args.conns.split(",")]:
             med = {}
-            for name in proxies:
+            for name in targets:
                 runs = results[(conns, name)]
                 kept = [x for x in runs if x["steal"] <= args.max_steal] or runs
-                med[name] = {k: statistics.median(x[k] for x in kept) for k in ["rps", "p50", "p99", "cpu_us"]}
+                med[name] = {k: statistics.median(x[k] for x in kept)
+                             for k in ["rps", "p50", "p99", "cpu_us", "redis_cpu_us", "evalsha_per_req"]}
                 med[name]["kept"] = f"{len([x for x in runs if x['steal'] <= args.max_steal])}/{len(runs)}"
-            for name in proxies:
+            for name in targets:
                 m = med[name]
-                ratio = m["rps"] / med["nginx"]["rps"]
-                cpu_ratio = m["cpu_us"] / med["nginx"]["cpu_us"] if med["nginx"]["cpu_us"] else float("nan")
+                ratio = m["rps"] / med[reference]["rps"]
+                cpu_ratio = m["cpu_us"] / med[reference]["cpu_us"] if med[reference]["cpu_us"] else float("nan")
+                rcpu = f"{m['redis_cpu_us']:.1f}" if "redis" in name else "-"
+                ev = f"{m['evalsha_per_req']:.2f}" if "redis" in name else "-"
                 print(f"| {conns} | {name} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['cpu_us']:.1f} | "
-                      f"{m['kept']} | {ratio:.2f} | {cpu_ratio:.2f} |")
+                      f"{rcpu} | {ev} | {m['kept']} | {ratio:.2f} | {cpu_ratio:.2f} |")
     finally:
         for p in reversed(procs):
             p.stop()
         log.close()
+
+
+def evalsha_calls(port):
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True).stdout
+    m = re.search(r"cmdstat_evalsha:calls=(\d+)", out)
+    return int(m.group(1)) if m else 0
 
 
 if __name__ == "__main__":

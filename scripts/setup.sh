@@ -11,6 +11,8 @@ have redis-server  || need_pkgs+=(redis-server)
 have nginx         || need_pkgs+=(nginx-light)
 have wrk           || need_pkgs+=(wrk)
 have haproxy       || need_pkgs+=(haproxy)
+have prometheus    || need_pkgs+=(prometheus)
+have docker-compose || need_pkgs+=(docker-compose)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need_pkgs+=(ca-certificates)
 
 SUDO=""
@@ -23,7 +25,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 # Debian starts some services on install; the tests start their own on free ports.
-for svc in nginx redis-server haproxy; do
+for svc in nginx redis-server haproxy prometheus prometheus-node-exporter; do
   if have systemctl && systemctl is-active --quiet "$svc" 2>/dev/null; then
     $SUDO systemctl stop "$svc" || true
   fi

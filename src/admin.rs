@@ -24,7 +24,12 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req)) }
+                async move {
+                    if req.uri().path() == "/admin/sd" {
+                        return Ok::<_, Infallible>(service_discovery(&state, &req).await);
+                    }
+                    Ok::<_, Infallible>(handle(&state, req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -47,6 +52,40 @@ fn json(value: serde_json::Value) -> Response<Body> {
         "application/json",
         serde_json::to_string_pretty(&value).unwrap_or_default(),
     )
+}
+
+/// Prometheus HTTP service discovery fed by Consul: the passing instances of `?service=` (default
+/// `hexgate`), for Prometheus builds without consul_sd_configs.
+async fn service_discovery(state: &State, req: &Request<Incoming>) -> Response<Body> {
+    let Some(client) = state.discovery.client() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no Consul configured for this instance\n".into(),
+        );
+    };
+    let service = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("service=")))
+        .filter(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        .unwrap_or("hexgate");
+    match client
+        .health_service(service, &[], None, 0, std::time::Duration::from_secs(5))
+        .await
+    {
+        Ok((instances, _)) => {
+            let targets: Vec<String> = instances.iter().map(|i| i.addr.authority()).collect();
+            json(
+                serde_json::json!([{ "targets": targets, "labels": { "consul_service": service } }]),
+            )
+        }
+        Err(e) => text(StatusCode::BAD_GATEWAY, "text/plain", format!("{e}\n")),
+    }
 }
 
 pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {

@@ -12,7 +12,7 @@ use hexgate::config::{self, Config};
 use hexgate::discovery::consul::ConsulClient;
 use hexgate::discovery::kv;
 use hexgate::server::{self, Listeners};
-use hexgate::state::{Source, State};
+use hexgate::state::{Overrides, Source, State};
 
 #[derive(Parser)]
 #[command(name = "hexgate", version, about = "HexGate API gateway")]
@@ -60,6 +60,12 @@ enum Command {
         /// Consul is found through CONSUL_HTTP_ADDR (default http://127.0.0.1:8500).
         #[arg(long, conflicts_with = "config")]
         consul_key: Option<String>,
+        /// Public port for this instance, overriding gatewayPort in every config version.
+        #[arg(long)]
+        gateway_port: Option<u16>,
+        /// Admin port for this instance, overriding adminPort in every config version.
+        #[arg(long)]
+        admin_port: Option<u16>,
     },
     /// Store, show or compare the config kept in Consul KV.
     Config {
@@ -156,10 +162,19 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config, consul_key } => {
+        Command::Run {
+            config,
+            consul_key,
+            gateway_port,
+            admin_port,
+        } => {
             init_tracing();
+            let overrides = Overrides {
+                gateway_port,
+                admin_port,
+            };
             match consul_key {
-                Some(key) => report(run_from_consul(key)),
+                Some(key) => report(run_from_consul(key, overrides)),
                 None => {
                     let cfg = match config::load_file(&config) {
                         Ok(c) => c,
@@ -173,7 +188,13 @@ fn main() -> ExitCode {
                             return ExitCode::from(2);
                         }
                     };
-                    report(run_gateway(cfg, Source::File(config), None))
+                    report(run_gateway_at(
+                        cfg,
+                        Source::File(config),
+                        None,
+                        0,
+                        overrides,
+                    ))
                 }
             }
         }
@@ -344,7 +365,7 @@ fn run_gateway(
     source: Source,
     demo: Option<([u16; 3], String)>,
 ) -> anyhow::Result<()> {
-    run_gateway_at(cfg, source, demo, 0)
+    run_gateway_at(cfg, source, demo, 0, Overrides::default())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -359,7 +380,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `run --consul-key`: the config must exist and be valid at start.
-fn run_from_consul(key: String) -> anyhow::Result<()> {
+fn run_from_consul(key: String, overrides: Overrides) -> anyhow::Result<()> {
     let (cfg, index) = runtime()?.block_on(async {
         let client = ConsulClient::new(&hexgate::config::Consul::default())?;
         kv::load(&client, &key).await.map_err(|e| match e {
@@ -367,7 +388,7 @@ fn run_from_consul(key: String) -> anyhow::Result<()> {
             other => anyhow::anyhow!("{other}"),
         })
     })?;
-    run_gateway_at(cfg, Source::ConsulKv(key), None, index)
+    run_gateway_at(cfg, Source::ConsulKv(key), None, index, overrides)
 }
 
 fn run_gateway_at(
@@ -375,7 +396,10 @@ fn run_gateway_at(
     source: Source,
     demo: Option<([u16; 3], String)>,
     kv_index: u64,
+    overrides: Overrides,
 ) -> anyhow::Result<()> {
+    let mut cfg = cfg;
+    overrides.apply(&mut cfg);
     let rt = runtime()?;
     rt.block_on(async move {
         if let Some((ports, _)) = &demo {
@@ -401,7 +425,7 @@ fn run_gateway_at(
             Source::ConsulKv(key) => consul.clone().map(|c| (c, key.clone())),
             _ => None,
         };
-        let state = State::new(cfg, source, consul)?;
+        let state = State::new(cfg, source, consul, overrides)?;
         tracing::info!(
             public = ?listeners.public_addr(),
             https = ?listeners.https_addr(),
@@ -452,7 +476,14 @@ impl Registration {
             .unwrap_or(cfg.gateway_port);
         let address = cfg.consul.advertise_address.clone().unwrap_or_else(|| {
             if cfg.admin_bind.is_unspecified() {
-                "127.0.0.1".into()
+                // The local address used to reach Consul (no packet is sent).
+                std::net::UdpSocket::bind("0.0.0.0:0")
+                    .and_then(|s| {
+                        s.connect((client.host(), client.port()))?;
+                        s.local_addr()
+                    })
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_else(|_| "127.0.0.1".into())
             } else {
                 cfg.admin_bind.to_string()
             }

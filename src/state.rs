@@ -23,7 +23,27 @@ pub enum Source {
     Embedded,
 }
 
+/// Settings given on the command line that win over every config version (so several instances
+/// can share one config in Consul KV, each on its own ports).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    pub gateway_port: Option<u16>,
+    pub admin_port: Option<u16>,
+}
+
+impl Overrides {
+    pub fn apply(&self, cfg: &mut Config) {
+        if let Some(p) = self.gateway_port {
+            cfg.gateway_port = p;
+        }
+        if let Some(p) = self.admin_port {
+            cfg.admin_port = p;
+        }
+    }
+}
+
 pub struct State {
+    pub overrides: Overrides,
     pub snapshot: ArcSwap<Snapshot>,
     /// Limit state outlives snapshots: a reload does not reset anyone's limits.
     pub limiter: crate::limits::Limiter,
@@ -37,10 +57,12 @@ pub struct State {
 
 impl State {
     pub fn new(
-        config: Config,
+        mut config: Config,
         source: Source,
         consul: Option<crate::discovery::consul::ConsulClient>,
+        overrides: Overrides,
     ) -> Result<Arc<State>, ConfigErrors> {
+        overrides.apply(&mut config);
         let metrics = Arc::new(Registry::default());
         let backends = Arc::new(BackendSet::default());
         let limiter = crate::limits::Limiter::new(&config, metrics.clone());
@@ -49,6 +71,7 @@ impl State {
         discovery.reconcile(&snap, &backends);
         metrics.record_reload(true);
         Ok(Arc::new(State {
+            overrides,
             limiter,
             snapshot: ArcSwap::from_pointee(snap),
             metrics,
@@ -61,7 +84,11 @@ impl State {
     }
 
     /// Builds a snapshot from `config` and swaps it in; in-flight requests keep the old one.
-    pub fn apply(&self, config: Config) -> Result<u64, ConfigErrors> {
+    pub fn apply(&self, mut config: Config) -> Result<u64, ConfigErrors> {
+        self.overrides.apply(&mut config);
+        if let Some(reason) = restart_needed(&self.snapshot.load().config, &config) {
+            tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
+        }
         let old = self.snapshot.load_full();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let snap = Snapshot::build(
@@ -83,13 +110,7 @@ impl State {
         let Source::File(path) = &self.source else {
             return Ok(self.snapshot.load().generation);
         };
-        let result = config::load_file(path).and_then(|cfg| {
-            let old = self.snapshot.load();
-            if let Some(reason) = restart_needed(&old.config, &cfg) {
-                tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
-            }
-            self.apply(cfg)
-        });
+        let result = config::load_file(path).and_then(|cfg| self.apply(cfg));
         if result.is_err() {
             self.metrics.record_reload(false);
         }

@@ -92,6 +92,14 @@ impl ConsulClient {
             .map_err(|e| ConsulError::Http(self.addr.clone(), e))
     }
 
+    pub fn host(&self) -> &str {
+        &self.endpoint.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.endpoint.port
+    }
+
     fn index_of(headers: &http::HeaderMap) -> u64 {
         headers
             .get("x-consul-index")

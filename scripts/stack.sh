@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# The whole HexGate stack on this machine, no Docker:
+#   Consul dev agent, Redis, the config pushed to Consul KV, N gateways (self-registered in Consul),
+#   nginx with TLS in front of them, Prometheus finding the gateways through Consul, and (unless
+#   --no-backends) the three example backends registered in Consul.
+#
+#   scripts/stack.sh up [--gateways N] [--no-backends]   start (idempotent), wait until healthy
+#   scripts/stack.sh status                              show each part
+#   scripts/stack.sh down                                stop exactly what `up` started
+#
+# Ports (environment): CONSUL_PORT=8500 REDIS_PORT=6379 NGINX_PORT=8443 PROMETHEUS_PORT=9090
+#   GATEWAY_BASE_PORT=8001 (gateway i listens on BASE+i-1) ADMIN_BASE_PORT=9911
+#   BACKEND_PORTS="8081 8082 8083" (user, user, product)
+# Run directory (pids, logs, rendered configs): HEXGATE_RUN_DIR=./run
+# Quota on /users/ per consumer per minute: HEXGATE_STACK_QUOTA=100
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+RUN="${HEXGATE_RUN_DIR:-$ROOT/run}"
+CONSUL_PORT="${CONSUL_PORT:-8500}"
+REDIS_PORT="${REDIS_PORT:-6379}"
+NGINX_PORT="${NGINX_PORT:-8443}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
+GATEWAY_BASE_PORT="${GATEWAY_BASE_PORT:-8001}"
+ADMIN_BASE_PORT="${ADMIN_BASE_PORT:-9911}"
+BACKEND_PORTS="${BACKEND_PORTS:-8081 8082 8083}"
+QUOTA="${HEXGATE_STACK_QUOTA:-100}"
+KEYS="${HEXGATE_KEYS_DIR:-$ROOT/config}"   # private.pem/public.pem and cert.pem/key.pem
+HEXGATE="${HEXGATE_BIN:-$ROOT/target/release/hexgate}"
+BACKEND_BIN="${HEXGATE_BACKEND_BIN:-$ROOT/target/release/examples/backend}"
+# Consul's serf and server ports follow the HTTP port so two stacks can coexist.
+SERF_LAN_PORT="${SERF_LAN_PORT:-$((CONSUL_PORT + 1))}"
+SERF_WAN_PORT="${SERF_WAN_PORT:-$((CONSUL_PORT + 2))}"
+SERVER_PORT="${CONSUL_SERVER_PORT:-$((CONSUL_PORT + 3))}"
+
+export CONSUL_HTTP_ADDR="http://127.0.0.1:$CONSUL_PORT"
+
+log() { printf 'stack: %s\n' "$*"; }
+die() { printf 'stack: %s\n' "$*" >&2; exit 1; }
+
+alive() { [ -f "$RUN/pids/$1.pid" ] && kill -0 "$(cat "$RUN/pids/$1.pid")" 2>/dev/null; }
+
+wait_for() { # name, seconds, command...
+  local name="$1" secs="$2"; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "$name did not become healthy in ${secs}s (logs: $RUN/logs/)"
+    sleep 0.2
+  done
+}
+
+start() { # name, command... (runs in the background, pid recorded)
+  local name="$1"; shift
+  if alive "$name"; then log "$name already running (pid $(cat "$RUN/pids/$name.pid"))"; return 0; fi
+  nohup "$@" >"$RUN/logs/$name.log" 2>&1 &
+  echo $! >"$RUN/pids/$name.pid"
+  log "started $name (pid $!)"
+}
+
+ensure_tools() {
+  local missing=0
+  for t in consul redis-server redis-cli nginx prometheus openssl curl; do
+    command -v "$t" >/dev/null 2>&1 || missing=1
+  done
+  if [ $missing = 1 ]; then
+    log "installing missing tools with scripts/setup.sh"
+    bash "$ROOT/scripts/setup.sh"
+  fi
+  if [ ! -x "$HEXGATE" ] || [ ! -x "$BACKEND_BIN" ]; then
+    log "building hexgate (release)"
+    (cd "$ROOT" && cargo build --release --locked --bin hexgate --example backend)
+  fi
+}
+
+render() { # template, output, then KEY=VALUE pairs
+  local tmpl="$1" out="$2"; shift 2
+  local text; text="$(cat "$tmpl")"
+  for kv in "$@"; do text="${text//@${kv%%=*}@/${kv#*=}}"; done
+  printf '%s\n' "$text" >"$out"
+}
+
+gateway_count() { cat "$RUN/gateways" 2>/dev/null || echo 0; }
+
+up() {
+  local n=2 backends=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --gateways) n="$2"; shift 2 ;;
+      --gateways=*) n="${1#*=}"; shift ;;
+      --no-backends) backends=0; shift ;;
+      *) die "unknown option $1" ;;
+    esac
+  done
+  [ "$n" -ge 1 ] 2>/dev/null || die "--gateways needs a number >= 1"
+  mkdir -p "$RUN/pids" "$RUN/logs" "$RUN/nginx" "$RUN/prometheus" "$RUN/keys"
+  ensure_tools
+
+  # Keys and certificates, if missing.
+  [ -f "$KEYS/private.pem" ] || "$HEXGATE" keygen --out "$KEYS"
+  [ -f "$KEYS/cert.pem" ] || bash "$ROOT/scripts/gen-certs.sh" "$KEYS"
+
+  start consul consul agent -dev -bind=127.0.0.1 -client=127.0.0.1 -dns-port=-1 -grpc-port=-1 \
+    -http-port="$CONSUL_PORT" -serf-lan-port="$SERF_LAN_PORT" -serf-wan-port="$SERF_WAN_PORT" \
+    -server-port="$SERVER_PORT"
+  wait_for consul 30 sh -c "curl -fsS $CONSUL_HTTP_ADDR/v1/status/leader | grep -q 127.0.0.1"
+
+  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+  wait_for redis 10 sh -c "redis-cli -p $REDIS_PORT PING | grep -q PONG"
+
+  render "$ROOT/deploy/stack/config.yaml.tmpl" "$RUN/config.yaml" \
+    CONSUL_PORT="$CONSUL_PORT" REDIS_PORT="$REDIS_PORT" KEYS="$KEYS" QUOTA="$QUOTA"
+  "$HEXGATE" config push --force --key hexgate/config "$RUN/config.yaml"
+
+  if [ $backends = 1 ]; then
+    local i=0 svc
+    for p in $BACKEND_PORTS; do
+      i=$((i + 1))
+      if [ $i -le 2 ]; then svc=user-service; else svc=product-service; fi
+      start "backend-$p" "$BACKEND_BIN" --port "$p" --service "$svc" --check-interval 1s
+    done
+  fi
+
+  local upstreams=""
+  for i in $(seq 1 "$n"); do
+    local gp=$((GATEWAY_BASE_PORT + i - 1)) ap=$((ADMIN_BASE_PORT + i - 1))
+    start "gateway-$i" "$HEXGATE" run --consul-key hexgate/config --gateway-port "$gp" --admin-port "$ap"
+    upstreams+="        server 127.0.0.1:$gp max_fails=1 fail_timeout=2s;"$'\n'
+  done
+  echo "$n" >"$RUN/gateways"
+  for i in $(seq 1 "$n"); do
+    wait_for "gateway-$i" 30 curl -fsS "http://127.0.0.1:$((ADMIN_BASE_PORT + i - 1))/readyz"
+  done
+
+  render "$ROOT/deploy/stack/nginx.conf.tmpl" "$RUN/nginx/nginx.conf" \
+    RUN="$RUN" NGINX_PORT="$NGINX_PORT" CERT="$KEYS/cert.pem" KEY="$KEYS/key.pem" \
+    UPSTREAMS="${upstreams%$'\n'}"
+  if [ -f "$RUN/nginx/nginx.pid" ] && kill -0 "$(cat "$RUN/nginx/nginx.pid")" 2>/dev/null; then
+    nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -s reload
+    log "nginx reloaded"
+  else
+    nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf"
+    log "started nginx (pid $(cat "$RUN/nginx/nginx.pid"))"
+  fi
+  cp "$RUN/nginx/nginx.pid" "$RUN/pids/nginx.pid"
+  wait_for nginx 10 curl -sk -o /dev/null "https://127.0.0.1:$NGINX_PORT/"
+
+  local sd=""
+  for i in $(seq 1 "$n"); do
+    sd+="      - url: http://127.0.0.1:$((ADMIN_BASE_PORT + i - 1))/admin/sd?service=hexgate"$'\n'
+    sd+="        refresh_interval: 2s"$'\n'
+  done
+  render "$ROOT/deploy/stack/prometheus.yml.tmpl" "$RUN/prometheus/prometheus.yml" \
+    CONSUL_PORT="$CONSUL_PORT" PROMETHEUS_PORT="$PROMETHEUS_PORT" SD_URLS="${sd%$'\n'}"
+  start prometheus prometheus --config.file="$RUN/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$RUN/prometheus/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
+  wait_for prometheus 30 curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
+
+  cat <<EOF
+
+HexGate stack is up ($n gateways).
+  HTTPS (nginx)  https://localhost:$NGINX_PORT      e.g. curl -k https://localhost:$NGINX_PORT/products/abc
+  Consul UI      http://localhost:$CONSUL_PORT
+  Prometheus     http://localhost:$PROMETHEUS_PORT
+  Redis          127.0.0.1:$REDIS_PORT
+  Gateways       $(for i in $(seq 1 "$n"); do printf 'http://127.0.0.1:%s (admin %s)  ' $((GATEWAY_BASE_PORT + i - 1)) $((ADMIN_BASE_PORT + i - 1)); done)
+  Token          TOKEN=\$($HEXGATE token --key $KEYS/private.pem --sub alice)
+  Logs and pids  $RUN/logs, $RUN/pids
+Stop with: scripts/stack.sh down
+EOF
+}
+
+stop_pid() { # name
+  local f="$RUN/pids/$1.pid"
+  [ -f "$f" ] || return 0
+  local pid; pid="$(cat "$f")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    log "stopped $1 (pid $pid)"
+  fi
+  rm -f "$f"
+}
+
+down() {
+  [ -d "$RUN/pids" ] || { log "nothing to stop"; return 0; }
+  stop_pid prometheus
+  if [ -f "$RUN/nginx/nginx.pid" ] && kill -0 "$(cat "$RUN/nginx/nginx.pid")" 2>/dev/null; then
+    nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -s quit 2>/dev/null || true
+    for _ in $(seq 1 50); do [ -f "$RUN/nginx/nginx.pid" ] || break; sleep 0.1; done
+  fi
+  stop_pid nginx
+  for f in "$RUN"/pids/gateway-*.pid; do [ -e "$f" ] && stop_pid "$(basename "$f" .pid)"; done
+  for f in "$RUN"/pids/backend-*.pid; do [ -e "$f" ] && stop_pid "$(basename "$f" .pid)"; done
+  stop_pid redis
+  stop_pid consul
+  rm -f "$RUN/gateways"
+}
+
+status() {
+  local any=0
+  for f in "$RUN"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    any=1
+    local name; name="$(basename "$f" .pid)"
+    if alive "$name"; then printf '%-14s running (pid %s)\n' "$name" "$(cat "$f")"
+    else printf '%-14s STOPPED\n' "$name"; fi
+  done
+  [ $any = 1 ] || echo "stack is down"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  up) up "$@" ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: scripts/stack.sh up [--gateways N] [--no-backends] | status | down" >&2; exit 2 ;;
+esac
