@@ -38,7 +38,9 @@ export CONSUL_HTTP_ADDR="http://127.0.0.1:$CONSUL_PORT"
 log() { printf 'stack: %s\n' "$*"; }
 die() { printf 'stack: %s\n' "$*" >&2; exit 1; }
 
-alive() { [ -f "$RUN/pids/$1.pid" ] && kill -0 "$(cat "$RUN/pids/$1.pid")" 2>/dev/null; }
+# Running, and not a zombie waiting to be reaped.
+pid_alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != "Z" ]; }
+alive() { [ -f "$RUN/pids/$1.pid" ] && pid_alive "$(cat "$RUN/pids/$1.pid")"; }
 
 wait_for() { # name, seconds, command...
   local name="$1" secs="$2"; shift 2
@@ -131,6 +133,9 @@ up() {
     wait_for "gateway-$i" 30 curl -fsS "http://127.0.0.1:$((ADMIN_BASE_PORT + i - 1))/readyz"
   done
 
+  # Consul checks start critical: wait until every registered check passes.
+  wait_for "Consul health checks" 30 sh -c "curl -fsS $CONSUL_HTTP_ADDR/v1/health/state/critical | grep -qx '\[\]'"
+
   render "$ROOT/deploy/stack/nginx.conf.tmpl" "$RUN/nginx/nginx.conf" \
     RUN="$RUN" NGINX_PORT="$NGINX_PORT" CERT="$KEYS/cert.pem" KEY="$KEYS/key.pem" \
     UPSTREAMS="${upstreams%$'\n'}"
@@ -173,10 +178,10 @@ stop_pid() { # name
   local f="$RUN/pids/$1.pid"
   [ -f "$f" ] || return 0
   local pid; pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.1; done
+    if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
     log "stopped $1 (pid $pid)"
   fi
   rm -f "$f"

@@ -7,5 +7,6 @@ mod demo;
 mod lifecycle;
 mod limits;
 mod proxy;
+mod stack;
 mod support;
 mod tls;
