@@ -349,3 +349,6 @@ fn bearer(value: &HeaderValue) -> Result<&str, AuthError> {
     }
     Ok(token)
 }
+
+#[cfg(test)]
+mod tests;

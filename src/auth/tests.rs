@@ -1,0 +1,124 @@
+use super::*;
+use base64::Engine as _;
+
+fn setup() -> (tools::SigningKey, Vec<Key>, Policy) {
+    let (private, public) = tools::generate(Alg::EdDSA).unwrap();
+    let signing = tools::SigningKey::from_pem(&private).unwrap();
+    let keys = keys::from_pem(&public, "t").unwrap();
+    let policy = Policy {
+        algorithms: vec![Alg::EdDSA, Alg::RS256],
+        issuer: None,
+        audience: None,
+        leeway: Duration::from_secs(0),
+        require_exp: true,
+        consumer_claim: "sub".into(),
+    };
+    (signing, keys, policy)
+}
+
+fn verify(
+    token: &str,
+    keys: &[Key],
+    policy: &Policy,
+    now: u64,
+) -> Result<jwt::Verified, TokenError> {
+    let parts = jwt::split(token)?;
+    match jwt::check_signature(&parts, policy, keys) {
+        SigCheck::Ok => jwt::check_claims(&parts.payload, policy, now),
+        SigCheck::UnknownKid(k) => Err(TokenError::UnknownKid(k)),
+        SigCheck::Failed(e) => Err(e),
+    }
+}
+
+/// Mutation fuzzing of the token path, bounded: no panic, and no altered token is ever accepted.
+#[test]
+fn mutated_tokens_never_verify_and_never_panic() {
+    let (signing, keys, policy) = setup();
+    let now = 1_800_000_000;
+    let token = tools::sign_token(
+        &signing,
+        Alg::EdDSA,
+        None,
+        &serde_json::json!({"sub": "alice", "exp": now + 100}),
+    )
+    .unwrap();
+    assert!(verify(&token, &keys, &policy, now).is_ok());
+    let bytes = token.as_bytes().to_vec();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ {}\"";
+    for _ in 0..20_000 {
+        let mut m = bytes.clone();
+        match rng.u8(0..4) {
+            0 => {
+                let i = rng.usize(..m.len());
+                m[i] = alphabet[rng.usize(..alphabet.len())];
+            }
+            1 => {
+                let i = rng.usize(..m.len());
+                m.truncate(i);
+            }
+            2 => {
+                let i = rng.usize(..m.len());
+                m.insert(i, alphabet[rng.usize(..alphabet.len())]);
+            }
+            _ => {
+                let i = rng.usize(..m.len());
+                let j = rng.usize(..m.len());
+                m.swap(i, j);
+            }
+        }
+        let Ok(s) = String::from_utf8(m) else {
+            continue;
+        };
+        if s == token {
+            continue;
+        }
+        if let Ok(v) = verify(&s, &keys, &policy, now) {
+            // Base64url's last character can carry unused bits: the decoded token is the same.
+            assert_eq!(v.consumer, "alice", "altered token accepted: {s}");
+            let a = jwt::split(&s).unwrap();
+            let b = jwt::split(&token).unwrap();
+            assert_eq!(
+                (a.payload, a.signature),
+                (b.payload, b.signature),
+                "altered token accepted: {s}"
+            );
+        }
+    }
+}
+
+#[test]
+fn algorithm_confusion_is_refused() {
+    let (_, keys, policy) = setup();
+    let claims =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"sub":"x","exp":9999999999}"#);
+    for alg in ["none", "HS256", "HS512", "RS256", "ES256"] {
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"alg":"{alg}"}}"#));
+        let t = format!("{header}.{claims}.AAAA");
+        assert!(verify(&t, &keys, &policy, 1).is_err(), "{alg} accepted");
+    }
+}
+
+#[test]
+fn cache_respects_exp_and_generation() {
+    let cache = cache::TokenCache::new();
+    let id = Arc::new(Identity {
+        consumer: Arc::from("a"),
+        headers: Vec::new(),
+    });
+    cache.insert("tok", 1, Some(100), id);
+    assert!(cache.get("tok", 1, 99, Duration::ZERO).unwrap().is_some());
+    assert!(
+        cache.get("tok", 2, 99, Duration::ZERO).unwrap().is_none(),
+        "other key generation"
+    );
+    assert_eq!(
+        cache.get("tok", 1, 100, Duration::ZERO).unwrap_err(),
+        TokenError::Expired
+    );
+    assert!(
+        cache.get("tok", 1, 50, Duration::ZERO).unwrap().is_none(),
+        "expired entry removed"
+    );
+}
