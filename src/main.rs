@@ -14,6 +14,9 @@ use hexgate::discovery::kv;
 use hexgate::server::{self, Listeners};
 use hexgate::state::{Overrides, Source, State};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "hexgate", version, about = "HexGate API gateway")]
 struct Cli {
