@@ -22,6 +22,19 @@ pub enum HttpError {
     Io(String),
 }
 
+/// Percent-encodes everything but unreserved characters (RFC 3986), for URL parts.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Where requests go: scheme, host, port; and TLS settings for https.
 #[derive(Clone)]
 pub struct Endpoint {

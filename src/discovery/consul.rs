@@ -38,21 +38,22 @@ pub struct Instance {
     pub weight: u32,
 }
 
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use crate::httpc::percent_encode as enc;
 
 /// A KV key path: segments are encoded, slashes kept.
 fn enc_key(key: &str) -> String {
     key.split('/').map(enc).collect::<Vec<_>>().join("/")
+}
+
+fn ensure_ok(status: StatusCode, body: &[u8]) -> Result<(), ConsulError> {
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(ConsulError::Status(
+            status.as_u16(),
+            String::from_utf8_lossy(body).into_owned(),
+        ))
+    }
 }
 
 impl ConsulClient {
@@ -130,12 +131,7 @@ impl ConsulClient {
         let (status, headers, body) = self
             .call(Method::GET, &path, None, wait + Duration::from_secs(10))
             .await?;
-        if !status.is_success() {
-            return Err(ConsulError::Status(
-                status.as_u16(),
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-        }
+        ensure_ok(status, &body)?;
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| ConsulError::Decode(e.to_string()))?;
         let entries = v
@@ -188,12 +184,7 @@ impl ConsulClient {
         if status == StatusCode::NOT_FOUND {
             return Ok((None, idx));
         }
-        if !status.is_success() {
-            return Err(ConsulError::Status(
-                status.as_u16(),
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-        }
+        ensure_ok(status, &body)?;
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| ConsulError::Decode(e.to_string()))?;
         let entry = &v[0];
@@ -231,12 +222,7 @@ impl ConsulClient {
                 Duration::from_secs(10),
             )
             .await?;
-        if !status.is_success() {
-            return Err(ConsulError::Status(
-                status.as_u16(),
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-        }
+        ensure_ok(status, &body)?;
         Ok(String::from_utf8_lossy(&body).trim() == "true")
     }
 
@@ -249,13 +235,7 @@ impl ConsulClient {
                 Duration::from_secs(10),
             )
             .await?;
-        if !status.is_success() {
-            return Err(ConsulError::Status(
-                status.as_u16(),
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-        }
-        Ok(())
+        ensure_ok(status, &body)
     }
 
     pub async fn deregister(&self, id: &str) -> Result<(), ConsulError> {
@@ -267,12 +247,6 @@ impl ConsulClient {
                 Duration::from_secs(10),
             )
             .await?;
-        if !status.is_success() {
-            return Err(ConsulError::Status(
-                status.as_u16(),
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-        }
-        Ok(())
+        ensure_ok(status, &body)
     }
 }

@@ -95,17 +95,7 @@ pub struct RedisStore {
     metrics: Arc<Registry>,
 }
 
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use crate::httpc::percent_encode as enc;
 
 fn url(cfg: &RedisConfig, addr: &str) -> String {
     let scheme = if cfg.tls { "rediss" } else { "redis" };

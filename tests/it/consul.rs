@@ -363,20 +363,7 @@ async fn self_registration_and_deregistration_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_backend_registers_and_deregisters() {
     let consul = ConsulAgent::start();
-    // The example is built by `cargo test` next to the test binary's directory.
-    let exe = std::env::current_exe().unwrap();
-    let example = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("backend");
-    assert!(
-        example.exists(),
-        "{} missing: run `cargo build --examples`",
-        example.display()
-    );
+    let example = example_backend();
     let port = free_port();
     let mut child = Command::new(&example)
         .args([

@@ -47,14 +47,7 @@ impl Stack {
         let backends = [free_port(), free_port(), free_port()];
         let nginx = free_port();
         let prometheus = free_port();
-        let exe = std::env::current_exe().unwrap();
-        let examples = exe
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("examples")
-            .join("backend");
+        let examples = example_backend();
         let env = vec![
             ("HEXGATE_RUN_DIR", root.join("run").display().to_string()),
             ("HEXGATE_KEYS_DIR", root.join("keys").display().to_string()),

@@ -183,6 +183,24 @@ pub struct Gateway {
     pub config: PathBuf,
 }
 
+/// The example backend binary, built by `cargo test` beside the test binary's directory.
+pub fn example_backend() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("backend");
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hexgate")
 }
