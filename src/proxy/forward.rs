@@ -130,6 +130,18 @@ fn add_forwarded_headers(
     }
 }
 
+/// The size limit, when an upstream send failed because the client's body went over it.
+fn body_too_large(err: &hyper::Error) -> Option<u64> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(crate::body::BodyError::TooLarge(limit)) = e.downcast_ref() {
+            return Some(*limit);
+        }
+        cur = e.source();
+    }
+    None
+}
+
 /// Counts a request in flight on a backend for least-request balancing.
 struct InFlight(Arc<Backend>);
 
@@ -197,7 +209,11 @@ pub async fn forward(
     // A request with no body and an idempotent method can be replayed if the connection dies
     // after it was written (e.g. a pooled connection the backend closed at that moment).
     let replayable = parts.method.is_idempotent() && http_body::Body::is_end_stream(&body);
-    let mut req = Request::from_parts(parts, Body::Incoming(body));
+    let body = match svc.max_body_size {
+        Some(max) if !http_body::Body::is_end_stream(&body) => Body::Limited(body, max, 0),
+        _ => Body::Incoming(body),
+    };
+    let mut req = Request::from_parts(parts, body);
 
     let deadline = Instant::now() + svc.timeouts.request;
     let max_attempts = svc.retries as usize + 1;
@@ -270,6 +286,10 @@ pub async fn forward(
                     continue;
                 }
                 None => {
+                    let err = e.into_error();
+                    if let Some(limit) = body_too_large(&err) {
+                        return Err(GatewayError::BodyTooLarge(limit));
+                    }
                     svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     if !reused {
                         backend.record_failure();
@@ -287,7 +307,7 @@ pub async fn forward(
                             req = r;
                             continue;
                         }
-                        _ => return Err(GatewayError::Upstream(e.into_error().to_string())),
+                        _ => return Err(GatewayError::Upstream(err.to_string())),
                     }
                 }
             },

@@ -436,3 +436,48 @@ async fn oversized_headers_and_declared_body_are_refused() {
     assert_eq!(b.hits(), 0, "nothing reached the backend");
     assert_eq!(get(gw.port, "/ok").await.unwrap().0, 200, "still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_over_the_limit_gets_413() {
+    let sink = TestBackend::start(Behaviour::CountBody).await;
+    let yaml = format!(
+        "{}services:\n  - name: up\n    path: /upload\n    maxBodySize: 100k\n    backends: [\"{}\"]\n",
+        header(),
+        sink.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let small = futures_util::stream::iter((0..1).map({
+        let c = chunk.clone();
+        move |_| Ok::<_, std::io::Error>(Frame::data(c.clone()))
+    }));
+    let req = Request::post("/upload")
+        .header("host", "localhost")
+        .body(StreamBody::new(small))
+        .unwrap();
+    let (s, _, body) = request(gw.port, req).await.unwrap();
+    assert_eq!(
+        (s, body.as_str()),
+        (200, "65536"),
+        "under the limit passes, chunked"
+    );
+    let big = futures_util::stream::iter(
+        (0..16).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
+    );
+    let req = Request::post("/upload")
+        .header("host", "localhost")
+        .body(StreamBody::new(big))
+        .unwrap();
+    match request(gw.port, req).await {
+        Ok((s, _, body)) => {
+            assert_eq!(s, 413, "{body}");
+            assert!(body.contains("limit of 102400 bytes"), "{body}");
+        }
+        Err(e) => panic!("expected a 413, got a transport error: {e}"),
+    }
+    assert_eq!(
+        get(gw.port, "/upload").await.unwrap().0,
+        200,
+        "still serving"
+    );
+}
