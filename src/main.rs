@@ -371,12 +371,12 @@ fn run_gateway(
     run_gateway_at(cfg, source, demo, 0, Overrides::default())
 }
 
+/// The control runtime: admin, health checks, reloads, discovery (public traffic runs on the
+/// per-core workers started by `server::serve`).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(1)
+        .thread_name("hexgate-control")
         .enable_all()
         .build()
         .context("starting the runtime")

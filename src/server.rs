@@ -132,6 +132,11 @@ struct Drain {
 
 /// Serves until `shutdown` resolves, then stops accepting and drains in-flight requests for up to
 /// `shutdownTimeout`.
+///
+/// Public traffic runs on one current-thread runtime per core ("worker"), each accepting on its
+/// own registration of the shared listening socket and keeping its own upstream connections (see
+/// `upstream::set_worker`): no work stealing, no cross-thread wake-ups on the request path. The
+/// calling runtime keeps the control plane: admin listener, health checks, reloads, discovery.
 pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
     let cfg = state.snapshot.load().config.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -140,8 +145,6 @@ pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Futur
     });
     let limit = Arc::new(Semaphore::new(cfg.max_connections as usize));
     let builder = Arc::new(http_builder(&cfg));
-
-    let mut tasks = Vec::new();
     let public_mode = if cfg.tls.enabled {
         Mode::RedirectToHttps {
             https_port: cfg.tls.https_port,
@@ -149,29 +152,79 @@ pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Futur
     } else {
         Mode::Proxy { tls: false }
     };
-    tasks.push(tokio::spawn(accept_loop(
-        state.clone(),
-        listeners.public,
-        None,
-        public_mode,
-        builder.clone(),
-        limit.clone(),
-        drain.clone(),
-        stop_rx.clone(),
-    )));
-    if let Some((l, acceptor)) = listeners.https {
-        tasks.push(tokio::spawn(accept_loop(
+    let admin_task = tokio::spawn(crate::admin::serve(state.clone(), listeners.admin));
+
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, crate::upstream::MAX_WORKERS);
+    let public = listeners.public.into_std();
+    let https = listeners
+        .https
+        .map(|(l, acceptor)| l.into_std().map(|l| (l, acceptor)))
+        .transpose();
+    let (public, https) = match (public, https) {
+        (Ok(p), Ok(h)) => (p, h),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot hand the listeners to the workers");
+            return;
+        }
+    };
+    let mut threads = Vec::new();
+    for w in 0..workers {
+        let listeners = (
+            public.try_clone(),
+            https
+                .as_ref()
+                .map(|(l, a)| l.try_clone().map(|l| (l, a.clone())))
+                .transpose(),
+        );
+        let (public_l, https_l) = match listeners {
+            (Ok(p), Ok(h)) => (p, h),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot share the listening socket");
+                continue;
+            }
+        };
+        let (state, builder, limit, drain, stop_rx) = (
             state.clone(),
-            l,
-            Some(acceptor),
-            Mode::Proxy { tls: true },
             builder.clone(),
             limit.clone(),
             drain.clone(),
             stop_rx.clone(),
-        )));
+        );
+        let timeout = cfg.shutdown_timeout;
+        let spawned = std::thread::Builder::new()
+            .name(format!("hexgate-worker-{w}"))
+            .spawn(move || {
+                crate::upstream::set_worker(w + 1);
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker runtime");
+                        return;
+                    }
+                };
+                rt.block_on(worker(
+                    state,
+                    public_l,
+                    https_l,
+                    public_mode,
+                    builder,
+                    limit,
+                    drain,
+                    stop_rx,
+                    timeout,
+                ));
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
     }
-    let admin_task = tokio::spawn(crate::admin::serve(state.clone(), listeners.admin));
 
     shutdown.await;
     tracing::info!(
@@ -179,9 +232,6 @@ pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Futur
         "shutting down: no new connections, draining in-flight requests"
     );
     let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
     let _ = drain.tx.send(true);
     let drained = tokio::time::timeout(cfg.shutdown_timeout, drain.tx.closed()).await;
     match drained {
@@ -191,7 +241,62 @@ pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Futur
             "shutdown timeout reached with connections still open"
         ),
     }
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     admin_task.abort();
+}
+
+/// One worker: accept loops on its registration of the listeners, until told to stop; then it
+/// keeps running until every connection has drained (or the shutdown timeout).
+#[allow(clippy::too_many_arguments)]
+async fn worker(
+    state: Arc<State>,
+    public: std::net::TcpListener,
+    https: Option<(std::net::TcpListener, TlsAcceptor)>,
+    public_mode: Mode,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limit: Arc<Semaphore>,
+    drain: Arc<Drain>,
+    stop: watch::Receiver<bool>,
+    timeout: Duration,
+) {
+    let mut tasks = Vec::new();
+    match TcpListener::from_std(public) {
+        Ok(l) => tasks.push(tokio::spawn(accept_loop(
+            state.clone(),
+            l,
+            None,
+            public_mode,
+            builder.clone(),
+            limit.clone(),
+            drain.clone(),
+            stop.clone(),
+        ))),
+        Err(e) => tracing::error!(error = %e, "worker cannot register the public listener"),
+    }
+    if let Some((l, acceptor)) = https {
+        match TcpListener::from_std(l) {
+            Ok(l) => tasks.push(tokio::spawn(accept_loop(
+                state.clone(),
+                l,
+                Some(acceptor),
+                Mode::Proxy { tls: true },
+                builder.clone(),
+                limit.clone(),
+                drain.clone(),
+                stop.clone(),
+            ))),
+            Err(e) => tracing::error!(error = %e, "worker cannot register the HTTPS listener"),
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = tokio::time::timeout(timeout + Duration::from_secs(1), drain.tx.closed()).await;
 }
 
 #[allow(clippy::too_many_arguments)]

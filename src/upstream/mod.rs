@@ -28,6 +28,23 @@ const EJECT_MAX: Duration = Duration::from_secs(30);
 
 pub type Sender = http1::SendRequest<Body>;
 
+/// Most worker runtimes a process runs; slot 0 is the control runtime.
+pub const MAX_WORKERS: usize = 64;
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `id` (1-based), so it uses its own idle-connection list:
+/// a connection is driven by the runtime that opened it, so it is reused only from there.
+pub fn set_worker(id: usize) {
+    WORKER.with(|w| w.set(id.min(MAX_WORKERS)));
+}
+
+fn worker_slot() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect to {0} timed out")]
@@ -48,7 +65,8 @@ pub struct Backend {
     pub addr: BackendAddr,
     /// `host:port`, used as the URI authority upstream.
     pub authority: String,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections per worker runtime (index 0: control runtime).
+    idle: Box<[Mutex<Vec<Idle>>]>,
     pub in_flight: AtomicUsize,
     /// Set by active health checks.
     active_healthy: AtomicBool,
@@ -71,7 +89,7 @@ impl Backend {
         Backend {
             authority: addr.authority(),
             addr,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=MAX_WORKERS).map(|_| Mutex::new(Vec::new())).collect(),
             in_flight: AtomicUsize::new(0),
             active_healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
@@ -110,7 +128,7 @@ impl Backend {
     }
 
     fn pop_idle(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.idle[worker_slot()].lock().ok()?;
         while let Some(i) = idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE_TIMEOUT {
                 return Some(i.sender);
@@ -123,7 +141,7 @@ impl Backend {
         if sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle[worker_slot()].lock() {
             if idle.len() < MAX_IDLE_PER_BACKEND {
                 idle.push(Idle {
                     sender,
@@ -134,7 +152,10 @@ impl Backend {
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+        self.idle
+            .iter()
+            .map(|i| i.lock().map(|i| i.len()).unwrap_or(0))
+            .sum()
     }
 
     /// A ready connection: a pooled one if any is still open, else a new one.
