@@ -264,6 +264,7 @@ async fn worker(
     stop: watch::Receiver<bool>,
     timeout: Duration,
 ) {
+    state.limiter.attach_worker();
     let mut tasks = Vec::new();
     match TcpListener::from_std(public) {
         Ok(l) => tasks.push(tokio::spawn(accept_loop(

@@ -202,6 +202,13 @@ impl Limiter {
         }
     }
 
+    /// Gives the calling worker runtime its own Redis connection (no-op without Redis).
+    pub fn attach_worker(&self) {
+        if let Some(r) = &self.redis {
+            r.attach_worker();
+        }
+    }
+
     pub fn uses_redis(&self) -> bool {
         self.redis.is_some()
     }

@@ -87,7 +87,10 @@ pub enum StoreError {
 }
 
 pub struct RedisStore {
-    conn: ArcSwapOption<Conn>,
+    /// One multiplexed connection per runtime (index: `upstream::worker_slot()`), so a worker's
+    /// Redis calls are driven by its own thread; slot 0 (control) serves until a worker's is up.
+    conns: Box<[ArcSwapOption<Conn>]>,
+    cfg: RedisConfig,
     gcra: Script,
     window: Script,
     refund: Script,
@@ -113,15 +116,32 @@ impl RedisStore {
     /// serves (per failureMode) while Redis is away.
     pub fn start(cfg: &RedisConfig, metrics: Arc<Registry>) -> Arc<RedisStore> {
         let store = Arc::new(RedisStore {
-            conn: ArcSwapOption::empty(),
+            conns: (0..=crate::upstream::MAX_WORKERS)
+                .map(|_| ArcSwapOption::empty())
+                .collect(),
+            cfg: cfg.clone(),
             gcra: Script::new(GCRA_LUA),
             window: Script::new(WINDOW_LUA),
             refund: Script::new(REFUND_LUA),
             timeout: cfg.timeout,
             metrics,
         });
-        let weak = Arc::downgrade(&store);
-        let cfg = cfg.clone();
+        store.connect_slot(0);
+        store
+    }
+
+    /// Opens this worker's own connection (called once inside each worker runtime).
+    pub fn attach_worker(self: &Arc<Self>) {
+        let slot = crate::upstream::worker_slot();
+        if slot > 0 {
+            self.connect_slot(slot);
+        }
+    }
+
+    /// Connects slot `slot` in the background on the current runtime, retrying with back-off.
+    fn connect_slot(self: &Arc<Self>, slot: usize) {
+        let weak = Arc::downgrade(self);
+        let cfg = self.cfg.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
@@ -131,24 +151,30 @@ impl RedisStore {
                 match connect(&cfg).await {
                     Ok(c) => {
                         if let Some(s) = weak.upgrade() {
-                            s.conn.store(Some(Arc::new(c)));
-                            tracing::info!("connected to Redis");
+                            s.conns[slot].store(Some(Arc::new(c)));
+                            if slot == 0 {
+                                tracing::info!("connected to Redis");
+                            }
                         }
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to Redis yet");
+                        if slot == 0 {
+                            tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to Redis yet");
+                        }
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 }
             }
         });
-        store
     }
 
     async fn call(&self, script: &Script, key: &str, args: &[u64]) -> Result<Vec<i64>, StoreError> {
-        let conn = self.conn.load_full().ok_or(StoreError::NotConnected)?;
+        let conn = self.conns[crate::upstream::worker_slot()]
+            .load_full()
+            .or_else(|| self.conns[0].load_full())
+            .ok_or(StoreError::NotConnected)?;
         let mut inv = script.key(key);
         for a in args {
             inv.arg(*a);

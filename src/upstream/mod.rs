@@ -41,7 +41,8 @@ pub fn set_worker(id: usize) {
     WORKER.with(|w| w.set(id.min(MAX_WORKERS)));
 }
 
-fn worker_slot() -> usize {
+/// The current thread's worker id (0 for the control runtime).
+pub fn worker_slot() -> usize {
     WORKER.with(|w| w.get())
 }
 
