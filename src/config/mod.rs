@@ -175,7 +175,8 @@ pub struct Consul {
     pub datacenter: Option<String>,
     pub register: bool,
     pub service_name: String,
-    /// Address registered for this instance (default: adminBind, or 127.0.0.1 when that is 0.0.0.0).
+    /// Address registered for this instance (default: adminBind, or when that is 0.0.0.0 the
+    /// local address used to reach Consul).
     pub advertise_address: Option<String>,
 }
 
