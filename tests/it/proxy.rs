@@ -481,3 +481,45 @@ async fn chunked_body_over_the_limit_gets_413() {
         "still serving"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_do_not_starve_real_requests() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = format!(
+        "{}timeouts: {{headerRead: 2s}}\nservices:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        header(),
+        b.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    // 300 slowloris-style connections: a request line and one header, then nothing.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    let t = Instant::now();
+    let (s, _) = get(gw.port, "/real").await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(s, 200);
+    eprintln!("slowloris: a real request took {took:?} with 300 half-open connections");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // The half-open connections are closed once headerRead has passed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut closed = 0;
+    for s in idle.iter_mut() {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => closed += 1, // EOF, an error response, or a reset
+            Err(_) => {}
+        }
+    }
+    assert_eq!(
+        closed, 300,
+        "every half-open connection was closed after headerRead"
+    );
+}
