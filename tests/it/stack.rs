@@ -160,6 +160,53 @@ impl Drop for Stack {
     }
 }
 
+/// 240 authenticated requests through nginx from 4 threads (one consumer each, so no rate limit
+/// applies); `fault` runs once 60 are done. Returns how many did not get a 200.
+fn load_while(stack: &Stack, tag: &str, fault: impl FnOnce()) -> u64 {
+    let tokens: Vec<String> = (0..240)
+        .map(|i| stack.token(&format!("{tag}-{i}")))
+        .collect();
+    let tokens = Arc::new(tokens);
+    let failed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let nginx = stack.nginx;
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (tokens, failed, done) = (tokens.clone(), failed.clone(), done.clone());
+        workers.push(std::thread::spawn(move || {
+            for i in (w..tokens.len()).step_by(4) {
+                let out = Command::new("curl")
+                    .args([
+                        "-sk",
+                        "-m",
+                        "10",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-H",
+                    ])
+                    .arg(format!("Authorization: Bearer {}", tokens[i]))
+                    .arg(format!("https://localhost:{nginx}/users/load"))
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&out.stdout) != "200" {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    while done.load(Ordering::Relaxed) < 60 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fault();
+    for w in workers {
+        w.join().unwrap();
+    }
+    failed.load(Ordering::Relaxed)
+}
+
 fn hello(port: u16) -> String {
     format!("Hello from Backend (Port {port})")
 }
@@ -295,52 +342,12 @@ fn seed_walkthrough_through_the_stack() {
     assert!(exprs >= 12);
 
     // Failover: SIGKILL one gateway during a bounded load through nginx.
-    let tokens: Vec<String> = (0..240).map(|i| stack.token(&format!("load{i}"))).collect();
-    let tokens = Arc::new(tokens);
-    let failed = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    let nginx = stack.nginx;
-    for w in 0..4 {
-        let (tokens, failed, done) = (tokens.clone(), failed.clone(), done.clone());
-        workers.push(std::thread::spawn(move || {
-            for i in (w..tokens.len()).step_by(4) {
-                let out = Command::new("curl")
-                    .args([
-                        "-sk",
-                        "-m",
-                        "10",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "-H",
-                    ])
-                    .arg(format!("Authorization: Bearer {}", tokens[i]))
-                    .arg(format!("https://localhost:{nginx}/users/load"))
-                    .output()
-                    .unwrap();
-                if String::from_utf8_lossy(&out.stdout) != "200" {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    while done.load(Ordering::Relaxed) < 60 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = Command::new("kill")
-        .args(["-KILL", &stack.pid("gateway-1").to_string()])
-        .status();
-    for w in workers {
-        w.join().unwrap();
-    }
-    let failed = failed.load(Ordering::Relaxed);
-    eprintln!(
-        "failover: {failed} failed of {} requests with one gateway SIGKILLed mid-load",
-        tokens.len()
-    );
+    let failed = load_while(&stack, "kill1", || {
+        let _ = Command::new("kill")
+            .args(["-KILL", &stack.pid("gateway-1").to_string()])
+            .status();
+    });
+    eprintln!("failover: {failed} failed of 240 requests with one gateway SIGKILLed mid-load");
     assert!(failed <= 1, "{failed} failed requests during failover");
 
     // Restarted (up is idempotent: it starts what is not running), it takes traffic again.
@@ -368,6 +375,18 @@ fn seed_walkthrough_through_the_stack() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // A gateway SIGTERMed under load drains its requests while nginx moves on: zero failures.
+    let failed = load_while(&stack, "term2", || {
+        let _ = Command::new("kill")
+            .args(["-TERM", &stack.pid("gateway-2").to_string()])
+            .status();
+    });
+    eprintln!("failover: {failed} failed of 240 requests with one gateway SIGTERMed mid-load");
+    assert_eq!(
+        failed, 0,
+        "graceful shutdown behind nginx must cost no request"
+    );
 
     let pids = stack.pids();
     assert!(pids.len() >= 8, "{pids:?}");
