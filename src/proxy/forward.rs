@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{request_host, ConnInfo, X_REQUEST_ID};
+use super::{ConnInfo, Routed, X_REQUEST_ID};
 use crate::body::Body;
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
@@ -160,13 +160,18 @@ impl Drop for InFlight {
 
 pub async fn forward(
     snap: &Snapshot,
-    svc: &Arc<ServiceRt>,
+    routed: Routed,
     mut req: Request<Incoming>,
-    normalized: Option<String>,
     identity: Option<Arc<crate::auth::Identity>>,
     conn: ConnInfo,
     request_id: &str,
 ) -> Result<Response<Body>, GatewayError> {
+    let Routed {
+        service,
+        normalized,
+        host,
+    } = routed;
+    let svc = &service;
     if let Some(max) = svc.max_body_size {
         let declared = req
             .headers()
@@ -179,7 +184,6 @@ pub async fn forward(
     }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let host = request_host(&req);
     let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
             .authority()

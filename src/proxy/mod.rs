@@ -45,20 +45,20 @@ pub async fn handle(
     let mut limit_headers = Vec::new();
     let mut retry_after = None;
     let (metrics, result) = match route_request(&snap, &req) {
-        Ok((svc, normalized)) => {
+        Ok(routed) => {
+            let metrics = routed.service.metrics.clone();
             let res = pipeline(
                 &state,
                 &snap,
-                &svc,
+                routed,
                 req,
-                normalized,
                 conn,
                 &request_id,
                 &mut limit_headers,
                 &mut retry_after,
             )
             .await;
-            (svc.metrics.clone(), res)
+            (metrics, res)
         }
         Err(e) => (snap.unmatched.clone(), Err(e)),
     };
@@ -104,14 +104,14 @@ pub async fn handle(
 async fn pipeline(
     state: &State,
     snap: &Snapshot,
-    svc: &Arc<crate::snapshot::ServiceRt>,
+    routed: Routed,
     req: Request<Incoming>,
-    normalized: Option<String>,
     conn: ConnInfo,
     request_id: &str,
     limit_headers: &mut Vec<(http::HeaderName, HeaderValue)>,
     retry_after: &mut Option<u64>,
 ) -> Result<Response<Body>, GatewayError> {
+    let svc = &routed.service;
     let identity = authenticate(snap, svc, &req).await?;
     if let Some(policies) = &svc.limits {
         let ip = client_ip(snap, conn.peer.ip(), req.headers());
@@ -134,7 +134,7 @@ async fn pipeline(
             return Err(GatewayError::TooManyRequests);
         }
     }
-    forward::forward(snap, svc, req, normalized, identity, conn, request_id).await
+    forward::forward(snap, routed, req, identity, conn, request_id).await
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
@@ -192,11 +192,17 @@ async fn authenticate(
     }
 }
 
-/// The route's service, and the normalised path when it differs from the request's.
-fn route_request(
-    snap: &Snapshot,
-    req: &Request<Incoming>,
-) -> Result<(Arc<crate::snapshot::ServiceRt>, Option<String>), GatewayError> {
+/// What routing found out about a request, reused by the later steps.
+pub struct Routed {
+    pub service: Arc<crate::snapshot::ServiceRt>,
+    /// The normalised path, when it differs from the request's.
+    pub normalized: Option<String>,
+    /// The request's host without port, lower-cased.
+    pub host: Option<String>,
+}
+
+/// Step 2: the route for a request.
+fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, GatewayError> {
     let path = route::normalize_path(req.uri().path())?;
     let host = request_host(req);
     let route = snap
@@ -207,7 +213,11 @@ fn route_request(
         std::borrow::Cow::Owned(p) => Some(p),
         std::borrow::Cow::Borrowed(_) => None,
     };
-    Ok((route.service.clone(), changed))
+    Ok(Routed {
+        service: route.service.clone(),
+        normalized: changed,
+        host,
+    })
 }
 
 /// The request's host without port, lower-cased (Host header, or the HTTP/2 authority).
