@@ -70,30 +70,23 @@ impl Histogram {
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    fn write_unlabelled(&self, out: &mut String, name: &str) {
-        let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cum += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-
+    /// Writes the series; `labels` may be empty (then the series carry only `le`).
     fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let (prefix, own) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
             cum += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{prefix}le=\"{b}\"}} {cum}");
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{prefix}le=\"+Inf\"}} {count}");
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let _ = writeln!(out, "{name}_sum{own} {sum}");
+        let _ = writeln!(out, "{name}_count{own} {count}");
     }
 }
 
@@ -325,7 +318,7 @@ impl Registry {
         let _ = writeln!(out, "# TYPE {REDIS_REQUEST_DURATION} histogram");
         if self.redis_duration.count.load(Ordering::Relaxed) > 0 {
             self.redis_duration
-                .write_unlabelled(&mut out, REDIS_REQUEST_DURATION);
+                .write(&mut out, REDIS_REQUEST_DURATION, "");
         }
         let _ = writeln!(
             out,
