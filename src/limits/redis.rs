@@ -198,37 +198,36 @@ impl RedisStore {
         let v = self
             .call(&self.gcra, key, &[g.interval_us, g.burst])
             .await?;
-        let [allowed, remaining, reset, retry] = v[..] else {
-            return Err(StoreError::Reply);
-        };
-        Ok(Decision {
-            allowed: allowed == 1,
-            remaining: remaining.max(0) as u64,
-            reset_us: reset.max(0) as u64,
-            retry_after_us: retry.max(0) as u64,
-            bucket: None,
-        })
+        decision(&v)
     }
 
     pub async fn quota(&self, key: &str, w: &Window) -> Result<Decision, StoreError> {
         let v = self
             .call(&self.window, key, &[w.limit, w.width_us(), BUCKETS])
             .await?;
-        let [allowed, remaining, reset, retry, bucket] = v[..] else {
-            return Err(StoreError::Reply);
-        };
-        Ok(Decision {
-            allowed: allowed == 1,
-            remaining: remaining.max(0) as u64,
-            reset_us: reset.max(0) as u64,
-            retry_after_us: retry.max(0) as u64,
-            bucket: (allowed == 1).then_some(bucket.max(0) as u64),
-        })
+        let bucket = *v.get(4).ok_or(StoreError::Reply)?;
+        let mut d = decision(&v)?;
+        d.bucket = d.allowed.then_some(bucket.max(0) as u64);
+        Ok(d)
     }
 
     pub async fn refund(&self, key: &str, bucket: u64) -> Result<(), StoreError> {
         self.call(&self.refund, key, &[bucket]).await.map(|_| ())
     }
+}
+
+/// A script's reply `{allowed, remaining, reset_us, retry_after_us, ...}` as a decision.
+fn decision(v: &[i64]) -> Result<Decision, StoreError> {
+    let [allowed, remaining, reset, retry, ..] = v[..] else {
+        return Err(StoreError::Reply);
+    };
+    Ok(Decision {
+        allowed: allowed == 1,
+        remaining: remaining.max(0) as u64,
+        reset_us: reset.max(0) as u64,
+        retry_after_us: retry.max(0) as u64,
+        bucket: None,
+    })
 }
 
 async fn connect(cfg: &RedisConfig) -> Result<Conn, redis::RedisError> {
