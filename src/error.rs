@@ -28,6 +28,12 @@ pub enum GatewayError {
     BadPath(#[from] PathError),
     #[error("request body larger than the limit of {0} bytes")]
     BodyTooLarge(u64),
+    #[error("invalid request body: {0}")]
+    BadBody(String),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("transfer coding not implemented: only chunked is accepted")]
+    UnsupportedTransferCoding,
     #[error("no healthy backend")]
     NoHealthyBackend,
     #[error("could not connect to any backend")]
@@ -49,6 +55,8 @@ impl GatewayError {
             GatewayError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadBody(_) | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             GatewayError::NoHealthyBackend | GatewayError::ConnectFailed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -63,6 +71,9 @@ impl GatewayError {
             GatewayError::NoRoute
             | GatewayError::BadPath(_)
             | GatewayError::BodyTooLarge(_)
+            | GatewayError::BadBody(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::UnsupportedTransferCoding
             | GatewayError::Unauthorized(_)
             | GatewayError::TooManyRequests => Side::Client,
             GatewayError::LimitsUnavailable => Side::Gateway,
@@ -74,9 +85,24 @@ impl GatewayError {
         }
     }
 
+    /// Framing problems leave the connection in an unknown state: answer, then close it.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::BadBody(_)
+                | GatewayError::BadRequest(_)
+                | GatewayError::UnsupportedTransferCoding
+                | GatewayError::BodyTooLarge(_)
+        )
+    }
+
     /// A short JSON error body carrying the request id.
     pub fn to_response(&self, request_id: &str) -> Response<Body> {
         let mut resp = json_error(self.status(), &self.to_string(), request_id);
+        if self.closes_connection() {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let GatewayError::Unauthorized(e) = self {
             // RFC 6750 section 3: no error code when the request carried no token at all.
             let challenge = match e {

@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod error;
 pub mod httpc;
 pub mod limits;
+pub mod lingering;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -357,6 +357,7 @@ async fn serve_conn(
     builder: &auto::Builder<TokioExecutor>,
     drain: watch::Receiver<bool>,
 ) {
+    let stream = crate::lingering::Lingering::new(stream);
     match tls {
         Some(acceptor) => {
             let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));

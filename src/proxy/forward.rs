@@ -130,14 +130,20 @@ fn add_forwarded_headers(
     }
 }
 
-/// The size limit, when an upstream send failed because the client's body went over it.
-fn body_too_large(err: &hyper::Error) -> Option<u64> {
+/// The client's fault, when an upstream send failed because the client's body went over
+/// its limit (413) or could not be read (400: bad chunked framing, a truncated body).
+fn client_body_error(err: &hyper::Error) -> Option<GatewayError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(crate::body::BodyError::TooLarge(limit)) = e.downcast_ref() {
-            return Some(*limit);
+        match e.downcast_ref() {
+            Some(crate::body::BodyError::TooLarge(limit)) => {
+                return Some(GatewayError::BodyTooLarge(*limit))
+            }
+            Some(crate::body::BodyError::Hyper(h)) => {
+                return Some(GatewayError::BadBody(h.to_string()))
+            }
+            None => cur = e.source(),
         }
-        cur = e.source();
     }
     None
 }
@@ -291,8 +297,8 @@ pub async fn forward(
                 }
                 None => {
                     let err = e.into_error();
-                    if let Some(limit) = body_too_large(&err) {
-                        return Err(GatewayError::BodyTooLarge(limit));
+                    if let Some(client_fault) = client_body_error(&err) {
+                        return Err(client_fault);
                     }
                     svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     if !reused {

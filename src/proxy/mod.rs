@@ -203,6 +203,7 @@ pub struct Routed {
 
 /// Step 2: the route for a request.
 fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, GatewayError> {
+    check_framing(req)?;
     let path = route::normalize_path(req.uri().path())?;
     let host = request_host(req);
     let route = snap
@@ -218,6 +219,41 @@ fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, Gat
         normalized: changed,
         host,
     })
+}
+
+/// Step 1: refuse requests that two HTTP parsers could read differently. hyper (patched,
+/// see vendor/README.md) already refuses Content-Length with Transfer-Encoding, repeated
+/// Content-Length, obs-fold and bad lengths; this adds the checks on parsed headers.
+fn check_framing<B>(req: &Request<B>) -> Result<(), GatewayError> {
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::BadRequest("more than one Host header"));
+    }
+    if host.is_none() && req.version() == http::Version::HTTP_11 {
+        return Err(GatewayError::BadRequest(
+            "HTTP/1.1 request without a Host header",
+        ));
+    }
+    if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
+        if req.version() < http::Version::HTTP_2
+            && !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Err(GatewayError::BadRequest(
+                "Host header does not match the absolute request target",
+            ));
+        }
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(te) = codings.next() {
+        if !te.as_bytes().eq_ignore_ascii_case(b"chunked") || codings.next().is_some() {
+            return Err(GatewayError::UnsupportedTransferCoding);
+        }
+    }
+    Ok(())
 }
 
 /// The request's host without port, lower-cased (Host header, or the HTTP/2 authority).

@@ -4,6 +4,7 @@ mod auth;
 mod cli;
 mod consul;
 mod demo;
+mod hardening;
 mod lifecycle;
 mod limits;
 mod proxy;

@@ -1,0 +1,146 @@
+//! Bad input: request-smuggling probes and framing errors get a 4xx/5xx with a reason and a
+//! closed connection, and never reach a backend.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+/// Sends raw bytes on a fresh connection; returns everything read until the gateway closed
+/// the connection, or `None` if it was still open after two seconds.
+async fn raw_exchange(port: u16, raw: &[u8]) -> (String, bool) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the gateway");
+    s.write_all(raw).await.expect("send the probe");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            Ok(Ok(0)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_probes_are_refused_and_the_connection_closed() {
+    let b = TestBackend::start(Behaviour::CountBody).await;
+    let yaml = format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\nservices:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        b.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    // Each probe is followed by a second, pipelined request that must never be parsed.
+    let next = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let probes: &[(&str, String, u16)] = &[
+        (
+            "Content-Length then Transfer-Encoding",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "Transfer-Encoding then Content-Length",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "duplicate Content-Length, same value",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd{next}"),
+            400,
+        ),
+        (
+            "duplicate Content-Length, different values",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd{next}"),
+            400,
+        ),
+        (
+            "Content-Length list",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4, 4\r\n\r\nabcd{next}"),
+            400,
+        ),
+        (
+            "obs-fold",
+            format!("GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\r\n folded\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "space before the colon",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length : 4\r\n\r\nabcd{next}"),
+            400,
+        ),
+        (
+            "negative Content-Length",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            format!("POST /a HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "chunked not last",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "a coding before chunked",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n{next}"),
+            501,
+        ),
+        (
+            "Transfer-Encoding twice",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{next}"),
+            501,
+        ),
+        (
+            "bad chunk size",
+            format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "two Host headers",
+            format!("GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "no Host on HTTP/1.1",
+            format!("GET /a HTTP/1.1\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "absolute target disagreeing with Host",
+            format!("GET http://other/a HTTP/1.1\r\nHost: x\r\n\r\n{next}"),
+            400,
+        ),
+        (
+            "control byte in a header value",
+            format!("GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n{next}"),
+            400,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, raw, want) in probes {
+        let (out, closed) = raw_exchange(gw.port, raw.as_bytes()).await;
+        let status_ok = out.starts_with(&format!("HTTP/1.1 {want} "));
+        let responses = out.lines().filter(|l| l.starts_with("HTTP/1.1 ")).count();
+        if !status_ok || !closed || responses != 1 {
+            failures.push(format!(
+                "{name}: want {want}, one response and a close; got closed={closed}, {responses} response(s): {}",
+                out.lines().next().unwrap_or("")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(b.hits(), 0, "no probe reached the backend");
+    let (s, _) = get(gw.port, "/ok").await.unwrap();
+    assert_eq!(s, 200, "still serving");
+    // The reasons are spelled out for the gateway's own refusals.
+    let (out, _) = raw_exchange(gw.port, b"GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n").await;
+    assert!(out.contains("more than one Host header"), "{out}");
+}
