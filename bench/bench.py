@@ -2,6 +2,7 @@
 """HexGate vs nginx (and haproxy) as reverse proxies in front of the same nginx `return 200` backend.
 
 Interleaved rounds (hexgate, nginx, haproxy, hexgate, ...), wrk on loopback, median req/s, p50, p99,
+medians of the round-by-round ratios against the reference,
 CPU time per request of each proxy from /proc/PID/stat (all threads and worker processes), and CPU
 steal for each run from /proc/stat. Runs with steal above the threshold are reported and dropped.
 Bounded: every wrk run has a fixed duration; every process started here is stopped by pid.
@@ -121,8 +122,10 @@ healthCheckInterval: 5
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full"],
-                    help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both")
+    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "scale", "memory", "h2", "tls"],
+                    help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both; "
+                         "scale: 1 vs 1,000 routes and backends; memory: idle RSS and 10,000 idle connections; "
+                         "h2: h2load over h2c; tls: HTTPS at the proxy")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", default="64,256")
@@ -131,6 +134,9 @@ def main():
     ap.add_argument("--hexgate", default=os.path.join(ROOT, "target", "release", "hexgate"))
     ap.add_argument("--no-haproxy", action="store_true")
     args = ap.parse_args()
+    if args.mode in ("scale", "memory", "h2", "tls"):
+        import bench_more
+        return bench_more.main(args, sys.modules[__name__])
 
     for tool in ["wrk", "nginx"] + (["redis-server", "redis-cli"] if args.mode == "full" else []):
         if not shutil.which(tool):
@@ -264,8 +270,7 @@ backend be
                 med[name]["kept"] = f"{len([x for x in runs if x['steal'] <= args.max_steal])}/{len(runs)}"
             for name in targets:
                 m = med[name]
-                ratio = m["rps"] / med[reference]["rps"]
-                cpu_ratio = m["cpu_us"] / med[reference]["cpu_us"] if med[reference]["cpu_us"] else float("nan")
+                ratio, cpu_ratio = pairwise(results[(conns, name)], results[(conns, reference)], args.max_steal)
                 rcpu = f"{m['redis_cpu_us']:.1f}" if "redis" in name else "-"
                 ev = f"{m['evalsha_per_req']:.2f}" if "redis" in name else "-"
                 print(f"| {conns} | {name} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['cpu_us']:.1f} | "
@@ -274,6 +279,15 @@ backend be
         for p in reversed(procs):
             p.stop()
         log.close()
+
+
+def pairwise(runs, ref_runs, max_steal, keys=("rps", "cpu_us")):
+    """Medians of the round-by-round ratios runs[i] / ref_runs[i], over rounds where neither run
+    saw more steal than max_steal (all rounds if none qualify)."""
+    pairs = [(a, b) for a, b in zip(runs, ref_runs) if a["steal"] <= max_steal and b["steal"] <= max_steal]
+    pairs = pairs or list(zip(runs, ref_runs))
+    return tuple(statistics.median(a[k] / b[k] for a, b in pairs if b[k]) if any(b[k] for _, b in pairs)
+                 else float("nan") for k in keys)
 
 
 def evalsha_calls(port):

@@ -13,6 +13,7 @@ have wrk           || need_pkgs+=(wrk)
 have haproxy       || need_pkgs+=(haproxy)
 have prometheus    || need_pkgs+=(prometheus)
 have docker-compose || need_pkgs+=(docker-compose)
+have h2load        || need_pkgs+=(nghttp2-client)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need_pkgs+=(ca-certificates)
 
 SUDO=""

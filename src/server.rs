@@ -333,7 +333,7 @@ async fn accept_loop(
         let builder = builder.clone();
         let tls = tls.clone();
         let drain_rx = drain.tx.subscribe();
-        tokio::spawn(async move {
+        let fut = async move {
             state
                 .metrics
                 .open_connections
@@ -344,7 +344,8 @@ async fn accept_loop(
                 .open_connections
                 .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
-        });
+        };
+        tokio::spawn(fut);
     }
 }
 
@@ -359,13 +360,19 @@ async fn serve_conn(
 ) {
     let stream = crate::lingering::Lingering::new(stream);
     match tls {
+        // Boxed: the TLS state is large, and keeping it out of the task keeps every plain
+        // connection's task small.
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
-            match handshake.await {
-                Ok(Ok(s)) => serve_io(state, TokioIo::new(s), peer, mode, builder, drain).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
+            Box::pin(async move {
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(s)) => serve_io(state, TokioIo::new(s), peer, mode, builder, drain).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            })
+            .await
         }
         None => serve_io(state, TokioIo::new(stream), peer, mode, builder, drain).await,
     }

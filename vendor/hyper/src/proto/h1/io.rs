@@ -261,6 +261,13 @@ where
             }
             Poll::Pending => {
                 self.read_blocked = true;
+                // HexGate patch: an idle connection (nothing buffered either way) gives
+                // its buffers back, so idle keep-alive connections cost little memory;
+                // the next read or write allocates them again.
+                if self.read_buf.is_empty() {
+                    self.read_buf = BytesMut::new();
+                    self.write_buf.release_if_empty();
+                }
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -533,6 +540,13 @@ pub(super) struct WriteBuf<B> {
 }
 
 impl<B: Buf> WriteBuf<B> {
+    /// HexGate patch: drops the header buffer's capacity when nothing is waiting.
+    fn release_if_empty(&mut self) {
+        if self.headers.remaining() == 0 && self.queue.remaining() == 0 {
+            self.headers = Cursor::new(Vec::new());
+        }
+    }
+
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
             headers: Cursor::new(Vec::with_capacity(INIT_BUFFER_SIZE)),
