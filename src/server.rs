@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -110,19 +110,87 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ServerError>
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1 and HTTP/2 connection settings; which one serves a connection is decided
+/// by ALPN (TLS) or by the HTTP/2 connection preface (plain, "prior knowledge").
+pub struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_read: Duration,
+}
+
+fn http_builder(cfg: &Config) -> Builders {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(cfg.timeouts.header_read)
+        .idle_timeout(cfg.timeouts.idle)
         .max_buf_size(cfg.max_header_size.max(8192) as usize)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(cfg.max_header_size.min(u32::MAX as u64) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
+    Builders {
+        h1,
+        h2,
+        header_read: cfg.timeouts.header_read,
+    }
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain connection opens with the HTTP/2 preface, looked at without consuming it.
+/// A client that sends nothing within `limit` is treated as HTTP/1 (whose own header timeout
+/// then closes it).
+async fn starts_with_h2_preface(stream: &TcpStream, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 24];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return false;
+        }
+        if n == H2_PREFACE.len() {
+            return true;
+        }
+        // A partial preface (the client's first segment was short): wait for the rest.
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A served connection that can be asked to finish its requests and close.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// Tells connections to drain and waits until the last one has finished.
@@ -258,7 +326,7 @@ async fn worker(
     public: std::net::TcpListener,
     https: Option<(std::net::TcpListener, TlsAcceptor)>,
     public_mode: Mode,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     limit: Arc<Semaphore>,
     drain: Arc<Drain>,
     stop: watch::Receiver<bool>,
@@ -306,7 +374,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     mode: Mode,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Builders>,
     limit: Arc<Semaphore>,
     drain: Arc<Drain>,
     mut stop: watch::Receiver<bool>,
@@ -355,36 +423,45 @@ async fn serve_conn(
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     mode: Mode,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &Builders,
     drain: watch::Receiver<bool>,
 ) {
-    let stream = crate::lingering::Lingering::new(stream);
     match tls {
         // Boxed: the TLS state is large, and keeping it out of the task keeps every plain
         // connection's task small.
         Some(acceptor) => {
             Box::pin(async move {
+                let stream = crate::lingering::Lingering::new(stream);
                 let handshake =
                     tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
                 match handshake.await {
-                    Ok(Ok(s)) => serve_io(state, TokioIo::new(s), peer, mode, builder, drain).await,
+                    Ok(Ok(s)) => {
+                        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                        let io = TokioIo::new(s);
+                        serve_io(state, io, h2, peer, mode, builder, drain).await
+                    }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             })
             .await
         }
-        None => serve_io(state, TokioIo::new(stream), peer, mode, builder, drain).await,
+        None => {
+            let h2 = starts_with_h2_preface(&stream, builder.header_read).await;
+            let io = TokioIo::new(crate::lingering::Lingering::new(stream));
+            serve_io(state, io, h2, peer, mode, builder, drain).await
+        }
     }
 }
 
 async fn serve_io<I>(
     state: Arc<State>,
     io: I,
+    h2: bool,
     peer: SocketAddr,
     mode: Mode,
-    builder: &auto::Builder<TokioExecutor>,
-    mut drain: watch::Receiver<bool>,
+    builder: &Builders,
+    drain: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -397,11 +474,20 @@ async fn serve_io<I>(
             }
         }
     });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
+    if h2 {
+        drive(builder.h2.serve_connection(io, svc), peer, drain).await
+    } else {
+        let conn = builder.h1.serve_connection(io, svc).with_upgrades();
+        drive(conn, peer, drain).await
+    }
+}
+
+/// Runs a connection to its end; when the gateway starts draining, asks it to finish the
+/// requests in flight and close.
+async fn drive<C: Graceful>(conn: C, peer: SocketAddr, mut drain: watch::Receiver<bool>) {
     tokio::pin!(conn);
-    let draining = *drain.borrow();
-    if draining {
-        conn.as_mut().graceful_shutdown();
+    if *drain.borrow() {
+        conn.as_mut().begin_shutdown();
     }
     tokio::select! {
         res = conn.as_mut() => {
@@ -411,7 +497,7 @@ async fn serve_io<I>(
             return;
         }
         _ = drain.changed() => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().begin_shutdown();
         }
     }
     if let Err(e) = conn.await {

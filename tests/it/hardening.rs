@@ -144,3 +144,85 @@ async fn smuggling_probes_are_refused_and_the_connection_closed() {
     let (out, _) = raw_exchange(gw.port, b"GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n").await;
     assert!(out.contains("more than one Host header"), "{out}");
 }
+
+/// Reads one small response (headers and a body of `content-length` bytes) from `s`.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Result<String, String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse::<usize>())
+                })
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            if body.len() >= len {
+                return Ok(head.lines().next().unwrap_or("").to_string());
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+            Ok(Ok(0)) => return Err("closed".into()),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_live_for_idle_not_header_read() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\ntimeouts: {{headerRead: 1s, idle: 3s}}\nservices:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        b.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let req = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(req).await.unwrap();
+    assert_eq!(read_response(&mut s).await.unwrap(), "HTTP/1.1 200 OK");
+    // Idle longer than headerRead but shorter than idle: the connection is still usable.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.write_all(req).await.unwrap();
+    assert_eq!(
+        read_response(&mut s).await.unwrap(),
+        "HTTP/1.1 200 OK",
+        "a keep-alive connection idle for 1.8 s (headerRead 1 s, idle 3 s) still serves"
+    );
+    // A request head started after an idle pause still has only headerRead to complete.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_all(b"GET /a HTTP/1.1\r\n").await.unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    let took = t.elapsed();
+    assert!(
+        matches!(r, Ok(Ok(_)) | Ok(Err(_))),
+        "a partial head is cut off: {r:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
+        "a partial head is cut off after headerRead (1 s), took {took:?}"
+    );
+    // An idle connection is closed once idle has passed.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    s.write_all(req).await.unwrap();
+    assert_eq!(read_response(&mut s).await.unwrap(), "HTTP/1.1 200 OK");
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf)).await;
+    let took = t.elapsed();
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "closed quietly: {r:?}");
+    assert!(
+        took >= Duration::from_millis(2700) && took < Duration::from_millis(4500),
+        "closed after idle (3 s), took {took:?}"
+    );
+}

@@ -66,6 +66,12 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
+                h1_idle_timeout: None,
+                #[cfg(feature = "server")]
+                h1_idle_timer_running: false,
+                #[cfg(feature = "server")]
+                h1_served_one: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -152,6 +158,11 @@ where
     }
 
     #[cfg(feature = "server")]
+    pub(crate) fn set_http1_idle_timeout(&mut self, val: Duration) {
+        self.state.h1_idle_timeout = Some(val);
+    }
+
+    #[cfg(feature = "server")]
     pub(crate) fn set_allow_half_close(&mut self) {
         self.state.allow_half_close = true;
     }
@@ -223,7 +234,16 @@ where
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
-                let deadline = self.state.timer.now() + h1_header_read_timeout;
+                // HexGate patch: between requests of a keep-alive connection the (longer)
+                // idle timeout runs until the first byte of the next head arrives.
+                let idle = match self.state.h1_idle_timeout {
+                    Some(idle) if self.state.h1_served_one && self.io.read_buf().is_empty() => {
+                        Some(idle)
+                    }
+                    _ => None,
+                };
+                self.state.h1_idle_timer_running = idle.is_some();
+                let deadline = self.state.timer.now() + idle.unwrap_or(h1_header_read_timeout);
                 self.state.h1_header_read_timeout_running = true;
                 match &mut self.state.h1_header_read_timeout_fut {
                     Some(h1_header_read_timeout_fut) => {
@@ -259,6 +279,18 @@ where
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
                 #[cfg(feature = "server")]
+                if self.state.h1_idle_timer_running && !self.io.read_buf().is_empty() {
+                    // The next request has started: its head gets header_read_timeout.
+                    self.state.h1_idle_timer_running = false;
+                    if let (Some(fut), Some(dur)) = (
+                        &mut self.state.h1_header_read_timeout_fut,
+                        self.state.h1_header_read_timeout,
+                    ) {
+                        let deadline = self.state.timer.now() + dur;
+                        self.state.timer.reset(fut, deadline);
+                    }
+                }
+                #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
                         &mut self.state.h1_header_read_timeout_fut
@@ -280,6 +312,8 @@ where
         {
             self.state.h1_header_read_timeout_running = false;
             self.state.h1_header_read_timeout_fut = None;
+            self.state.h1_idle_timer_running = false;
+            self.state.h1_served_one = true;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
@@ -957,6 +991,12 @@ struct State {
     h1_header_read_timeout: Option<Duration>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
+    #[cfg(feature = "server")]
+    h1_idle_timeout: Option<Duration>,
+    #[cfg(feature = "server")]
+    h1_idle_timer_running: bool,
+    #[cfg(feature = "server")]
+    h1_served_one: bool,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
     #[cfg(feature = "server")]

@@ -79,6 +79,7 @@ pub struct Builder {
     h1_max_headers: Option<usize>,
     h1_max_header_size: Option<usize>,
     h1_header_read_timeout: Dur,
+    h1_idle_timeout: Option<Duration>,
     h1_writev: Option<bool>,
     max_buf_size: Option<usize>,
     pipeline_flush: bool,
@@ -251,6 +252,7 @@ impl Builder {
             h1_max_headers: None,
             h1_max_header_size: None,
             h1_header_read_timeout: Dur::Default(Some(Duration::from_secs(30))),
+            h1_idle_timeout: None,
             h1_writev: None,
             max_buf_size: None,
             pipeline_flush: false,
@@ -369,6 +371,16 @@ impl Builder {
     /// Default is 30 seconds.
     pub fn header_read_timeout(&mut self, read_timeout: impl Into<Option<Duration>>) -> &mut Self {
         self.h1_header_read_timeout = Dur::Configured(read_timeout.into());
+        self
+    }
+
+    /// HexGate patch: how long a keep-alive connection may wait for the first byte of its
+    /// next request. Once that byte arrives, `header_read_timeout` applies to the rest of
+    /// the head. The first request of a connection is always under `header_read_timeout`.
+    ///
+    /// Default: `None`, the header read timeout covers the wait too (stock behaviour).
+    pub fn idle_timeout(&mut self, idle: impl Into<Option<Duration>>) -> &mut Self {
+        self.h1_idle_timeout = idle.into();
         self
     }
 
@@ -501,6 +513,9 @@ impl Builder {
             .check(self.h1_header_read_timeout, "header_read_timeout")
         {
             conn.set_http1_header_read_timeout(dur);
+            if let Some(idle) = self.h1_idle_timeout {
+                conn.set_http1_idle_timeout(idle);
+            }
         }
         if let Some(writev) = self.h1_writev {
             if writev {
