@@ -7,6 +7,8 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod httpc;
 pub mod limits;
 pub mod lingering;

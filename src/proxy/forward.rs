@@ -31,7 +31,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE) && n != header::HOST)
         .collect();
     for n in named {
         headers.remove(n);
@@ -52,6 +52,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// One pass over the request's header names: whether any hop-by-hop header, and whether any
+/// gateway-owned identity header, is present. Most requests carry neither, and then the
+/// removals (a hash and a probe per name) are skipped.
+fn scan_headers(headers: &HeaderMap, identity: &[HeaderName]) -> (bool, bool) {
+    let (mut hop, mut ident) = (false, false);
+    for name in headers.keys() {
+        hop |= matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "proxy-authorization"
+                | "upgrade"
+        );
+        ident |= identity.iter().any(|h| h == name);
+    }
+    (hop, ident)
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -190,20 +212,28 @@ pub async fn forward(
     }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+    // HTTP/2 carries the host in the authority: give the backend a Host header.
+    let authority_host = if req.headers().contains_key(header::HOST) {
+        None
+    } else {
         req.uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    };
 
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri(svc, std::mem::take(&mut parts.uri), normalized)?;
     parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let (hop, spoofed) = scan_headers(&parts.headers, &snap.identity_headers);
+    if hop || upgrade {
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+    }
     add_forwarded_headers(snap, &mut parts.headers, conn, host.as_deref(), request_id);
     // Identity headers come from the gateway only: whatever the client sent is dropped, always.
-    for h in &snap.identity_headers {
-        parts.headers.remove(h);
+    if spoofed {
+        for h in &snap.identity_headers {
+            parts.headers.remove(h);
+        }
     }
     if let Some(id) = &identity {
         for (name, value) in &id.headers {
@@ -213,7 +243,7 @@ pub async fn forward(
             parts.headers.remove(header::AUTHORIZATION);
         }
     }
-    if let Some(h) = original_host {
+    if let Some(h) = authority_host {
         parts.headers.insert(header::HOST, h);
     }
     // A request with no body and an idempotent method can be replayed if the connection dies

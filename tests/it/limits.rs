@@ -418,3 +418,59 @@ async fn redis_cluster_hosts_the_limits() {
     assert!(with_keys >= 2, "keys spread over the masters");
     assert!(!gw.metrics().await.contains("failed_open"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slower_than_its_timeout_fails_open_within_the_timeout() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let limits =
+        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
+    let gw = Gateway::start(&yaml(
+        &b,
+        limits,
+        &redis_block(&redis, "  timeout: 100ms\n  failureMode: open\n"),
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("evalsha") == 0 {
+        call(gw.port, "/users/warm", Some("k")).await;
+        assert!(Instant::now() < deadline, "Redis never used");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Redis stalls for 2 s (DEBUG SLEEP blocks its only thread): every request during the stall
+    // is answered by the in-memory fallback within about the timeout.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "DEBUG", "SLEEP", "2"])
+            .output()
+            .expect("redis-cli runs")
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let t = Instant::now();
+        let (status, _) = call(gw.port, &format!("/users/{i}"), Some("k")).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(status, 200, "failureMode open serves during the stall");
+    }
+    eprintln!("redis stalled 2 s: slowest of 10 requests {slowest:?} (timeout 100 ms)");
+    assert!(
+        slowest < Duration::from_millis(700),
+        "no request waits much beyond the 100 ms timeout: {slowest:?}"
+    );
+    sleeper.join().unwrap();
+    let m = gw.metrics().await;
+    assert!(m.contains("result=\"failed_open\""), "{m}");
+    // After the stall Redis decides again, without a restart.
+    let before = redis.calls("evalsha");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(call(gw.port, "/users/after", Some("k")).await.0, 200);
+        if redis.calls("evalsha") > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Redis not used after the stall");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
