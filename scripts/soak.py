@@ -144,8 +144,10 @@ def main():
             t = now - start
             minute, sec = int(t // 60), t % 60
             if now >= next_reload:
-                with open(cfg, "w") as f:
+                # Written as operators (and Kubernetes ConfigMaps) do: a new file renamed into place.
+                with open(cfg + ".tmp", "w") as f:
                     f.write(gateway_conf(port, admin, b1, b2, redis_port, 2 + reloads % 2))
+                os.replace(cfg + ".tmp", cfg)
                 os.kill(gw.p.pid, signal.SIGHUP)
                 reloads += 1
                 next_reload += args.reload_ms / 1000.0
@@ -174,10 +176,15 @@ def main():
     non2xx = int(non2xx.group(1)) if non2xx else 0
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     sock_errors = sum(int(x) for x in sock.groups()) if sock else 0
+    codes = {}
+    for code, n in re.findall(r'hexgate_http_requests_total\{service="[^"]*",method="GET",code="(\d+)"\} (\d+)', metrics):
+        codes[code] = codes.get(code, 0) + int(n)
     ok_reloads = re.search(r'hexgate_config_reloads_total\{result="success"\} (\d+)', metrics)
+    print("responses by status (gateway metrics):", codes)
     print("faults injected:", ", ".join(faults) or "none")
     print("samples (s, RSS KiB, fds):", " ".join(f"{t:.0f}:{r}:{n}" for t, r, n in samples))
-    warm = [s for s in samples if s[0] >= 60] or samples
+    # The last sample is taken after the load stopped: not part of the steady state.
+    warm = [s for s in samples[:-1] if s[0] >= 60] or samples
     base_rss, last_rss = warm[0][1], samples[-1][1]
     growth = 100.0 * (last_rss - base_rss) / base_rss
     fd_vals = [n for _, _, n in warm]

@@ -1,6 +1,7 @@
 //! Hot reload of a config file: the file is watched (its modification time, size and content are
-//! checked twice a second) and SIGHUP forces a reload. A bad file is logged and counted, and the
-//! running snapshot stays.
+//! checked twice a second; a changed file is loaded once it has stayed the same for 100 ms) and
+//! SIGHUP forces a reload. A bad or empty file is logged and counted, and the running snapshot
+//! stays.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use std::time::{Duration, SystemTime};
 use crate::state::{Source, State};
 
 const POLL: Duration = Duration::from_millis(500);
+/// How long a changed file must stay unchanged before it is loaded.
+const SETTLE: Duration = Duration::from_millis(100);
 
 fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
@@ -59,12 +62,18 @@ pub async fn watch(state: Arc<State>) {
             _ = tokio::time::sleep(POLL) => {
                 let now = stamp(&path);
                 if now != last {
-                    last = now;
                     let text = std::fs::read(&path).ok();
                     if text.is_some() && text != last_text {
+                        // Only a file that holds still is loaded: one being written (truncated,
+                        // then filled) is looked at again on the next poll.
+                        tokio::time::sleep(SETTLE).await;
+                        if std::fs::read(&path).ok() != text || stamp(&path) != now {
+                            continue;
+                        }
                         last_text = text;
                         do_reload(&state, "file change");
                     }
+                    last = now;
                 }
             }
         }

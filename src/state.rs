@@ -110,7 +110,7 @@ impl State {
         let Source::File(path) = &self.source else {
             return Ok(self.snapshot.load().generation);
         };
-        let result = config::load_file(path).and_then(|cfg| self.apply(cfg));
+        let result = config::load_file_for_reload(path).and_then(|cfg| self.apply(cfg));
         if result.is_err() {
             self.metrics.record_reload(false);
         }

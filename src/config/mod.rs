@@ -313,19 +313,45 @@ const METHODS: &[&str] = &[
 
 /// Reads and validates a config file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    load_file_with(path, |_| Ok(()))
+}
+
+/// Like [`load_file`], for a reload: a file with nothing but blanks and comments is refused
+/// (most likely caught while being rewritten) instead of replacing every route with none.
+pub fn load_file_for_reload(path: &Path) -> Result<Config, ConfigErrors> {
+    load_file_with(path, |text| {
+        let empty = text.lines().all(|l| {
+            let t = l.trim();
+            t.is_empty() || t.starts_with('#')
+        });
+        if empty {
+            Err("the file is empty (perhaps caught while being rewritten)".to_string())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+fn load_file_with(
+    path: &Path,
+    precheck: impl FnOnce(&str) -> Result<(), String>,
+) -> Result<Config, ConfigErrors> {
     let name = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &name).map(|mut c| {
-            c.base_dir = path.parent().map(|p| p.to_path_buf());
-            c
-        }),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
-            file: name,
+    let whole_file_error = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: name.clone(),
             line: 0,
             key: String::new(),
-            message: format!("cannot read file: {e}"),
-        }])),
-    }
+            message,
+        }])
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| whole_file_error(format!("cannot read file: {e}")))?;
+    precheck(&text).map_err(whole_file_error)?;
+    parse(&text, &name).map(|mut c| {
+        c.base_dir = path.parent().map(|p| p.to_path_buf());
+        c
+    })
 }
 
 /// Parses and validates config text; `file` names it in errors.

@@ -1,6 +1,8 @@
-//! Bad input: request-smuggling probes and framing errors get a 4xx/5xx with a reason and a
-//! closed connection, and never reach a backend.
+//! Bad input and bad peers: request-smuggling probes and framing errors get a 4xx/5xx with a
+//! reason and a closed connection and never reach a backend; idle and resetting connections.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -225,4 +227,96 @@ async fn idle_keep_alive_connections_live_for_idle_not_header_read() {
         took >= Duration::from_millis(2700) && took < Duration::from_millis(4500),
         "closed after idle (3 s), took {took:?}"
     );
+}
+
+/// A backend that accepts, reads the request and answers with a TCP reset.
+async fn resetting_backend() -> (String, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let resets = Arc::new(AtomicU64::new(0));
+    let r = resets.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                #[allow(deprecated)]
+                let _ = s.set_linger(Some(Duration::ZERO));
+                r.fetch_add(1, Ordering::Relaxed);
+                drop(s);
+            });
+        }
+    });
+    (url, resets, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resetting_backend_costs_no_client_errors_and_is_ejected() {
+    let good = TestBackend::start(Behaviour::Hello).await;
+    let (bad, resets, task) = resetting_backend().await;
+    let yaml = format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\nhealthCheckInterval: 30\nservices:\n  - name: s\n    path: /\n    backends: [\"{bad}\", \"{}\"]\n",
+        good.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut clients: Vec<KeepAlive> = (0..4).map(|_| KeepAlive::new(gw.port)).collect();
+    let mut failures = Vec::new();
+    let mut total = 0u64;
+    for _ in 0..25 {
+        for c in clients.iter_mut() {
+            total += 1;
+            match c.get("/x").await {
+                Ok((200, _)) => {}
+                other => failures.push(format!("{other:?}")),
+            }
+        }
+    }
+    task.abort();
+    eprintln!(
+        "resetting backend: {} resets, {} of {total} client requests failed",
+        resets.load(Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(
+        resets.load(Ordering::Relaxed) > 0,
+        "the bad backend was tried"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(
+        good.hits(),
+        total,
+        "every request was served by the good backend"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "hexgate_upstream_healthy{{service=\"s\",backend=\"{bad}\"}} 0"
+        )),
+        "the resetting backend is ejected: {m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_paths_are_never_served_on_the_public_port() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\nservices:\n  - name: users\n    path: /users/\n    backends: [\"{}\"]\n",
+        b.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    for path in ["/metrics", "/admin/config", "/admin/upstreams", "/readyz"] {
+        let (s, body) = get(gw.port, path).await.unwrap();
+        assert_eq!(s, 404, "{path} on the public port: {body}");
+        assert_eq!(get(gw.admin_port, path).await.unwrap().0, 200, "{path}");
+    }
+    let cfg = get(gw.admin_port, "/admin/config").await.unwrap().1;
+    assert!(cfg.contains("\"adminBind\": \"127.0.0.1\""), "{cfg}");
 }

@@ -104,6 +104,24 @@ async fn invalid_reload_keeps_running_config_and_sighup_reloads() {
     let cfg = get(gw.admin_port, "/admin/config").await.unwrap().1;
     assert!(cfg.contains("\"generation\": 1"), "{cfg}");
 
+    // An empty file (a rewrite caught half-way) is refused too, not taken as "no routes".
+    std::fs::write(&gw.config, "# being rewritten\n").unwrap();
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("the file is empty") {
+        assert!(
+            Instant::now() < deadline,
+            "empty file not refused:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(gw.port, "/users/1").await.unwrap().0,
+        200,
+        "old config still serves after an empty file"
+    );
+
     // A good file, then SIGHUP: reloaded (the watcher may also see the change; both are fine).
     std::fs::write(
         &gw.config,
