@@ -28,7 +28,7 @@
 //! for libraries and applications.
 //!
 //! If looking for just a convenient HTTP client, consider the
-//! [reqwest](https://crates.io/crates/reqwest) crate.
+//! [reqwest](https://docs.rs/reqwest) crate.
 //!
 //! # Cancel safety
 //!
