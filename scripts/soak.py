@@ -14,30 +14,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=15):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"soak: port {port} never opened")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench import free_port, wait_port  # noqa: E402  (the benchmark's helpers)
+from bench_more import fd_count, rss_kib  # noqa: E402
 
 
 class Proc:
@@ -62,15 +47,6 @@ class Proc:
     def restart(self):
         self.kill()
         self.p = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
-
-
-def fds(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def backend_conf(tmp, name, port):
@@ -159,11 +135,11 @@ def main():
                     action()
                     faults.append(f"{t:6.1f}s {key}")
             if now >= next_sample:
-                samples.append((t, rss_kib(gw.p.pid), fds(gw.p.pid)))
+                samples.append((t, rss_kib([gw.p.pid]), fd_count([gw.p.pid])))
                 next_sample += 5
             time.sleep(0.01)
         out, _ = wrk.communicate(timeout=args.seconds + 60)
-        samples.append((time.time() - start, rss_kib(gw.p.pid), fds(gw.p.pid)))
+        samples.append((time.time() - start, rss_kib([gw.p.pid]), fd_count([gw.p.pid])))
         metrics = subprocess.run(["curl", "-s", f"http://127.0.0.1:{admin}/metrics"], capture_output=True,
                                  text=True).stdout
     finally:

@@ -401,7 +401,7 @@ async fn accept_loop(
         let builder = builder.clone();
         let tls = tls.clone();
         let drain_rx = drain.tx.subscribe();
-        let fut = async move {
+        tokio::spawn(async move {
             state
                 .metrics
                 .open_connections
@@ -412,8 +412,7 @@ async fn accept_loop(
                 .open_connections
                 .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
-        };
-        tokio::spawn(fut);
+        });
     }
 }
 

@@ -203,9 +203,9 @@ pub struct Routed {
 
 /// Step 2: the route for a request.
 fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, GatewayError> {
-    check_framing(req)?;
+    let host_header = check_framing(req)?;
     let path = route::normalize_path(req.uri().path())?;
-    let host = request_host(req);
+    let host = host_of(host_header, req.uri());
     let route = snap
         .router
         .find(host.as_deref(), req.method(), &path)
@@ -224,7 +224,8 @@ fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, Gat
 /// Step 1: refuse requests that two HTTP parsers could read differently. hyper (patched,
 /// see vendor/README.md) already refuses Content-Length with Transfer-Encoding, repeated
 /// Content-Length, obs-fold and bad lengths; this adds the checks on parsed headers.
-fn check_framing<B>(req: &Request<B>) -> Result<(), GatewayError> {
+/// Returns the request's one Host header, if any.
+fn check_framing<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, GatewayError> {
     let headers = req.headers();
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = hosts.next();
@@ -253,16 +254,19 @@ fn check_framing<B>(req: &Request<B>) -> Result<(), GatewayError> {
             return Err(GatewayError::UnsupportedTransferCoding);
         }
     }
-    Ok(())
+    Ok(host)
 }
 
 /// The request's host without port, lower-cased (Host header, or the HTTP/2 authority).
 pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req
-        .headers()
-        .get(header::HOST)
+    host_of(req.headers().get(header::HOST), req.uri())
+}
+
+/// [`request_host`] from an already looked-up Host header.
+fn host_of(host_header: Option<&HeaderValue>, uri: &http::Uri) -> Option<String> {
+    let raw = host_header
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+        .or_else(|| uri.authority().map(|a| a.as_str()))?;
     let host = if raw.starts_with('[') {
         raw.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(raw)
     } else {

@@ -9,6 +9,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
+/// A gateway config on loopback: `extra` top-level lines, then one service.
+fn one_service(extra: &str, name: &str, path: &str, backends: &[&str]) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\n{extra}services:\n  - name: {name}\n    path: {path}\n    backends: [{list}]\n"
+    )
+}
+
 /// Sends raw bytes on a fresh connection; returns everything read until the gateway closed
 /// the connection, or `None` if it was still open after two seconds.
 async fn raw_exchange(port: u16, raw: &[u8]) -> (String, bool) {
@@ -32,10 +44,7 @@ async fn raw_exchange(port: u16, raw: &[u8]) -> (String, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_probes_are_refused_and_the_connection_closed() {
     let b = TestBackend::start(Behaviour::CountBody).await;
-    let yaml = format!(
-        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\nservices:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
-        b.url()
-    );
+    let yaml = one_service("", "s", "/", &[&b.url()]);
     let gw = Gateway::start(&yaml).await;
     // Each probe is followed by a second, pipelined request that must never be parsed.
     let next = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -179,9 +188,11 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> Result<String, String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_live_for_idle_not_header_read() {
     let b = TestBackend::start(Behaviour::Hello).await;
-    let yaml = format!(
-        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\ntimeouts: {{headerRead: 1s, idle: 3s}}\nservices:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
-        b.url()
+    let yaml = one_service(
+        "timeouts: {headerRead: 1s, idle: 3s}\n",
+        "s",
+        "/",
+        &[&b.url()],
     );
     let gw = Gateway::start(&yaml).await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
@@ -258,10 +269,7 @@ async fn resetting_backend() -> (String, Arc<AtomicU64>, tokio::task::JoinHandle
 async fn a_resetting_backend_costs_no_client_errors_and_is_ejected() {
     let good = TestBackend::start(Behaviour::Hello).await;
     let (bad, resets, task) = resetting_backend().await;
-    let yaml = format!(
-        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\nhealthCheckInterval: 30\nservices:\n  - name: s\n    path: /\n    backends: [\"{bad}\", \"{}\"]\n",
-        good.url()
-    );
+    let yaml = one_service("healthCheckInterval: 30\n", "s", "/", &[&bad, &good.url()]);
     let gw = Gateway::start(&yaml).await;
     let mut clients: Vec<KeepAlive> = (0..4).map(|_| KeepAlive::new(gw.port)).collect();
     let mut failures = Vec::new();
@@ -307,10 +315,7 @@ async fn a_resetting_backend_costs_no_client_errors_and_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_paths_are_never_served_on_the_public_port() {
     let b = TestBackend::start(Behaviour::Hello).await;
-    let yaml = format!(
-        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\nservices:\n  - name: users\n    path: /users/\n    backends: [\"{}\"]\n",
-        b.url()
-    );
+    let yaml = one_service("", "users", "/users/", &[&b.url()]);
     let gw = Gateway::start(&yaml).await;
     for path in ["/metrics", "/admin/config", "/admin/upstreams", "/readyz"] {
         let (s, body) = get(gw.port, path).await.unwrap();

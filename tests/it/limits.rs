@@ -43,6 +43,37 @@ fn redis_block(r: &RedisServer, extra: &str) -> String {
     )
 }
 
+/// A gateway with a large per-key quota through `redis` with a 100 ms timeout and the given
+/// `failureMode`.
+async fn quota_gateway(redis: &RedisServer, b: &TestBackend, failure_mode: &str) -> Gateway {
+    let limits =
+        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
+    Gateway::start(&yaml(
+        b,
+        limits,
+        &redis_block(
+            redis,
+            &format!("  timeout: 100ms\n  failureMode: {failure_mode}\n"),
+        ),
+    ))
+    .await
+}
+
+/// Redis connects in the background at start: sends requests with API key `key` until the
+/// gateway has used it.
+async fn wait_until_redis_used(redis: &RedisServer, gw: &Gateway, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("evalsha") == 0 {
+        call(gw.port, "/users/warm", Some(key)).await;
+        assert!(
+            Instant::now() < deadline,
+            "gateway never used Redis: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_burst_example_and_headers_in_memory() {
     let b = TestBackend::start(Behaviour::Hello).await;
@@ -125,17 +156,7 @@ async fn quota_window_through_redis_and_refusals_are_free() {
     let b = TestBackend::start(Behaviour::Hello).await;
     let limits = "    quota: {enabled: true, limit: 3, period: 2s, key: \"header:x-api-key\"}\n";
     let gw = Gateway::start(&yaml(&b, limits, &redis_block(&redis, ""))).await;
-    // Redis connects in the background at start; wait until it is in use.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.calls("evalsha") == 0 {
-        call(gw.port, "/users/warm", Some("warmup")).await;
-        assert!(
-            Instant::now() < deadline,
-            "gateway never used Redis: {}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_redis_used(&redis, &gw, "warmup").await;
     let start = Instant::now();
     let mut codes = Vec::new();
     for _ in 0..3 {
@@ -238,20 +259,8 @@ async fn four_gateways_share_one_quota_exactly_with_one_evalsha_per_limit() {
 async fn redis_down_fail_open_then_recovers_and_survives_script_flush() {
     let mut redis = RedisServer::start();
     let b = TestBackend::start(Behaviour::Hello).await;
-    let limits =
-        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
-    let gw = Gateway::start(&yaml(
-        &b,
-        limits,
-        &redis_block(&redis, "  timeout: 100ms\n  failureMode: open\n"),
-    ))
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.calls("evalsha") == 0 {
-        call(gw.port, "/users/warm", Some("k")).await;
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw = quota_gateway(&redis, &b, "open").await;
+    wait_until_redis_used(&redis, &gw, "k").await;
     // SCRIPT FLUSH mid-run: the next call gets NOSCRIPT, reloads, and succeeds.
     redis.cli(&["SCRIPT", "FLUSH"]);
     for _ in 0..5 {
@@ -322,14 +331,7 @@ async fn redis_down_fail_open_then_recovers_and_survives_script_flush() {
 async fn redis_down_fail_closed_gives_503_then_recovers() {
     let mut redis = RedisServer::start();
     let b = TestBackend::start(Behaviour::Hello).await;
-    let limits =
-        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
-    let gw = Gateway::start(&yaml(
-        &b,
-        limits,
-        &redis_block(&redis, "  timeout: 100ms\n  failureMode: closed\n"),
-    ))
-    .await;
+    let gw = quota_gateway(&redis, &b, "closed").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while call(gw.port, "/users/1", Some("k")).await.0 != 200 {
         assert!(Instant::now() < deadline);
@@ -423,20 +425,8 @@ async fn redis_cluster_hosts_the_limits() {
 async fn redis_slower_than_its_timeout_fails_open_within_the_timeout() {
     let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
     let b = TestBackend::start(Behaviour::Hello).await;
-    let limits =
-        "    quota: {enabled: true, limit: 100000, period: 1h, key: \"header:x-api-key\"}\n";
-    let gw = Gateway::start(&yaml(
-        &b,
-        limits,
-        &redis_block(&redis, "  timeout: 100ms\n  failureMode: open\n"),
-    ))
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.calls("evalsha") == 0 {
-        call(gw.port, "/users/warm", Some("k")).await;
-        assert!(Instant::now() < deadline, "Redis never used");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw = quota_gateway(&redis, &b, "open").await;
+    wait_until_redis_used(&redis, &gw, "k").await;
     // Redis stalls for 2 s (DEBUG SLEEP blocks its only thread): every request during the stall
     // is answered by the in-memory fallback within about the timeout.
     let port = redis.port;
