@@ -42,6 +42,22 @@ die() { printf 'stack: %s\n' "$*" >&2; exit 1; }
 pid_alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != "Z" ]; }
 alive() { [ -f "$RUN/pids/$1.pid" ] && pid_alive "$(cat "$RUN/pids/$1.pid")"; }
 
+# The worker processes of an nginx master (from /proc, so no procps needed).
+nginx_workers() {
+  local stat pid comm state ppid
+  for stat in /proc/[0-9]*/stat; do
+    read -r pid comm state ppid _ <"$stat" 2>/dev/null || continue
+    [ "$comm" = "(nginx)" ] && [ "$ppid" = "$1" ] && echo "$pid"
+  done
+  return 0
+}
+
+old_workers_gone() { # pids...
+  local pid
+  for pid in "$@"; do pid_alive "$pid" && return 1; done
+  return 0
+}
+
 wait_for() { # name, seconds, command...
   local name="$1" secs="$2"; shift 2
   local deadline=$((SECONDS + secs))
@@ -136,13 +152,25 @@ up() {
   # Consul checks start critical: wait until every registered check passes.
   wait_for "Consul health checks" 30 sh -c "curl -fsS $CONSUL_HTTP_ADDR/v1/health/state/critical | grep -qx '\[\]'"
 
-  render "$ROOT/deploy/stack/nginx.conf.tmpl" "$RUN/nginx/nginx.conf" \
+  render "$ROOT/deploy/stack/nginx.conf.tmpl" "$RUN/nginx/nginx.conf.new" \
     RUN="$RUN" NGINX_PORT="$NGINX_PORT" CERT="$KEYS/cert.pem" KEY="$KEYS/key.pem" \
     UPSTREAMS="${upstreams%$'\n'}"
   if [ -f "$RUN/nginx/nginx.pid" ] && kill -0 "$(cat "$RUN/nginx/nginx.pid")" 2>/dev/null; then
-    nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -s reload
-    log "nginx reloaded"
+    local master; master="$(cat "$RUN/nginx/nginx.pid")"
+    if cmp -s "$RUN/nginx/nginx.conf.new" "$RUN/nginx/nginx.conf"; then
+      rm -f "$RUN/nginx/nginx.conf.new"
+      log "nginx already running (pid $master)"
+    else
+      # A reloaded nginx's old workers close the connections they still accept while they exit
+      # (an HTTP/2 client sees a framing error), so wait until they are gone before going on.
+      local old; old="$(nginx_workers "$master")"
+      mv "$RUN/nginx/nginx.conf.new" "$RUN/nginx/nginx.conf"
+      nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -s reload
+      wait_for "nginx reload" 20 old_workers_gone $old
+      log "nginx reloaded"
+    fi
   else
+    mv "$RUN/nginx/nginx.conf.new" "$RUN/nginx/nginx.conf"
     nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf"
     log "started nginx (pid $(cat "$RUN/nginx/nginx.pid"))"
   fi

@@ -1,22 +1,143 @@
-//! Bounded fuzzing of the untrusted-input paths on the stable toolchain: the path normaliser
-//! (every request path), the config reader and validator (every config file and KV value) and,
-//! in `auth/tests.rs`, the token verifier. (cargo-fuzz needs a nightly toolchain; these run with
-//! `cargo test`.)
+//! Fuzz targets for the untrusted-input paths: the path normaliser (every request path), the
+//! config reader and validator (every config file and KV value) and the token verifier.
 //!
-//! `make test` runs a short, fixed-seed budget. `scripts/fuzz.sh SECONDS` runs each target for
-//! that long with a fresh seed (`HEXGATE_FUZZ_SECONDS`, `HEXGATE_FUZZ_SEED`); a failure prints the
-//! seed and the input, which then becomes a regression case in the module's tests.
+//! Each target's property lives here as a `check_*` function that panics when it is broken. Two
+//! drivers call them:
+//! - coverage-guided: the cargo-fuzz crate in `fuzz/` (libFuzzer, `--sanitizer none` on the stable
+//!   toolchain), run for a bounded time per target by `scripts/fuzz.sh SECONDS`;
+//! - bounded random mutation in `cargo test` (`targets` below and `auth/tests.rs`): a fixed-seed
+//!   budget in `make test`; `HEXGATE_FUZZ_SECONDS` and `HEXGATE_FUZZ_SEED` run it longer
+//!   (`scripts/fuzz.sh --budget SECONDS`).
+//!
+//! A failure found either way becomes a regression case in the module's tests.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long a fuzz target runs: a number of cases, or a time from the environment.
+use crate::auth::jwt::{self, Policy, SigCheck, TokenError};
+use crate::auth::keys::{self, Alg, Key};
+use crate::auth::tools;
+use crate::proxy::route::normalize_path;
+
+/// The normaliser's properties for any input: no panic; a normalised path is absolute, has no
+/// empty, `.` or `..` segments, no encoded dot segment, and normalising it again changes nothing.
+pub fn check_path(path: &str) {
+    let Ok(out) = normalize_path(path) else {
+        return;
+    };
+    assert!(out.starts_with('/'), "not absolute: {out}");
+    let body = out.strip_prefix('/').unwrap_or(&out);
+    let segments: Vec<&str> = body.split('/').collect();
+    for (n, seg) in segments.iter().enumerate() {
+        assert!(*seg != "." && *seg != "..", "dot segment survived: {out}");
+        assert!(
+            !seg.is_empty() || n + 1 == segments.len(),
+            "empty segment: {out}"
+        );
+        let lower = seg.to_ascii_lowercase();
+        assert!(
+            lower != "%2e" && lower != "%2e%2e" && lower != ".%2e" && lower != "%2e.",
+            "encoded dot segment survived: {out}"
+        );
+    }
+    let again = normalize_path(&out).expect("a normalised path normalises");
+    assert_eq!(again, out, "not idempotent");
+}
+
+/// The config reader's properties for any text: no panic, and every error names the file and
+/// says something.
+pub fn check_config(text: &str) {
+    if let Err(errs) = crate::config::parse(text, "fuzz.yaml") {
+        assert!(!errs.0.is_empty(), "an error without a message");
+        for e in &errs.0 {
+            assert_eq!(e.file, "fuzz.yaml");
+            assert!(!e.message.is_empty());
+        }
+    }
+}
+
+/// A key pair, a policy and one valid token: the token target's fixed world.
+pub struct TokenTarget {
+    /// A valid EdDSA token for consumer `alice`, the seed that mutations start from.
+    pub token: String,
+    keys: Vec<Key>,
+    policy: Policy,
+    /// The verification time (the token expires 100 s after it).
+    pub now: u64,
+}
+
+impl TokenTarget {
+    pub fn new() -> TokenTarget {
+        let (private, public) = tools::generate(Alg::EdDSA).expect("generate a key");
+        let signing = tools::SigningKey::from_pem(&private).expect("read the key");
+        let keys = keys::from_pem(&public, "t").expect("read the public key");
+        let policy = Policy {
+            algorithms: vec![Alg::EdDSA, Alg::RS256],
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(0),
+            require_exp: true,
+            consumer_claim: "sub".into(),
+        };
+        let now = 1_800_000_000;
+        let token = tools::sign_token(
+            &signing,
+            Alg::EdDSA,
+            None,
+            &serde_json::json!({"sub": "alice", "exp": now + 100}),
+        )
+        .expect("sign a token");
+        TokenTarget {
+            token,
+            keys,
+            policy,
+            now,
+        }
+    }
+
+    /// Signature, then claims, as the gateway checks a bearer token.
+    pub fn verify(&self, token: &str) -> Result<jwt::Verified, TokenError> {
+        let parts = jwt::split(token)?;
+        match jwt::check_signature(&parts, &self.policy, &self.keys) {
+            SigCheck::Ok => jwt::check_claims(&parts.payload, &self.policy, self.now),
+            SigCheck::UnknownKid(k) => Err(TokenError::UnknownKid(k)),
+            SigCheck::Failed(e) => Err(e),
+        }
+    }
+
+    /// The verifier's property for any input: no panic, and nothing but the valid token (up to
+    /// base64url's unused trailing bits, which decode the same) is accepted.
+    pub fn check(&self, candidate: &str) {
+        if candidate == self.token {
+            return;
+        }
+        if let Ok(v) = self.verify(candidate) {
+            assert_eq!(v.consumer, "alice", "altered token accepted: {candidate}");
+            let a = jwt::split(candidate).expect("it verified, so it splits");
+            let b = jwt::split(&self.token).expect("the valid token splits");
+            assert_eq!(
+                (a.payload, a.signature),
+                (b.payload, b.signature),
+                "altered token accepted: {candidate}"
+            );
+        }
+    }
+}
+
+impl Default for TokenTarget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How long a bounded fuzz test runs: a number of cases, or a time from the environment.
+#[cfg(test)]
 pub(crate) struct Budget {
-    deadline: Option<Instant>,
+    deadline: Option<std::time::Instant>,
     cases: u64,
     pub seed: u64,
 }
 
+#[cfg(test)]
 impl Budget {
     pub(crate) fn from_env(default_cases: u64) -> Budget {
         let seconds = std::env::var("HEXGATE_FUZZ_SECONDS")
@@ -27,7 +148,7 @@ impl Budget {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(7);
         Budget {
-            deadline: seconds.map(|s| Instant::now() + Duration::from_secs(s)),
+            deadline: seconds.map(|s| std::time::Instant::now() + Duration::from_secs(s)),
             cases: default_cases,
             seed,
         }
@@ -36,15 +157,16 @@ impl Budget {
     /// Whether case number `i` should run.
     pub(crate) fn more(&self, i: u64) -> bool {
         match self.deadline {
-            Some(d) => i % 256 != 0 || Instant::now() < d,
+            Some(d) => i % 256 != 0 || std::time::Instant::now() < d,
             None => i < self.cases,
         }
     }
 }
 
 /// Runs one case; a panic is reported with the seed and the input.
+#[cfg(test)]
 pub(crate) fn case<T: std::fmt::Debug>(seed: u64, input: &T, f: impl FnOnce()) {
-    if catch_unwind(AssertUnwindSafe(f)).is_err() {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
         panic!("fuzz case failed (HEXGATE_FUZZ_SEED={seed}); input: {input:?}");
     }
 }
@@ -52,7 +174,6 @@ pub(crate) fn case<T: std::fmt::Debug>(seed: u64, input: &T, f: impl FnOnce()) {
 #[cfg(test)]
 mod targets {
     use super::*;
-    use crate::proxy::route::normalize_path;
 
     const PATH_PIECES: &[&str] = &[
         "/",
@@ -109,28 +230,7 @@ mod targets {
         while budget.more(i) {
             i += 1;
             let path = random_path(&mut rng);
-            case(budget.seed, &path, || {
-                let Ok(out) = normalize_path(&path) else {
-                    return;
-                };
-                assert!(out.starts_with('/'), "not absolute: {out}");
-                let body = out.strip_prefix('/').unwrap_or(&out);
-                let segments: Vec<&str> = body.split('/').collect();
-                for (n, seg) in segments.iter().enumerate() {
-                    assert!(*seg != "." && *seg != "..", "dot segment survived: {out}");
-                    assert!(
-                        !seg.is_empty() || n + 1 == segments.len(),
-                        "empty segment: {out}"
-                    );
-                    let lower = seg.to_ascii_lowercase();
-                    assert!(
-                        lower != "%2e" && lower != "%2e%2e" && lower != ".%2e" && lower != "%2e.",
-                        "encoded dot segment survived: {out}"
-                    );
-                }
-                let again = normalize_path(&out).expect("a normalised path normalises");
-                assert_eq!(again, out, "not idempotent");
-            });
+            case(budget.seed, &path, || check_path(&path));
         }
         eprintln!("normaliser: {i} random paths, seed {}", budget.seed);
         assert!(i > 0);
@@ -236,15 +336,7 @@ services:
                 .map(|e| e.to_string())
         );
         let lines: Vec<&str> = TEMPLATE.lines().collect();
-        let check = |text: &str| {
-            if let Err(errs) = crate::config::parse(text, "fuzz.yaml") {
-                assert!(!errs.0.is_empty(), "an error without a message");
-                for e in &errs.0 {
-                    assert_eq!(e.file, "fuzz.yaml");
-                    assert!(!e.message.is_empty());
-                }
-            }
-        };
+        let check = check_config;
         // Field by field: each `key: value` line gets each odd value.
         let mut fields = 0;
         for (n, line) in lines.iter().enumerate() {

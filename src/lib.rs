@@ -7,8 +7,11 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod error;
-#[cfg(test)]
-mod fuzz;
+/// Fuzz targets' properties, for `cargo test` and the cargo-fuzz crate in `fuzz/` (built with
+/// `--cfg fuzzing`); not part of the gateway binary.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod httpc;
 pub mod limits;
 pub mod lingering;

@@ -33,17 +33,9 @@ fn verify(
 /// Mutation fuzzing of the token path, bounded: no panic, and no altered token is ever accepted.
 #[test]
 fn mutated_tokens_never_verify_and_never_panic() {
-    let (signing, keys, policy) = setup();
-    let now = 1_800_000_000;
-    let token = tools::sign_token(
-        &signing,
-        Alg::EdDSA,
-        None,
-        &serde_json::json!({"sub": "alice", "exp": now + 100}),
-    )
-    .unwrap();
-    assert!(verify(&token, &keys, &policy, now).is_ok());
-    let bytes = token.as_bytes().to_vec();
+    let target = crate::fuzz::TokenTarget::new();
+    assert!(target.verify(&target.token).is_ok());
+    let bytes = target.token.as_bytes().to_vec();
     let budget = crate::fuzz::Budget::from_env(20_000);
     let mut rng = fastrand::Rng::with_seed(budget.seed);
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ {}\"";
@@ -73,20 +65,7 @@ fn mutated_tokens_never_verify_and_never_panic() {
         let Ok(s) = String::from_utf8(m) else {
             continue;
         };
-        if s == token {
-            continue;
-        }
-        if let Ok(v) = verify(&s, &keys, &policy, now) {
-            // Base64url's last character can carry unused bits: the decoded token is the same.
-            assert_eq!(v.consumer, "alice", "altered token accepted: {s}");
-            let a = jwt::split(&s).unwrap();
-            let b = jwt::split(&token).unwrap();
-            assert_eq!(
-                (a.payload, a.signature),
-                (b.payload, b.signature),
-                "altered token accepted: {s}"
-            );
-        }
+        crate::fuzz::case(budget.seed, &s, || target.check(&s));
     }
     eprintln!("tokens: {case} mutated tokens, seed {}", budget.seed);
 }
