@@ -474,7 +474,9 @@ async fn serve_io<I>(
         }
     });
     if h2 {
-        drive(builder.h2.serve_connection(io, svc), peer, drain).await
+        // Boxed: HTTP/2 connections are few and long-lived; inline, their larger state would
+        // make every HTTP/1 connection's task that much bigger too.
+        Box::pin(drive(builder.h2.serve_connection(io, svc), peer, drain)).await
     } else {
         let conn = builder.h1.serve_connection(io, svc).with_upgrades();
         drive(conn, peer, drain).await

@@ -225,7 +225,9 @@ impl Authenticator {
             jwt::check_signature(&parts, &self.policy, &set.keys)
         };
         if let SigCheck::UnknownKid(_) = outcome {
-            if self.refresh_jwks(true).await {
+            // Boxed: the JWKS fetch is rare and its state (an HTTP client call) is large; inline,
+            // it would make every request's future, and every connection, that much bigger.
+            if Box::pin(self.refresh_jwks(true)).await {
                 let set = self.keys.load();
                 outcome = jwt::check_signature(&parts, &self.policy, &set.keys);
             }

@@ -115,16 +115,15 @@ async fn pipeline(
     let identity = authenticate(snap, svc, &req).await?;
     if let Some(policies) = &svc.limits {
         let ip = client_ip(snap, conn.peer.ip(), req.headers());
-        let verdict = state
-            .limiter
-            .check(
-                policies,
-                &svc.metrics,
-                ip,
-                identity.as_ref().map(|i| &*i.consumer),
-                req.headers(),
-            )
-            .await;
+        // Boxed, so a route without limits does not carry the limiter's state in its future.
+        let verdict = Box::pin(state.limiter.check(
+            policies,
+            &svc.metrics,
+            ip,
+            identity.as_ref().map(|i| &*i.consumer),
+            req.headers(),
+        ))
+        .await;
         if verdict.unavailable {
             return Err(GatewayError::LimitsUnavailable);
         }
