@@ -122,10 +122,11 @@ healthCheckInterval: 5
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "scale", "memory", "h2", "tls"],
+    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "scale", "memory", "h2", "tls", "profile"],
                     help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both; "
                          "scale: 1 vs 1,000 routes and backends; memory: idle RSS and 10,000 idle connections; "
-                         "h2: h2load over h2c; tls: HTTPS at the proxy")
+                         "h2: h2load over h2c; tls: HTTPS at the proxy; "
+                         "profile: instructions per request under callgrind, HexGate and nginx")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", default="64,256")
@@ -134,7 +135,7 @@ def main():
     ap.add_argument("--hexgate", default=os.path.join(ROOT, "target", "release", "hexgate"))
     ap.add_argument("--no-haproxy", action="store_true")
     args = ap.parse_args()
-    if args.mode in ("scale", "memory", "h2", "tls"):
+    if args.mode in ("scale", "memory", "h2", "tls", "profile"):
         import bench_more
         return bench_more.main(args, sys.modules[__name__])
 

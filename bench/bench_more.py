@@ -1,4 +1,5 @@
-"""bench/run.sh scale|memory|h2|tls: the cost of growing configs, memory, HTTP/2 and TLS.
+"""bench/run.sh scale|memory|h2|tls|profile: the cost of growing configs, memory, HTTP/2, TLS, and
+instruction counts per request.
 
 Same method as bench.py (which imports this): interleaved rounds, CPU from /proc, steal recorded,
 medians of round-by-round ratios, every process stopped by pid, every load run bounded.
@@ -137,7 +138,8 @@ def free_ports(b, n):
 
 
 def main(args, b):
-    for tool in ["wrk", "nginx"] + (["h2load"] if args.mode == "h2" else []) + (["openssl"] if args.mode == "tls" else []):
+    for tool in (["wrk", "nginx"] + (["h2load"] if args.mode == "h2" else []) + (["openssl"] if args.mode == "tls" else [])
+                 + (["valgrind", "callgrind_control", "callgrind_annotate"] if args.mode == "profile" else [])):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not installed: run `make setup` (scripts/setup.sh)")
     if not os.path.exists(args.hexgate):
@@ -227,6 +229,8 @@ def main(args, b):
             interleave(b, args, targets, conns, run, "nginx")
         elif args.mode == "memory":
             memory(b, args, tmp, one, start_hexgate, start_nginx)
+        elif args.mode == "profile":
+            profile(b, args, tmp, log, one, procs)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -297,3 +301,51 @@ def memory(b, args, tmp, one, start_hexgate, start_nginx):
     for name, idle, warm, held, extra, fds, after, _ in rows:
         print(f"| {name} | {idle / 1024:.1f} | {warm / 1024:.1f} | {held / 1024:.1f} | {extra / 1024:.1f} | "
               f"{extra / n:.2f} | {after / 1024:.1f} |")
+
+
+def profile(b, args, tmp, log, one, procs):
+    """Each proxy (HexGate, and nginx as one process) under callgrind: counters zeroed after a
+    warm-up, then wrk with 4 keep-alive connections for --seconds; instructions per request are the
+    user-space instructions counted in that window over the requests wrk completed."""
+    rows = []
+    port, admin = b.free_port(), b.free_port()
+    cfg = os.path.join(tmp, "hexgate.yaml")
+    with open(cfg, "w") as f:
+        f.write(hexgate_conf(port, admin, [("bench", "/", one)]))
+    nport = b.free_port()
+    nconf = os.path.join(tmp, "nginx.conf")
+    with open(nconf, "w") as f:
+        f.write(nginx_proxy_conf(tmp, "nginx", 1, nport, one).replace("daemon off;", "daemon off; master_process off;"))
+    for name, cmd, p in [("hexgate", [args.hexgate, "run", "--config", cfg], port),
+                         ("nginx", ["nginx", "-c", nconf, "-p", tmp], nport)]:
+        out = os.path.join(tmp, f"callgrind.{name}")
+        proc = b.Proc(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + cmd, log)
+        procs.append(proc)
+        b.wait_port(p, timeout=60)
+        b.run_wrk(p, 4, 3, 1)
+        subprocess.run(["callgrind_control", "-z", str(proc.p.pid)], check=True, capture_output=True)
+        res = b.run_wrk(p, 4, args.seconds, 1)
+        subprocess.run(["callgrind_control", "-d", str(proc.p.pid)], check=True, capture_output=True)
+        proc.stop()
+        dumps = sorted(f for f in os.listdir(tmp) if f.startswith(f"callgrind.{name}.") and f.endswith(".1"))
+        if not dumps:
+            raise SystemExit(f"no callgrind dump for {name} in {tmp}")
+        ann = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", os.path.join(tmp, dumps[-1])],
+                             check=True, capture_output=True, text=True).stdout
+        total = int(re.search(r"^([\d,]+)\s+\(100.0%\)\s+PROGRAM TOTALS", ann, re.M).group(1).replace(",", ""))
+        per_req = total / max(res["requests"], 1)
+        rows.append((name, res["requests"], total, per_req))
+        print(f"{name}: {res['requests']} requests, {total:,} instructions, {per_req:,.0f} per request", flush=True)
+        # After the counters are zeroed, the threads' entry frames carry the whole total: skip them.
+        top = [ln for ln in ann.splitlines() if re.match(r"^\s*[\d,]+\s+\(\s*[\d.]+%\)\s+\S", ln)
+               and "PROGRAM TOTALS" not in ln and float(re.search(r"\(\s*([\d.]+)%\)", ln).group(1)) < 90][:15]
+        for ln in top:
+            cnt, pct, fn = re.match(r"^\s*([\d,]+)\s+\(\s*([\d.]+)%\)\s+(.*)$", ln).groups()
+            fn = re.sub(r"^\S*:", "", fn.split(" [")[0])[:110]
+            print(f"  {pct:>5}%  {int(cnt.replace(',', '')) / max(res['requests'], 1):>7,.0f}/req  {fn}")
+    print()
+    print("| proxy | requests | instructions per request | vs nginx |")
+    print("|---|---|---|---|")
+    ref = rows[-1][3]
+    for name, n, _, per in rows:
+        print(f"| {name} | {n} | {per:,.0f} | {per / ref:.2f}x |")

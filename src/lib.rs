@@ -1,6 +1,7 @@
 //! HexGate: an API gateway. See docs/architecture.md for the map of modules.
 
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod body;
 pub mod config;

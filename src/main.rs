@@ -15,7 +15,7 @@ use hexgate::server::{self, Listeners};
 use hexgate::state::{Overrides, Source, State};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: hexgate::alloc::MiMalloc = hexgate::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "hexgate", version, about = "HexGate API gateway")]

@@ -19,37 +19,63 @@ use crate::upstream::{Backend, PoolReturn};
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The fixed hop-by-hop names (RFC 9110 7.6.1) besides Connection and Upgrade, in bit order.
+const HOP_BY_HOP: [&str; 6] = [
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "proxy-authorization",
+];
+const HOP_CONNECTION: u8 = 1 << 6;
+const HOP_UPGRADE: u8 = 1 << 7;
+
+/// Which hop-by-hop headers are present, as bits (HOP_BY_HOP order, then Connection, Upgrade).
+fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
+    let mut bits = 0;
+    for name in headers.keys() {
+        bits |= match name.as_str() {
+            "connection" => HOP_CONNECTION,
+            "upgrade" => HOP_UPGRADE,
+            n => HOP_BY_HOP
+                .iter()
+                .position(|h| *h == n)
+                .map_or(0, |i| 1 << i),
+        };
+    }
+    bits
+}
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in Connection.
 /// When `keep_upgrade` is set, `Connection: upgrade` and `Upgrade` survive (WebSocket).
+/// One pass over the names finds which are present; only those are removed (a response usually
+/// carries just `Connection: keep-alive`).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE) && n != header::HOST)
-        .collect();
-    for n in named {
-        headers.remove(n);
+    let present = hop_by_hop_present(headers);
+    if present & HOP_CONNECTION != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE) && n != header::HOST)
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
     }
-    for n in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(n);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
-    headers.remove(header::CONNECTION);
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
