@@ -14,6 +14,7 @@ have haproxy       || need_pkgs+=(haproxy)
 have prometheus    || need_pkgs+=(prometheus)
 have docker-compose || need_pkgs+=(docker-compose)
 have h2load        || need_pkgs+=(nghttp2-client)
+have valgrind      || need_pkgs+=(valgrind)   # bench/run.sh profile
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need_pkgs+=(ca-certificates)
 
 SUDO=""
