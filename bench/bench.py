@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--max-steal", type=float, default=15.0)
     ap.add_argument("--hexgate", default=os.path.join(ROOT, "target", "release", "hexgate"))
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--limits", action="store_true",
+                    help="profile: HexGate with a rate limit and a quota through a local redis-server")
     args = ap.parse_args()
     if args.mode in ("scale", "memory", "h2", "tls", "profile"):
         import bench_more

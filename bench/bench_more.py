@@ -310,8 +310,21 @@ def profile(b, args, tmp, log, one, procs):
     rows = []
     port, admin = b.free_port(), b.free_port()
     cfg = os.path.join(tmp, "hexgate.yaml")
+    text = hexgate_conf(port, admin, [("bench", "/", one)])
+    wrk_extra = []
+    if args.limits:
+        if not shutil.which("redis-server"):
+            raise SystemExit("redis-server not installed: run `make setup` (scripts/setup.sh)")
+        redis_port = b.free_port()
+        procs.append(b.Proc(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], log))
+        b.wait_port(redis_port)
+        text = text.replace("services:", f'redis: {{address: "127.0.0.1:{redis_port}", timeout: 1s}}\nservices:')
+        text += ('    rateLimiting: {enabled: true, ratePerSecond: 1000000000, burst: 1000000000, key: "header:x-api-key"}\n'
+                 '    quota: {enabled: true, limit: 4000000000, period: 1h, key: "header:x-api-key"}\n')
+        wrk_extra = ["-H", "X-Api-Key: bench"]
     with open(cfg, "w") as f:
-        f.write(hexgate_conf(port, admin, [("bench", "/", one)]))
+        f.write(text)
     nport = b.free_port()
     nconf = os.path.join(tmp, "nginx.conf")
     with open(nconf, "w") as f:
@@ -322,9 +335,10 @@ def profile(b, args, tmp, log, one, procs):
         proc = b.Proc(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"] + cmd, log)
         procs.append(proc)
         b.wait_port(p, timeout=60)
-        b.run_wrk(p, 4, 3, 1)
+        extra = wrk_extra if name == "hexgate" else []
+        b.run_wrk(p, 4, 3, 1, extra=extra)
         subprocess.run(["callgrind_control", "-z", str(proc.p.pid)], check=True, capture_output=True)
-        res = b.run_wrk(p, 4, args.seconds, 1)
+        res = b.run_wrk(p, 4, args.seconds, 1, extra=extra)
         subprocess.run(["callgrind_control", "-d", str(proc.p.pid)], check=True, capture_output=True)
         proc.stop()
         dumps = sorted(f for f in os.listdir(tmp) if f.startswith(f"callgrind.{name}.") and f.endswith(".1"))

@@ -274,19 +274,15 @@ impl Limiter {
         let (mut rate_failed, mut quota_failed) = (false, false);
         let (rate, quota) = match &self.redis {
             Some(store) => {
-                let rate_fut = async {
-                    match (&p.rate, &rate_key) {
-                        (Some(r), Some(k)) => Some(store.rate(k, &r.gcra).await),
-                        _ => None,
+                let (r, q) = match (&p.rate, &rate_key, &p.quota, &quota_key) {
+                    (Some(rp), Some(rk), Some(qp), Some(qk)) => {
+                        let (r, q) = store.rate_and_quota((rk, &rp.gcra), (qk, &qp.window)).await;
+                        (Some(r), Some(q))
                     }
+                    (Some(rp), Some(rk), _, _) => (Some(store.rate(rk, &rp.gcra).await), None),
+                    (_, _, Some(qp), Some(qk)) => (None, Some(store.quota(qk, &qp.window).await)),
+                    _ => (None, None),
                 };
-                let quota_fut = async {
-                    match (&p.quota, &quota_key) {
-                        (Some(q), Some(k)) => Some(store.quota(k, &q.window).await),
-                        _ => None,
-                    }
-                };
-                let (r, q) = tokio::join!(rate_fut, quota_fut);
                 let now = now_us();
                 let r = match r {
                     Some(Err(e)) => {

@@ -84,6 +84,9 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from the limit script")]
     Reply,
+    /// The other half of a failed rate-and-quota pipeline (the first half carries the error).
+    #[error("Redis: {0}")]
+    Pipeline(String),
 }
 
 pub struct RedisStore {
@@ -171,10 +174,7 @@ impl RedisStore {
     }
 
     async fn call(&self, script: &Script, key: &str, args: &[u64]) -> Result<Vec<i64>, StoreError> {
-        let conn = self.conns[crate::upstream::worker_slot()]
-            .load_full()
-            .or_else(|| self.conns[0].load_full())
-            .ok_or(StoreError::NotConnected)?;
+        let conn = self.conn()?;
         let mut inv = script.key(key);
         for a in args {
             inv.arg(*a);
@@ -194,6 +194,63 @@ impl RedisStore {
         }
     }
 
+    /// A rate limit and a quota for one request: on a single Redis, both EVALSHAs go out as one
+    /// pipeline (one write, one reply, one timeout); on a cluster, where the two keys may live on
+    /// different nodes, as two calls sent together.
+    pub async fn rate_and_quota(
+        &self,
+        rate: (&str, &Gcra),
+        quota: (&str, &Window),
+    ) -> (Result<Decision, StoreError>, Result<Decision, StoreError>) {
+        let conn = match self.conn() {
+            Ok(c) => c,
+            Err(e) => return (Err(StoreError::NotConnected), Err(e)),
+        };
+        let Conn::Single(single) = &*conn else {
+            return tokio::join!(self.rate(rate.0, rate.1), self.quota(quota.0, quota.1));
+        };
+        let (rk, g) = rate;
+        let (qk, w) = quota;
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha(&self.gcra, rk, &[g.interval_us, g.burst]))
+            .add_command(evalsha(&self.window, qk, &[w.limit, w.width_us(), BUCKETS]));
+        let started = Instant::now();
+        let fut = async {
+            let mut c = single.clone();
+            match pipe.query_async::<(Vec<i64>, Vec<i64>)>(&mut c).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    // First use on this server (or after SCRIPT FLUSH): load both, then retry.
+                    self.gcra.prepare_invoke().load_async(&mut c).await?;
+                    self.window.prepare_invoke().load_async(&mut c).await?;
+                    pipe.query_async::<(Vec<i64>, Vec<i64>)>(&mut c).await
+                }
+                other => other,
+            }
+        };
+        let res = tokio::time::timeout(self.timeout, fut).await;
+        self.metrics.redis_duration.observe(started.elapsed());
+        match res {
+            Err(_) => (
+                Err(StoreError::Timeout(self.timeout)),
+                Err(StoreError::Timeout(self.timeout)),
+            ),
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                (Err(StoreError::Redis(e)), Err(StoreError::Pipeline(msg)))
+            }
+            Ok(Ok((r, q))) => (decision(&r), quota_decision(&q)),
+        }
+    }
+
+    fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        self.conns[crate::upstream::worker_slot()]
+            .load_full()
+            .or_else(|| self.conns[0].load_full())
+            .ok_or(StoreError::NotConnected)
+    }
+
     pub async fn rate(&self, key: &str, g: &Gcra) -> Result<Decision, StoreError> {
         let v = self
             .call(&self.gcra, key, &[g.interval_us, g.burst])
@@ -205,15 +262,30 @@ impl RedisStore {
         let v = self
             .call(&self.window, key, &[w.limit, w.width_us(), BUCKETS])
             .await?;
-        let bucket = *v.get(4).ok_or(StoreError::Reply)?;
-        let mut d = decision(&v)?;
-        d.bucket = d.allowed.then_some(bucket.max(0) as u64);
-        Ok(d)
+        quota_decision(&v)
     }
 
     pub async fn refund(&self, key: &str, bucket: u64) -> Result<(), StoreError> {
         self.call(&self.refund, key, &[bucket]).await.map(|_| ())
     }
+}
+
+/// `EVALSHA sha 1 key args...`, as `Script::invoke_async` sends it.
+fn evalsha(script: &Script, key: &str, args: &[u64]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(1).arg(key);
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd
+}
+
+/// The window script's reply: a decision plus the bucket a granted request was counted in.
+fn quota_decision(v: &[i64]) -> Result<Decision, StoreError> {
+    let bucket = *v.get(4).ok_or(StoreError::Reply)?;
+    let mut d = decision(v)?;
+    d.bucket = d.allowed.then_some(bucket.max(0) as u64);
+    Ok(d)
 }
 
 /// A script's reply `{allowed, remaining, reset_us, retry_after_us, ...}` as a decision.
