@@ -3,6 +3,7 @@
 
 pub mod algo;
 pub mod redis;
+pub mod resp;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -423,13 +424,17 @@ impl Limiter {
             if let Some(v) = &p.policy_header {
                 out.push((RATELIMIT_POLICY.clone(), v.clone()));
             }
-            let value = items
-                .iter()
-                .map(|(name, _, d)| {
-                    format!("\"{name}\";r={};t={}", d.remaining, secs_ceil(d.reset_us))
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            let mut value = String::with_capacity(64);
+            for (i, (name, _, d)) in items.iter().enumerate() {
+                use std::fmt::Write as _;
+                let sep = if i == 0 { "" } else { ", " };
+                let _ = write!(
+                    value,
+                    "{sep}\"{name}\";r={};t={}",
+                    d.remaining,
+                    secs_ceil(d.reset_us)
+                );
+            }
             if let Ok(v) = HeaderValue::from_str(&value) {
                 out.push((RATELIMIT.clone(), v));
             }

@@ -2,7 +2,8 @@
 //! and updates atomically, on a multiplexed connection so a request's checks are pipelined.
 //! Redis's own clock (TIME) is used, so every gateway instance agrees on time.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -11,6 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::Script;
 
 use super::algo::{Decision, Gcra, Window, BUCKETS};
+use super::resp::{self, RespError};
 use crate::config::Redis as RedisConfig;
 use crate::metrics::Registry;
 
@@ -70,8 +72,26 @@ return 0
 
 #[derive(Clone)]
 enum Conn {
+    /// A single Redis over plain TCP: the small pipelined client in `resp.rs`.
+    Fast(resp::Client),
+    /// A single Redis over TLS.
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+/// A Lua script: its source (for SCRIPT LOAD) and its SHA1 (for EVALSHA).
+struct Lua {
+    code: &'static str,
+    script: Script,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Lua {
+        Lua {
+            code,
+            script: Script::new(code),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,19 +104,23 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from the limit script")]
     Reply,
-    /// The other half of a failed rate-and-quota pipeline (the first half carries the error).
+    #[error(transparent)]
+    Fast(#[from] RespError),
     #[error("Redis: {0}")]
-    Pipeline(String),
+    Server(String),
 }
 
 pub struct RedisStore {
     /// One multiplexed connection per runtime (index: `upstream::worker_slot()`), so a worker's
     /// Redis calls are driven by its own thread; slot 0 (control) serves until a worker's is up.
     conns: Box<[ArcSwapOption<Conn>]>,
+    /// Per slot: a reconnect is under way (the fast client does not reconnect by itself).
+    reconnecting: Box<[AtomicBool]>,
+    me: Weak<RedisStore>,
     cfg: RedisConfig,
-    gcra: Script,
-    window: Script,
-    refund: Script,
+    gcra: Lua,
+    window: Lua,
+    refund: Lua,
     pub timeout: Duration,
     metrics: Arc<Registry>,
 }
@@ -118,14 +142,18 @@ impl RedisStore {
     /// Creates the store and connects in the background (retrying), so a gateway starts and
     /// serves (per failureMode) while Redis is away.
     pub fn start(cfg: &RedisConfig, metrics: Arc<Registry>) -> Arc<RedisStore> {
-        let store = Arc::new(RedisStore {
+        let store = Arc::new_cyclic(|me| RedisStore {
             conns: (0..=crate::upstream::MAX_WORKERS)
                 .map(|_| ArcSwapOption::empty())
                 .collect(),
+            reconnecting: (0..=crate::upstream::MAX_WORKERS)
+                .map(|_| AtomicBool::new(true))
+                .collect(),
+            me: me.clone(),
             cfg: cfg.clone(),
-            gcra: Script::new(GCRA_LUA),
-            window: Script::new(WINDOW_LUA),
-            refund: Script::new(REFUND_LUA),
+            gcra: Lua::new(GCRA_LUA),
+            window: Lua::new(WINDOW_LUA),
+            refund: Lua::new(REFUND_LUA),
             timeout: cfg.timeout,
             metrics,
         });
@@ -142,8 +170,8 @@ impl RedisStore {
     }
 
     /// Connects slot `slot` in the background on the current runtime, retrying with back-off.
-    fn connect_slot(self: &Arc<Self>, slot: usize) {
-        let weak = Arc::downgrade(self);
+    fn connect_slot(&self, slot: usize) {
+        let weak = self.me.clone();
         let cfg = self.cfg.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
@@ -155,6 +183,7 @@ impl RedisStore {
                     Ok(c) => {
                         if let Some(s) = weak.upgrade() {
                             s.conns[slot].store(Some(Arc::new(c)));
+                            s.reconnecting[slot].store(false, Ordering::Release);
                             if slot == 0 {
                                 tracing::info!("connected to Redis");
                             }
@@ -173,111 +202,171 @@ impl RedisStore {
         });
     }
 
-    async fn call(&self, script: &Script, key: &str, args: &[u64]) -> Result<Vec<i64>, StoreError> {
-        let conn = self.conn()?;
-        let mut inv = script.key(key);
-        for a in args {
-            inv.arg(*a);
-        }
+    /// Runs one or two scripts (`EVALSHA` each, sent together) and returns their integer replies,
+    /// within the store's timeout.
+    async fn eval(&self, calls: &[(&Lua, &str, &[u64])]) -> Result<Vec<Vec<i64>>, StoreError> {
+        let (slot, conn) = self.conn()?;
         let started = Instant::now();
-        let fut = async {
+        let res = tokio::time::timeout(self.timeout, async {
             match &*conn {
-                Conn::Single(c) => inv.invoke_async::<Vec<i64>>(&mut c.clone()).await,
-                Conn::Cluster(c) => inv.invoke_async::<Vec<i64>>(&mut c.clone()).await,
+                Conn::Fast(c) => self.eval_fast(c, calls).await,
+                Conn::Single(c) => eval_redis_rs(c, calls).await,
+                Conn::Cluster(c) => eval_redis_rs(c, calls).await,
             }
-        };
-        let res = tokio::time::timeout(self.timeout, fut).await;
+        })
+        .await;
         self.metrics.redis_duration.observe(started.elapsed());
         match res {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
-            Ok(r) => Ok(r?),
+            Ok(Err(
+                e @ StoreError::Fast(RespError::Closed | RespError::Io(_) | RespError::Protocol),
+            )) => {
+                self.lost(slot);
+                Err(e)
+            }
+            Ok(r) => r,
         }
     }
 
-    /// A rate limit and a quota for one request: on a single Redis, both EVALSHAs go out as one
-    /// pipeline (one write, one reply, one timeout); on a cluster, where the two keys may live on
-    /// different nodes, as two calls sent together.
+    async fn eval_fast(
+        &self,
+        c: &resp::Client,
+        calls: &[(&Lua, &str, &[u64])],
+    ) -> Result<Vec<Vec<i64>>, StoreError> {
+        let mut bytes = Vec::with_capacity(128 * calls.len());
+        for (lua, key, args) in calls {
+            resp::encode_evalsha(&mut bytes, lua.script.get_hash(), key, args);
+        }
+        let mut replies = c.call(bytes, calls.len()).await?;
+        let noscript =
+            |v: &resp::Value| matches!(v, resp::Value::Error(e) if e.starts_with("NOSCRIPT"));
+        let missing: Vec<usize> = (0..replies.len())
+            .filter(|&i| noscript(&replies[i]))
+            .collect();
+        if !missing.is_empty() {
+            // First use on this server (or after SCRIPT FLUSH): load the missing scripts and run
+            // only those again; a script that did run has already counted this request.
+            let mut again = Vec::new();
+            for &i in &missing {
+                let (lua, key, args) = calls[i];
+                resp::encode(&mut again, &[b"SCRIPT", b"LOAD", lua.code.as_bytes()]);
+                resp::encode_evalsha(&mut again, lua.script.get_hash(), key, args);
+            }
+            let retried = c.call(again, 2 * missing.len()).await?;
+            for (n, &i) in missing.iter().enumerate() {
+                if let Some(resp::Value::Error(e)) = retried.get(2 * n) {
+                    return Err(StoreError::Server(e.clone()));
+                }
+                replies[i] = retried.get(2 * n + 1).cloned().ok_or(StoreError::Reply)?;
+            }
+        }
+        replies
+            .iter()
+            .map(|v| match v {
+                resp::Value::Error(e) => Err(StoreError::Server(e.clone())),
+                v => resp::ints(v).ok_or(StoreError::Reply),
+            })
+            .collect()
+    }
+
+    /// This worker's connection, else the control runtime's; with the slot it came from.
+    fn conn(&self) -> Result<(usize, Arc<Conn>), StoreError> {
+        let slot = crate::upstream::worker_slot();
+        let (slot, conn) = match self.conns[slot].load_full() {
+            Some(c) => (slot, c),
+            None => (
+                0,
+                self.conns[0].load_full().ok_or(StoreError::NotConnected)?,
+            ),
+        };
+        if let Conn::Fast(c) = &*conn {
+            if c.is_closed() {
+                self.lost(slot);
+                return Err(StoreError::NotConnected);
+            }
+        }
+        Ok((slot, conn))
+    }
+
+    /// A fast connection was lost: drop it and reconnect in the background (once).
+    fn lost(&self, slot: usize) {
+        if !self.reconnecting[slot].swap(true, Ordering::AcqRel) {
+            self.conns[slot].store(None);
+            if slot == 0 {
+                tracing::warn!("lost the connection to Redis; reconnecting");
+            }
+            self.connect_slot(slot);
+        }
+    }
+
+    /// A rate limit and a quota for one request, both EVALSHAs sent together (on a single Redis
+    /// as one write with one reply read and one timeout).
     pub async fn rate_and_quota(
         &self,
         rate: (&str, &Gcra),
         quota: (&str, &Window),
     ) -> (Result<Decision, StoreError>, Result<Decision, StoreError>) {
-        let conn = match self.conn() {
-            Ok(c) => c,
-            Err(e) => return (Err(StoreError::NotConnected), Err(e)),
-        };
-        let Conn::Single(single) = &*conn else {
-            return tokio::join!(self.rate(rate.0, rate.1), self.quota(quota.0, quota.1));
-        };
         let (rk, g) = rate;
         let (qk, w) = quota;
-        let mut pipe = redis::pipe();
-        pipe.add_command(evalsha(&self.gcra, rk, &[g.interval_us, g.burst]))
-            .add_command(evalsha(&self.window, qk, &[w.limit, w.width_us(), BUCKETS]));
-        let started = Instant::now();
-        let fut = async {
-            let mut c = single.clone();
-            match pipe.query_async::<(Vec<i64>, Vec<i64>)>(&mut c).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    // First use on this server (or after SCRIPT FLUSH): load both, then retry.
-                    self.gcra.prepare_invoke().load_async(&mut c).await?;
-                    self.window.prepare_invoke().load_async(&mut c).await?;
-                    pipe.query_async::<(Vec<i64>, Vec<i64>)>(&mut c).await
-                }
-                other => other,
+        let rate_args = [g.interval_us, g.burst];
+        let quota_args = [w.limit, w.width_us(), BUCKETS];
+        match self
+            .eval(&[
+                (&self.gcra, rk, &rate_args),
+                (&self.window, qk, &quota_args),
+            ])
+            .await
+        {
+            Ok(v) if v.len() == 2 => (decision(&v[0]), quota_decision(&v[1])),
+            Ok(_) => (Err(StoreError::Reply), Err(StoreError::Reply)),
+            Err(e) => {
+                let again = StoreError::Server(e.to_string());
+                (Err(e), Err(again))
             }
-        };
-        let res = tokio::time::timeout(self.timeout, fut).await;
-        self.metrics.redis_duration.observe(started.elapsed());
-        match res {
-            Err(_) => (
-                Err(StoreError::Timeout(self.timeout)),
-                Err(StoreError::Timeout(self.timeout)),
-            ),
-            Ok(Err(e)) => {
-                let msg = e.to_string();
-                (Err(StoreError::Redis(e)), Err(StoreError::Pipeline(msg)))
-            }
-            Ok(Ok((r, q))) => (decision(&r), quota_decision(&q)),
         }
-    }
-
-    fn conn(&self) -> Result<Arc<Conn>, StoreError> {
-        self.conns[crate::upstream::worker_slot()]
-            .load_full()
-            .or_else(|| self.conns[0].load_full())
-            .ok_or(StoreError::NotConnected)
     }
 
     pub async fn rate(&self, key: &str, g: &Gcra) -> Result<Decision, StoreError> {
         let v = self
-            .call(&self.gcra, key, &[g.interval_us, g.burst])
+            .eval(&[(&self.gcra, key, &[g.interval_us, g.burst])])
             .await?;
-        decision(&v)
+        decision(v.first().ok_or(StoreError::Reply)?)
     }
 
     pub async fn quota(&self, key: &str, w: &Window) -> Result<Decision, StoreError> {
         let v = self
-            .call(&self.window, key, &[w.limit, w.width_us(), BUCKETS])
+            .eval(&[(&self.window, key, &[w.limit, w.width_us(), BUCKETS])])
             .await?;
-        quota_decision(&v)
+        quota_decision(v.first().ok_or(StoreError::Reply)?)
     }
 
     pub async fn refund(&self, key: &str, bucket: u64) -> Result<(), StoreError> {
-        self.call(&self.refund, key, &[bucket]).await.map(|_| ())
+        self.eval(&[(&self.refund, key, &[bucket])])
+            .await
+            .map(|_| ())
     }
 }
 
-/// `EVALSHA sha 1 key args...`, as `Script::invoke_async` sends it.
-fn evalsha(script: &Script, key: &str, args: &[u64]) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(1).arg(key);
-    for a in args {
-        cmd.arg(*a);
+/// The scripts through redis-rs (TLS, cluster): one `invoke_async` each (it loads a missing
+/// script and retries just that one), sent together on the multiplexed connection; on a cluster
+/// the keys of a rate limit and a quota may live on different nodes.
+async fn eval_redis_rs<C: redis::aio::ConnectionLike + Clone>(
+    c: &C,
+    calls: &[(&Lua, &str, &[u64])],
+) -> Result<Vec<Vec<i64>>, StoreError> {
+    let futs = calls.iter().map(|(lua, key, args)| {
+        let mut c = c.clone();
+        let mut inv = lua.script.key(*key);
+        for a in *args {
+            inv.arg(*a);
+        }
+        async move { inv.invoke_async::<Vec<i64>>(&mut c).await }
+    });
+    let mut out = Vec::with_capacity(calls.len());
+    for r in futures_util::future::join_all(futs).await {
+        out.push(r?);
     }
-    cmd
+    Ok(out)
 }
 
 /// The window script's reply: a decision plus the bucket a granted request was counted in.
@@ -314,6 +403,18 @@ async fn connect(cfg: &RedisConfig) -> Result<Conn, redis::RedisError> {
         return Ok(Conn::Cluster(conn));
     }
     let addr = cfg.address.as_deref().unwrap_or("127.0.0.1:6379");
+    if !cfg.tls {
+        let target = resp::Target {
+            addr,
+            username: cfg.username.as_deref(),
+            password: &cfg.password,
+            db: cfg.db,
+        };
+        return resp::Client::connect(&target, Duration::from_secs(2))
+            .await
+            .map(Conn::Fast)
+            .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())));
+    }
     let client = redis::Client::open(url(cfg, addr))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))

@@ -464,3 +464,40 @@ async fn redis_slower_than_its_timeout_fails_open_within_the_timeout() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A script missing on the server (first use, SCRIPT FLUSH) is loaded and run again on its own:
+/// when the rate script ran and only the quota script was missing, the request is counted once
+/// against the rate limit, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_script_reruns_only_that_script() {
+    let redis = RedisServer::start();
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let gw = Gateway::start(&format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\n{}\
+         rateLimiting: {{enabled: true, ratePerSecond: 1, burst: 5, key: \"header:x-api-key\"}}\n\
+         services:\n  - name: users\n    path: /users/\n    backends: [\"{url}\"]\n\
+         \x20   quota: {{enabled: true, limit: 1000, period: 1h, key: \"header:x-api-key\"}}\n\
+         \x20 - name: other\n    path: /other/\n    backends: [\"{url}\"]\n",
+        redis_block(&redis, ""),
+        url = b.url()
+    ))
+    .await;
+    wait_until_redis_used(&redis, &gw, "warm").await;
+    redis.cli(&["SCRIPT", "FLUSH"]);
+    // The rate script alone (loaded again on NOSCRIPT): 4 of 5 left.
+    let (s, h) = call(gw.port, "/other/1", Some("k")).await;
+    assert_eq!(s, 200);
+    let rate = |h: &http::HeaderMap| {
+        h.get("ratelimit")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(rate(&h).contains("\"rate\";r=4;"), "{:?}", h);
+    // Rate and quota together: the rate script runs, the quota script is missing and reruns
+    // alone, so the rate limit counts this request once: 3 left.
+    let (s, h) = call(gw.port, "/users/1", Some("k")).await;
+    assert_eq!(s, 200);
+    assert!(rate(&h).contains("\"rate\";r=3;"), "{}", rate(&h));
+    assert!(rate(&h).contains("\"quota\";r=999;"), "{}", rate(&h));
+}
