@@ -360,7 +360,16 @@ async fn redis_cluster_hosts_the_limits() {
     require_tool("redis-cli");
     let nodes: Vec<RedisServer> = (0..3)
         .map(|_| {
-            RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            // The cluster bus port is given too (its default, port + 10000, is not reserved).
+            let bus = free_port().to_string();
+            RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ])
         })
         .collect();
     let addrs: Vec<String> = nodes

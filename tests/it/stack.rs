@@ -24,20 +24,6 @@ struct Stack {
     backends: [u16; 3],
 }
 
-/// A free port p with p+1 .. p+extra free too.
-fn free_run(extra: u16) -> u16 {
-    for _ in 0..200 {
-        let p = free_port();
-        if p > 65000 {
-            continue;
-        }
-        if (1..=extra).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
-    panic!("no run of free ports");
-}
-
 impl Stack {
     fn new() -> Stack {
         let root = temp_dir("stack");

@@ -17,9 +17,46 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A loopback port for a server a test starts later (nginx, consul, a gateway).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().unwrap().port()
+    free_run(0)
+}
+
+/// A free port p with p+1 ..= p+extra free too (consul takes several consecutive ports).
+///
+/// A port probed free and bound later can be taken in between; ports from the kernel's ephemeral
+/// range (bind to port 0, and the source port of every outgoing connection) are the ones that get
+/// taken. So these come from just below that range, handed out once per test process by a counter
+/// (starting at an offset from the process id), and each is checked to be bindable.
+pub fn free_run(extra: u16) -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let width = 10_000u64.min(low.saturating_sub(1024));
+    assert!(
+        width > 1000,
+        "the ephemeral port range starts at {low}: no room below it for test ports"
+    );
+    let base = low - width;
+    let _ = NEXT.compare_exchange(
+        0,
+        u64::from(std::process::id()) * 97 % width + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..width {
+        let start = NEXT.fetch_add(u64::from(extra) + 1, Ordering::Relaxed) % width;
+        if start + u64::from(extra) >= width {
+            continue;
+        }
+        let p = (base + start) as u16;
+        if (0..=extra).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+    panic!("no free run of {} loopback ports below {low}", extra + 1);
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
