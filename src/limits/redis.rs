@@ -1,5 +1,6 @@
 //! The Redis store: each limit check is one Lua script (EVALSHA, loaded on NOSCRIPT) that checks
-//! and updates atomically, on a multiplexed connection so a request's checks are pipelined.
+//! and updates atomically; a request's checks are sent together on the worker's own connection
+//! (the pipelined client in `resp.rs` for a single plain-TCP Redis, redis-rs for TLS and clusters).
 //! Redis's own clock (TIME) is used, so every gateway instance agrees on time.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -32,28 +32,28 @@ const HOP_BY_HOP: [&str; 6] = [
 const HOP_CONNECTION: u8 = 1 << 6;
 const HOP_UPGRADE: u8 = 1 << 7;
 
-/// Which hop-by-hop headers are present, as bits (HOP_BY_HOP order, then Connection, Upgrade).
-fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
-    let mut bits = 0;
-    for name in headers.keys() {
-        bits |= match name.as_str() {
-            "connection" => HOP_CONNECTION,
-            "upgrade" => HOP_UPGRADE,
-            n => HOP_BY_HOP
-                .iter()
-                .position(|h| *h == n)
-                .map_or(0, |i| 1 << i),
-        };
+/// A header name's hop-by-hop bit (HOP_BY_HOP order, then Connection, Upgrade), or 0.
+fn hop_bit(name: &str) -> u8 {
+    match name {
+        "connection" => HOP_CONNECTION,
+        "upgrade" => HOP_UPGRADE,
+        n => HOP_BY_HOP
+            .iter()
+            .position(|h| *h == n)
+            .map_or(0, |i| 1 << i),
     }
-    bits
+}
+
+/// Which hop-by-hop headers are present, as bits: one pass over the names.
+fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
+    headers.keys().fold(0, |bits, n| bits | hop_bit(n.as_str()))
 }
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in Connection.
 /// When `keep_upgrade` is set, `Connection: upgrade` and `Upgrade` survive (WebSocket).
-/// One pass over the names finds which are present; only those are removed (a response usually
-/// carries just `Connection: keep-alive`).
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let present = hop_by_hop_present(headers);
+/// `present` (from `hop_by_hop_present` or `scan_headers`) says which are there; only those are
+/// removed (a response usually carries just `Connection: keep-alive`).
+fn strip_hop_by_hop(headers: &mut HeaderMap, present: u8, keep_upgrade: bool) {
     if present & HOP_CONNECTION != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -80,23 +80,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// One pass over the request's header names: whether any hop-by-hop header, and whether any
-/// gateway-owned identity header, is present. Most requests carry neither, and then the
-/// removals (a hash and a probe per name) are skipped.
-fn scan_headers(headers: &HeaderMap, identity: &[HeaderName]) -> (bool, bool) {
-    let (mut hop, mut ident) = (false, false);
+/// One pass over the request's header names: which hop-by-hop headers are present (as
+/// `hop_by_hop_present` bits), and whether any gateway-owned identity header is. Most requests
+/// carry neither, and then the removals (a hash and a probe per name) are skipped.
+fn scan_headers(headers: &HeaderMap, identity: &[HeaderName]) -> (u8, bool) {
+    let (mut hop, mut ident) = (0, false);
     for name in headers.keys() {
-        hop |= matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "proxy-authorization"
-                | "upgrade"
-        );
+        hop |= hop_bit(name.as_str());
         ident |= identity.iter().any(|h| h == name);
     }
     (hop, ident)
@@ -251,8 +241,8 @@ pub async fn forward(
     parts.uri = upstream_uri(svc, std::mem::take(&mut parts.uri), normalized)?;
     parts.version = Version::HTTP_11;
     let (hop, spoofed) = scan_headers(&parts.headers, &snap.identity_headers);
-    if hop || upgrade {
-        strip_hop_by_hop(&mut parts.headers, upgrade);
+    if hop != 0 || upgrade {
+        strip_hop_by_hop(&mut parts.headers, hop, upgrade);
     }
     add_forwarded_headers(snap, &mut parts.headers, conn, host.as_deref(), request_id);
     // Identity headers come from the gateway only: whatever the client sent is dropped, always.
@@ -399,12 +389,14 @@ pub async fn forward(
                 }
             });
             let (mut parts, _) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, true);
+            let present = hop_by_hop_present(&parts.headers);
+            strip_hop_by_hop(&mut parts.headers, present, true);
             return Ok(Response::from_parts(parts, Body::Empty));
         }
 
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
+        let present = hop_by_hop_present(&parts.headers);
+        strip_hop_by_hop(&mut parts.headers, present, false);
         let body = if http_body::Body::is_end_stream(&body) {
             PoolReturn::new(backend, sender).give_back();
             Body::Incoming(body)
