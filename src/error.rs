@@ -5,7 +5,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::auth::AuthError;
 use crate::body::Body;
-use crate::proxy::route::PathError;
+use crate::rules::path::PathError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -34,6 +34,14 @@ pub enum GatewayError {
     BadRequest(&'static str),
     #[error("transfer coding not implemented: only chunked is accepted")]
     UnsupportedTransferCoding,
+    #[error("bad host: {0}")]
+    BadHost(#[from] crate::rules::host::HostError),
+    #[error("method {0} is not allowed")]
+    MethodNotAllowed(&'static str),
+    #[error("{0}")]
+    Headers(#[from] crate::rules::headers::HeaderError),
+    #[error("the request body stopped arriving before it was complete")]
+    RequestTimeout,
     #[error("no healthy backend")]
     NoHealthyBackend,
     #[error("could not connect to any backend")]
@@ -55,7 +63,15 @@ impl GatewayError {
             GatewayError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadBody(_) | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadBody(_) | GatewayError::BadRequest(_) | GatewayError::BadHost(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::Headers(e) if e.is_too_large() => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            GatewayError::Headers(_) => StatusCode::BAD_REQUEST,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             GatewayError::NoHealthyBackend | GatewayError::ConnectFailed => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -73,6 +89,10 @@ impl GatewayError {
             | GatewayError::BodyTooLarge(_)
             | GatewayError::BadBody(_)
             | GatewayError::BadRequest(_)
+            | GatewayError::BadHost(_)
+            | GatewayError::MethodNotAllowed(_)
+            | GatewayError::Headers(_)
+            | GatewayError::RequestTimeout
             | GatewayError::UnsupportedTransferCoding
             | GatewayError::Unauthorized(_)
             | GatewayError::TooManyRequests => Side::Client,
@@ -91,6 +111,9 @@ impl GatewayError {
             self,
             GatewayError::BadBody(_)
                 | GatewayError::BadRequest(_)
+                | GatewayError::BadHost(_)
+                | GatewayError::Headers(_)
+                | GatewayError::RequestTimeout
                 | GatewayError::UnsupportedTransferCoding
                 | GatewayError::BodyTooLarge(_)
         )

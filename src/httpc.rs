@@ -35,6 +35,56 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// A URL as it may be shown or logged: userinfo and query values replaced by `<redacted>`
+/// (`https://u:p@h/jwks?api_key=x` → `https://<redacted>@h/jwks?api_key=<redacted>`). Works on
+/// any string, URL or not; the fragment is dropped.
+pub fn redact_url(url: &str) -> String {
+    const R: &str = "<redacted>";
+    let url = url.split('#').next().unwrap_or("");
+    let (before_query, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = String::with_capacity(url.len() + 16);
+    let (scheme, rest) = match before_query.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, before_query),
+    };
+    if let Some(s) = scheme {
+        out.push_str(s);
+        out.push_str("://");
+    }
+    let auth_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(auth_end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => {
+            out.push_str(R);
+            out.push('@');
+            out.push_str(host);
+        }
+        None => out.push_str(authority),
+    }
+    out.push_str(path);
+    if let Some(q) = query {
+        out.push('?');
+        for (i, pair) in q.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, _)) => {
+                    out.push_str(k);
+                    out.push('=');
+                    out.push_str(R);
+                }
+                None if pair.is_empty() => {}
+                None => out.push_str(R),
+            }
+        }
+    }
+    out
+}
+
 /// Where requests go: scheme, host, port; and TLS settings for https.
 #[derive(Clone)]
 pub struct Endpoint {

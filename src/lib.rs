@@ -19,6 +19,7 @@ pub mod lingering;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
+pub mod rules;
 pub mod server;
 pub mod snapshot;
 pub mod state;

@@ -29,6 +29,10 @@ pub struct ServiceRt {
     pub auth: bool,
     /// Rate limit and quota of this route, if any.
     pub limits: Option<crate::limits::RoutePolicies>,
+    /// What this route does with `%2F`, `%5C` and `\\` in paths.
+    pub escaped_slashes: crate::config::EscapedSlashes,
+    /// `Upgrade` protocol tokens tunnelled on this route (lower-case).
+    pub allowed_upgrades: Vec<String>,
 }
 
 pub struct Snapshot {
@@ -41,6 +45,8 @@ pub struct Snapshot {
     pub auth: Option<Arc<Authenticator>>,
     /// Headers only the gateway sets upstream; removed from every client request.
     pub identity_headers: Vec<HeaderName>,
+    /// Bearer token the admin listener requires (all paths but /healthz and /readyz).
+    pub admin_token: Option<Arc<str>>,
 }
 
 impl Snapshot {
@@ -111,6 +117,8 @@ impl Snapshot {
                     s.rate_limiting.as_ref(),
                     s.quota.as_ref(),
                 ),
+                escaped_slashes: s.escaped_slashes,
+                allowed_upgrades: s.allowed_upgrades.clone(),
             });
             routes.push(Route {
                 path: s.path.clone(),
@@ -125,7 +133,16 @@ impl Snapshot {
             });
             services.push(rt);
         }
+        let admin_token = config.admin_token_value().map_err(|message| {
+            ConfigErrors(vec![ConfigError {
+                file: config.file.clone(),
+                line: 0,
+                key: "adminTokenFile".into(),
+                message,
+            }])
+        })?;
         Ok(Snapshot {
+            admin_token: admin_token.map(Arc::from),
             generation,
             auth,
             identity_headers,

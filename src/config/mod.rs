@@ -67,6 +67,33 @@ pub enum PathType {
     Exact,
 }
 
+/// What to do with `%2F`, `%5C` and raw `\\` in a request path (`escapedSlashes`).
+/// `%00` is refused whatever the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EscapedSlashes {
+    /// 400 (the default, as Traefik's encoded-character filter).
+    #[default]
+    Reject,
+    /// Forwarded as they came (for APIs that put `%2F` in ids); never a separator for routing.
+    Keep,
+    /// Decoded to `/` before normalisation and routing, so they are separators everywhere.
+    Decode,
+}
+
+/// What to do with request header names containing `_` (`underscoreHeaders`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UnderscoreHeaders {
+    /// Removed before the request is looked at (nginx's `underscores_in_headers off`).
+    #[default]
+    Drop,
+    /// 400.
+    Reject,
+    /// Kept and forwarded.
+    Allow,
+}
+
 /// A static backend address, `http://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct BackendAddr {
@@ -128,6 +155,7 @@ pub struct Authentication {
     pub enabled: bool,
     pub public_key_path: Option<String>,
     pub public_keys: Vec<String>,
+    #[serde(serialize_with = "redact_url")]
     pub jwks_url: Option<String>,
     pub algorithms: Vec<String>,
     pub issuer: Option<String>,
@@ -203,6 +231,10 @@ pub struct Service {
     pub authentication: Option<bool>,
     pub rate_limiting: Option<RateLimit>,
     pub quota: Option<Quota>,
+    /// `escapedSlashes` for this route (default: the top-level value).
+    pub escaped_slashes: EscapedSlashes,
+    /// `allowedUpgrades`: the `Upgrade` tokens tunnelled on this route, lower-case.
+    pub allowed_upgrades: Vec<String>,
 }
 
 /// A validated configuration, defaults applied. Produced by [`parse`].
@@ -234,6 +266,18 @@ pub struct Config {
     #[serde(with = "secs")]
     pub shutdown_timeout: Duration,
     pub trusted_proxies: Vec<String>,
+    /// Most request header fields accepted (431 beyond).
+    pub max_header_count: u64,
+    pub underscore_headers: UnderscoreHeaders,
+    /// Default `escapedSlashes` for every service.
+    pub escaped_slashes: EscapedSlashes,
+    /// Default `allowedUpgrades` for every service.
+    pub allowed_upgrades: Vec<String>,
+    /// Bearer token for the admin listener (`adminToken`); see [`Config::admin_token_source`].
+    #[serde(serialize_with = "redact_opt")]
+    pub admin_token: Option<String>,
+    /// `adminTokenFile`: a file holding the admin token.
+    pub admin_token_file: Option<String>,
     /// Directory of the config file, for resolving relative key paths.
     #[serde(skip)]
     pub base_dir: Option<std::path::PathBuf>,
@@ -251,6 +295,13 @@ mod secs {
 
 fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(if v.is_empty() { "" } else { "<redacted>" })
+}
+
+fn redact_url<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(u) => s.serialize_str(&crate::httpc::redact_url(u)),
+        None => s.serialize_none(),
+    }
 }
 
 fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -284,6 +335,12 @@ const TOP_KEYS: &[&str] = &[
     "shutdownTimeout",
     "trustedProxies",
     "loadBalancing",
+    "maxHeaderCount",
+    "underscoreHeaders",
+    "escapedSlashes",
+    "allowedUpgrades",
+    "adminToken",
+    "adminTokenFile",
 ];
 
 const SERVICE_KEYS: &[&str] = &[
@@ -305,6 +362,8 @@ const SERVICE_KEYS: &[&str] = &[
     "authentication",
     "rateLimiting",
     "quota",
+    "escapedSlashes",
+    "allowedUpgrades",
 ];
 
 const METHODS: &[&str] = &[
@@ -466,13 +525,15 @@ fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
 }
 
 fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<BackendAddr> {
+    // Error messages show the URL with any userinfo and query values redacted.
+    let shown = crate::httpc::redact_url(s);
     let rest = match s.split_once("://") {
         Some(("http", rest)) => rest,
         Some((scheme, _)) => {
             r.err(
                 line,
                 path,
-                format!("unsupported scheme {scheme:?} in {s:?} (backends are http://host:port)"),
+                format!("unsupported scheme {scheme:?} in {shown:?} (backends are http://host:port)"),
             );
             return None;
         }
@@ -483,7 +544,7 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
         r.err(
             line,
             path,
-            format!("backend {s:?} must be http://host:port with no path"),
+            format!("backend {shown:?} must be http://host:port with no path"),
         );
         return None;
     }
@@ -491,7 +552,7 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
         match v6.split_once(']') {
             Some((h, p)) => (h.to_string(), p.strip_prefix(':').unwrap_or("")),
             None => {
-                r.err(line, path, format!("bad IPv6 address in {s:?}"));
+                r.err(line, path, format!("bad IPv6 address in {shown:?}"));
                 return None;
             }
         }
@@ -507,7 +568,7 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
         match port.parse::<u16>() {
             Ok(p) if p > 0 => p,
             _ => {
-                r.err(line, path, format!("bad port in backend {s:?}"));
+                r.err(line, path, format!("bad port in backend {shown:?}"));
                 return None;
             }
         }
@@ -517,7 +578,7 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
     {
-        r.err(line, path, format!("bad host in backend {s:?}"));
+        r.err(line, path, format!("bad host in backend {shown:?}"));
         return None;
     }
     Some(BackendAddr { host, port })
@@ -547,7 +608,7 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
             &f.key_path("path"),
             format!("must start with '/', found {svc_path:?}"),
         );
-    } else if crate::proxy::route::normalize_path(&svc_path).as_deref() != Ok(svc_path.as_str()) {
+    } else if crate::rules::path::normalize_path(&svc_path).as_deref() != Ok(svc_path.as_str()) {
         r.err(
             f.key_line("path"),
             &f.key_path("path"),
@@ -581,12 +642,22 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
             format!("service {name:?} needs backends or consulServiceName (or both)"),
         );
     }
-    let hosts = r
-        .string_list(&f, "hosts")
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(h, _)| h.to_ascii_lowercase())
-        .collect();
+    let mut hosts = Vec::new();
+    for (h, line) in r.string_list(&f, "hosts").unwrap_or_default() {
+        // The same canonical form requests are matched in (rules::host); `*.` may lead.
+        let (wild, name) = match h.strip_prefix("*.") {
+            Some(rest) => ("*.", rest),
+            None => ("", h.as_str()),
+        };
+        match crate::rules::host::canonical_name(name.as_bytes()) {
+            Ok(c) => hosts.push(format!("{wild}{c}")),
+            Err(e) => r.err(
+                line,
+                &f.key_path("hosts"),
+                format!("{h:?}: {e} (expected a host name such as api.example.com or *.example.com, no port)"),
+            ),
+        }
+    }
     let mut methods = Vec::new();
     for (m, line) in r.string_list(&f, "methods").unwrap_or_default() {
         let up = m.to_ascii_uppercase();
@@ -615,7 +686,12 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
     let quota = f
         .get("quota")
         .map(|n| read_quota(r, n, &f.key_path("quota")));
+    let escaped_slashes = read_escaped_slashes(r, &f).unwrap_or(top.escaped_slashes);
+    let allowed_upgrades =
+        read_upgrades(r, &f).unwrap_or_else(|| top.allowed_upgrades.clone());
     Service {
+        escaped_slashes,
+        allowed_upgrades,
         line: f.line,
         path: svc_path,
         path_type,
@@ -646,6 +722,40 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
         quota,
         name,
     }
+}
+
+fn read_escaped_slashes(r: &mut Reader, f: &Fields) -> Option<EscapedSlashes> {
+    match r
+        .choice(f, "escapedSlashes", &["reject", "keep", "decode"])
+        .as_deref()
+    {
+        Some("keep") => Some(EscapedSlashes::Keep),
+        Some("decode") => Some(EscapedSlashes::Decode),
+        Some(_) => Some(EscapedSlashes::Reject),
+        None => None,
+    }
+}
+
+/// `allowedUpgrades`: protocol tokens (RFC 9110 `token`, compared case-insensitively).
+fn read_upgrades(r: &mut Reader, f: &Fields) -> Option<Vec<String>> {
+    let list = r.string_list(f, "allowedUpgrades")?;
+    let mut out = Vec::new();
+    for (t, line) in list {
+        let ok = !t.is_empty()
+            && t.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
+            });
+        if ok {
+            out.push(t.to_ascii_lowercase());
+        } else {
+            r.err(
+                line,
+                &f.key_path("allowedUpgrades"),
+                format!("{t:?} is not a protocol token (e.g. websocket)"),
+            );
+        }
+    }
+    Some(out)
 }
 
 fn read_lb(r: &mut Reader, f: &Fields) -> Option<LoadBalancing> {
@@ -862,7 +972,10 @@ fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
             r.err(
                 f.key_line("address"),
                 "consul.address",
-                format!("expected host:port or http(s)://host:port, found {a:?}"),
+                format!(
+                    "expected host:port or http(s)://host:port, found {:?}",
+                    crate::httpc::redact_url(a)
+                ),
             );
         }
     }
@@ -916,6 +1029,21 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
             .duration(&f, "shutdownTimeout")
             .unwrap_or(Duration::from_secs(30)),
         trusted_proxies: Vec::new(),
+        max_header_count: r
+            .uint(&f, "maxHeaderCount", 1, 10_000)
+            .unwrap_or(100),
+        underscore_headers: match r
+            .choice(&f, "underscoreHeaders", &["drop", "reject", "allow"])
+            .as_deref()
+        {
+            Some("reject") => UnderscoreHeaders::Reject,
+            Some("allow") => UnderscoreHeaders::Allow,
+            _ => UnderscoreHeaders::Drop,
+        },
+        escaped_slashes: read_escaped_slashes(r, &f).unwrap_or_default(),
+        allowed_upgrades: read_upgrades(r, &f).unwrap_or_else(|| vec!["websocket".into()]),
+        admin_token: r.string(&f, "adminToken").filter(|s| !s.is_empty()),
+        admin_token_file: r.string(&f, "adminTokenFile").filter(|s| !s.is_empty()),
         base_dir: None,
         file: r.file.clone(),
     };
@@ -1032,6 +1160,23 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
             "must differ from gatewayPort",
         );
     }
+    if cfg.admin_token.is_some() && cfg.admin_token_file.is_some() {
+        r.err(
+            f.key_line("adminTokenFile"),
+            "adminTokenFile",
+            "set adminToken or adminTokenFile, not both",
+        );
+    }
+    if !cfg.admin_bind.is_loopback() && !cfg.has_admin_token_source() {
+        r.err(
+            f.key_line("adminBind"),
+            "adminBind",
+            format!(
+                "the admin listener on {} (not a loopback address) needs a token: set adminToken, adminTokenFile or the {ADMIN_TOKEN_ENV} environment variable",
+                cfg.admin_bind
+            ),
+        );
+    }
     if cfg.admin_port == cfg.gateway_port && cfg.admin_port != 0 {
         r.err(
             f.key_line("adminPort"),
@@ -1040,6 +1185,43 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
         );
     }
     cfg
+}
+
+/// The environment variable read for the admin token when the config names none.
+pub const ADMIN_TOKEN_ENV: &str = "HEXGATE_ADMIN_TOKEN";
+
+impl Config {
+    /// Whether an admin token is configured: `adminToken`, `adminTokenFile`, or the environment.
+    pub fn has_admin_token_source(&self) -> bool {
+        self.admin_token.is_some()
+            || self.admin_token_file.is_some()
+            || std::env::var(ADMIN_TOKEN_ENV).is_ok_and(|v| !v.trim().is_empty())
+    }
+
+    /// The admin token: `adminToken`, else the first line of `adminTokenFile` (relative to the
+    /// config's directory), else `$HEXGATE_ADMIN_TOKEN`; None when none is set.
+    pub fn admin_token_value(&self) -> Result<Option<String>, String> {
+        if let Some(t) = &self.admin_token {
+            return Ok(Some(t.clone()));
+        }
+        if let Some(file) = &self.admin_token_file {
+            let path = match &self.base_dir {
+                Some(dir) if Path::new(file).is_relative() => dir.join(file),
+                _ => std::path::PathBuf::from(file),
+            };
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("adminTokenFile {}: {e}", path.display()))?;
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.is_empty() {
+                return Err(format!("adminTokenFile {}: the file is empty", path.display()));
+            }
+            return Ok(Some(token));
+        }
+        Ok(std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty()))
+    }
 }
 
 fn svc_has_key(n: &Node, key: &str) -> bool {

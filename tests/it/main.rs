@@ -1,13 +1,17 @@
 //! The one integration-test binary: real backends, the real `hexgate` binary, real sockets.
 
+mod admin_security;
 mod auth;
 mod cli;
 mod consul;
 mod demo;
+mod edge;
 mod hardening;
 mod lifecycle;
 mod limits;
+mod limits_diff;
 mod proxy;
 mod stack;
 mod support;
 mod tls;
+mod upstream_faults;

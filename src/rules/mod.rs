@@ -1,0 +1,9 @@
+//! The request rules every listener applies, HTTP/1 and HTTP/2 alike, each in one place:
+//! host canonicalisation ([`host`]), path normalisation and the escaped-separator policy
+//! ([`path`]), and the header-field policy: names, count, size ([`headers`]).
+//!
+//! These modules name nothing above them (no snapshot, no proxy): callers pass the settings in.
+
+pub mod headers;
+pub mod host;
+pub mod path;

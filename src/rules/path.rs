@@ -1,0 +1,197 @@
+//! Path normalisation and the escaped-separator policy, for every listener.
+//!
+//! Normalisation: percent-escapes of unreserved characters are decoded (`/%75sers` is
+//! `/users`), other escapes get upper-case hex and stay encoded (`%2f` is never a separator
+//! unless the route says `escapedSlashes: decode`), runs of `/` collapse to one, and `.`/`..`
+//! segments are resolved (never above the root). A malformed escape is a 400.
+//!
+//! Escaped separators (`%2F`, `%5C`) and raw backslashes are what let `/public/..%2fprivate`
+//! pass a `/public/` route and reach a backend that decodes them; [`scan`] finds them (and
+//! refuses `%00` outright), and the route's [`EscapedSlashes`] decides: reject (400, the
+//! default), keep (forward as they are), decode (separators before normalisation and routing).
+
+use std::borrow::Cow;
+
+pub use crate::config::EscapedSlashes;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("malformed percent-encoding in path")]
+    BadEscape,
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    #[error("%00 in path")]
+    NulByte,
+    #[error("encoded '/' or '\\' (%2F, %5C) or a raw '\\' in path; this route refuses them (escapedSlashes)")]
+    EncodedSeparator,
+}
+
+/// What a raw path holds that the separator policy cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Escapes {
+    /// `%2F`, `%5C` (any case) or a raw `\`.
+    pub separators: bool,
+}
+
+/// One pass over a raw path: refuses `%00`, reports escaped separators.
+pub fn scan(path: &str) -> Result<Escapes, PathError> {
+    let b = path.as_bytes();
+    let mut out = Escapes::default();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => out.separators = true,
+            b'%' if i + 2 < b.len() => {
+                match (b[i + 1], b[i + 2].to_ascii_uppercase()) {
+                    (b'0', b'0') => return Err(PathError::NulByte),
+                    (b'2', b'F') | (b'5', b'C') => out.separators = true,
+                    _ => {}
+                }
+                i += 2;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalises a request path (no query). Borrows when the path is already normal.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
+    normalize(path, false)
+}
+
+/// Normalises with `%2F`, `%5C` and `\` read as `/` (`escapedSlashes: decode`).
+pub fn normalize_path_decoding_separators(path: &str) -> Result<Cow<'_, str>, PathError> {
+    normalize(path, true)
+}
+
+fn normalize(path: &str, separators: bool) -> Result<Cow<'_, str>, PathError> {
+    let b = path.as_bytes();
+    if b.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let needs_work = b.contains(&b'%')
+        || (separators && b.contains(&b'\\'))
+        || b.windows(2).any(|w| w == b"//" || w == b"/.");
+    if !needs_work {
+        return Ok(Cow::Borrowed(path));
+    }
+    // 1. escapes
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let (h, l) = match (
+                b.get(i + 1).and_then(|c| hex(*c)),
+                b.get(i + 2).and_then(|c| hex(*c)),
+            ) {
+                (Some(h), Some(l)) => (h, l),
+                _ => return Err(PathError::BadEscape),
+            };
+            let v = h * 16 + l;
+            if is_unreserved(v) {
+                decoded.push(v as char);
+            } else if separators && (v == b'/' || v == b'\\') {
+                decoded.push('/');
+            } else {
+                decoded.push('%');
+                decoded.push(b[i + 1].to_ascii_uppercase() as char);
+                decoded.push(b[i + 2].to_ascii_uppercase() as char);
+            }
+            i += 3;
+        } else if separators && b[i] == b'\\' {
+            decoded.push('/');
+            i += 1;
+        } else {
+            // `path` is a &str: copy whole multi-byte sequences in order.
+            let ch_len = utf8_len(b[i]);
+            decoded.push_str(&path[i..i + ch_len]);
+            i += ch_len;
+        }
+    }
+    // 2. collapse slashes and resolve dot segments
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut result = String::with_capacity(decoded.len());
+    for s in &out {
+        result.push('/');
+        result.push_str(s);
+    }
+    if trailing || result.is_empty() {
+        result.push('/');
+    }
+    Ok(Cow::Owned(result))
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7F => 1,
+        0xC0..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        _ => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation() {
+        let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
+        assert_eq!(n("/users/1").unwrap(), "/users/1");
+        assert_eq!(n("/public/../private/x").unwrap(), "/private/x");
+        assert_eq!(n("/%2e%2e/private").unwrap(), "/private");
+        assert_eq!(n("/a/%2E%2e/b").unwrap(), "/b");
+        assert_eq!(n("/%75sers/").unwrap(), "/users/");
+        assert_eq!(n("//users//1").unwrap(), "/users/1");
+        assert_eq!(n("/./users/./1").unwrap(), "/users/1");
+        assert_eq!(n("/users%2f..%2fadmin").unwrap(), "/users%2F..%2Fadmin");
+        assert_eq!(n("/../../etc").unwrap(), "/etc");
+        assert_eq!(n("/a/..").unwrap(), "/");
+        assert_eq!(n("/%c0%ae%c0%ae/x").unwrap(), "/%C0%AE%C0%AE/x");
+        assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(n("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(n("x"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn separators() {
+        let s = |p: &str| scan(p).map(|e| e.separators);
+        assert_eq!(s("/a/b"), Ok(false));
+        assert_eq!(s("/a%2fb"), Ok(true));
+        assert_eq!(s("/a%2Fb"), Ok(true));
+        assert_eq!(s("/a%5cb"), Ok(true));
+        assert_eq!(s("/a\\b"), Ok(true));
+        assert_eq!(s("/a%00b"), Err(PathError::NulByte));
+        assert_eq!(s("/a%2"), Ok(false));
+        assert_eq!(s("/a%"), Ok(false));
+        let d = |p: &str| normalize_path_decoding_separators(p).map(|c| c.into_owned());
+        assert_eq!(d("/files/public/..%2fprivate/secret").unwrap(), "/files/private/secret");
+        assert_eq!(d("/a\\..\\b").unwrap(), "/b");
+        assert_eq!(d("/a%5C..%5cb").unwrap(), "/b");
+    }
+}
