@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the untrusted-input paths: the path normaliser, the config reader and the token verifier.
+# Fuzzes the untrusted-input paths: the path normaliser, host canonicalisation, the header-name
+# policy, the config reader and the token verifier.
 #
 #   scripts/fuzz.sh [SECONDS]            coverage-guided (cargo-fuzz, libFuzzer), SECONDS per target
 #                                        (default 60); installs cargo-fuzz if it is missing
@@ -20,7 +21,7 @@ if [ "${1:-}" = "--budget" ]; then
   echo "fuzz (budget): ${secs}s per target, HEXGATE_FUZZ_SEED=$seed"
   HEXGATE_FUZZ_SECONDS="$secs" HEXGATE_FUZZ_SEED="$seed" \
     cargo test --release --locked --lib -- --test-threads 1 --nocapture fuzz:: mutated_tokens 2>&1 \
-    | grep -E "^(normaliser|config|tokens):|^test |test result|panicked|fuzz case failed"
+    | grep -E "^(normaliser|hosts|headers|config|tokens):|^test |test result|panicked|fuzz case failed"
   exit "${PIPESTATUS[0]}"
 fi
 
@@ -32,7 +33,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # Seeds: the repository's configs, and request paths from the tests' tricky cases.
-mkdir -p fuzz/corpus/path fuzz/corpus/config fuzz/corpus/token
+mkdir -p fuzz/corpus/path fuzz/corpus/host fuzz/corpus/headers fuzz/corpus/config fuzz/corpus/token
 for f in config/*.yaml deploy/*/*.yaml; do
   [ -f "$f" ] && cp "$f" "fuzz/corpus/config/seed-$(basename "$(dirname "$f")")-$(basename "$f")"
 done
@@ -42,9 +43,15 @@ for p in /users/1 /public/../private/x /%2e%2e/admin //users//1 /./a/%2F/b /%75s
   i=$((i + 1)); printf '%s' "$p" >"fuzz/corpus/path/seed-$i"
 done
 
+i=0
+for h in admin.example.com admin.example.com. ADMIN.EXAMPLE.COM.:80 "[::1]:8080" evil@x x:80:80 a..b; do
+  i=$((i + 1)); printf '%s' "$h" >"fuzz/corpus/host/seed-$i"
+done
+printf 'x-consumer-id\nx_consumer_id\ntransfer_encoding\nauthorization' >fuzz/corpus/headers/seed-1
+
 cargo fuzz build --sanitizer none -O --debug-assertions
 failed=0
-for target in path config token; do
+for target in path host headers config token; do
   log="fuzz/artifacts/$target.log"
   mkdir -p "fuzz/artifacts/$target"
   if cargo fuzz run --sanitizer none -O --debug-assertions "$target" "fuzz/corpus/$target" -- \

@@ -1,5 +1,7 @@
-//! Fuzz targets for the untrusted-input paths: the path normaliser (every request path), the
-//! config reader and validator (every config file and KV value) and the token verifier.
+//! Fuzz targets for the untrusted-input paths: the path normaliser and the escaped-separator
+//! policy (every request path), host canonicalisation (every Host and `:authority`), the
+//! header-field policy (every request's header names), the config reader and validator (every
+//! config file and KV value) and the token verifier.
 //!
 //! Each target's property lives here as a `check_*` function that panics when it is broken. Two
 //! drivers call them:
@@ -16,7 +18,9 @@ use std::time::Duration;
 use crate::auth::jwt::{self, Policy, SigCheck, TokenError};
 use crate::auth::keys::{self, Alg, Key};
 use crate::auth::tools;
-use crate::proxy::route::normalize_path;
+use crate::rules::headers::{HeaderPolicy, UnderscoreHeaders};
+use crate::rules::host::{self, canonicalize};
+use crate::rules::path::{normalize_path, normalize_path_decoding_separators, scan};
 
 /// The normaliser's properties for any input: no panic; a normalised path is absolute, has no
 /// empty, `.` or `..` segments, no encoded dot segment, and normalising it again changes nothing.
@@ -41,6 +45,106 @@ pub fn check_path(path: &str) {
     }
     let again = normalize_path(&out).expect("a normalised path normalises");
     assert_eq!(again, out, "not idempotent");
+    // The separator policy: `%00` never passes; with `escapedSlashes: decode` no encoded or
+    // raw separator survives, so a backend that decodes them sees the path we routed.
+    let Ok(esc) = scan(path) else { return };
+    if !esc.separators {
+        assert_eq!(
+            normalize_path_decoding_separators(path).ok(),
+            Some(out.clone()),
+            "decoding changed a path without separators"
+        );
+    }
+    if let Ok(dec) = normalize_path_decoding_separators(path) {
+        let d = dec.to_ascii_uppercase();
+        assert!(
+            !d.contains("%2F") && !d.contains("%5C") && !d.contains('\\'),
+            "a separator survived decoding: {dec}"
+        );
+        assert!(!scan(&dec).expect("no %00 after decoding").separators);
+        assert_eq!(normalize_path(&dec).ok().as_deref(), Some(&*dec), "decoded path not normal");
+    }
+}
+
+/// Host canonicalisation's properties for any bytes: no panic; a canonical host is lower-case
+/// ASCII of the allowed bytes, canonical again, and its variants (upper case, one trailing dot,
+/// the default port) canonicalise to it, so they match exactly the routes it matches.
+pub fn check_host(raw: &[u8]) {
+    let Ok(a) = canonicalize(raw, 80) else {
+        return;
+    };
+    let c = a.as_str();
+    assert!(
+        c.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.:[]".contains(&b)),
+        "bad byte in canonical host {c:?}"
+    );
+    assert!(!a.host().is_empty() && !a.host().ends_with('.'), "{c:?}");
+    assert_eq!(
+        canonicalize(c.as_bytes(), 80).as_ref(),
+        Ok(&a),
+        "not idempotent"
+    );
+    let patterns = ["admin.example.com", "*.example.com", a.host()];
+    let mut variants = vec![c.to_ascii_uppercase()];
+    if !a.host().starts_with('[') {
+        let port = &c[a.host().len()..];
+        variants.push(format!("{}.{port}", a.host()));
+        variants.push(format!("{}.{port}", a.host().to_ascii_uppercase()));
+        if port.is_empty() {
+            variants.push(format!("{}.:80", a.host()));
+        }
+    } else if c.len() == a.host().len() {
+        variants.push(format!("{c}:80"));
+    }
+    for v in variants {
+        let b = canonicalize(v.as_bytes(), 80)
+            .unwrap_or_else(|e| panic!("variant {v:?} of {c:?} refused: {e}"));
+        assert_eq!(b, a, "variant {v:?} canonicalises differently");
+        for p in patterns {
+            assert_eq!(
+                host::host_matches(p, b.host()),
+                host::host_matches(p, a.host()),
+                "variant {v:?} matches {p:?} differently"
+            );
+        }
+    }
+}
+
+/// The header-field policy's property: under the default (`underscoreHeaders: drop`) no name
+/// with `_` survives, and every other field does (HeaderMap removal may reorder names, and the
+/// order of distinct names carries no meaning).
+pub fn check_header_names(names: &[&[u8]]) {
+    let mut map = http::HeaderMap::new();
+    for n in names {
+        if let Ok(name) = http::HeaderName::from_bytes(n) {
+            map.append(name, http::HeaderValue::from_static("v"));
+        }
+    }
+    let mut expected: Vec<String> = map
+        .iter()
+        .filter(|(n, _)| !n.as_str().contains('_') && *n != http::header::AUTHORIZATION)
+        .map(|(n, _)| n.as_str().to_string())
+        .collect();
+    let policy = HeaderPolicy {
+        max_count: 10_000,
+        max_bytes: u64::MAX,
+        underscores: UnderscoreHeaders::Drop,
+    };
+    if policy.apply(&mut map).is_err() {
+        return; // refused outright: nothing reaches a backend
+    }
+    for n in map.keys() {
+        assert!(!n.as_str().contains('_'), "{n} survived the default policy");
+    }
+    let mut kept: Vec<String> = map
+        .iter()
+        .filter(|(n, _)| *n != http::header::AUTHORIZATION)
+        .map(|(n, _)| n.as_str().to_string())
+        .collect();
+    expected.sort();
+    kept.sort();
+    assert_eq!(kept, expected, "a field without '_' was lost");
 }
 
 /// The config reader's properties for any text: no panic, and every error names the file and
@@ -233,6 +337,58 @@ mod targets {
             case(budget.seed, &path, || check_path(&path));
         }
         eprintln!("normaliser: {i} random paths, seed {}", budget.seed);
+        assert!(i > 0);
+    }
+
+    const HOST_PIECES: &[&str] = &[
+        "a", "admin", "example", "com", ".", "..", ":", "80", "443", "8080", "65536", "0",
+        "[", "]", "::1", "0:0::1", "@", "/", "%2e", "_", "-", "A", "ADMIN", "\u{e9}", " ",
+        "\\", "?", "#", "*",
+    ];
+
+    /// Random hosts from pieces and random bytes: `check_host` holds.
+    #[test]
+    fn host_canonicalisation_invariants_hold_for_random_hosts() {
+        let budget = Budget::from_env(50_000);
+        let mut rng = fastrand::Rng::with_seed(budget.seed);
+        let mut i = 0;
+        let mut valid = 0;
+        while budget.more(i) {
+            i += 1;
+            let raw: Vec<u8> = if rng.bool() {
+                (0..rng.usize(0..6))
+                    .flat_map(|_| HOST_PIECES[rng.usize(..HOST_PIECES.len())].bytes())
+                    .collect()
+            } else {
+                (0..rng.usize(0..12)).map(|_| rng.u8(..)).collect()
+            };
+            valid += usize::from(canonicalize(&raw, 80).is_ok());
+            case(budget.seed, &String::from_utf8_lossy(&raw), || check_host(&raw));
+        }
+        eprintln!("hosts: {i} random hosts ({valid} valid), seed {}", budget.seed);
+        assert!(valid > 0, "no valid host generated: the test checks nothing");
+    }
+
+    /// Random header-name sets: no name with `_` survives the default policy.
+    #[test]
+    fn no_underscore_name_survives_the_default_policy() {
+        let budget = Budget::from_env(20_000);
+        let mut rng = fastrand::Rng::with_seed(budget.seed);
+        const PIECES: &[&str] = &["x", "-", "_", "consumer", "id", "transfer", "encoding", "a"];
+        let mut i = 0;
+        while budget.more(i) {
+            i += 1;
+            let names: Vec<Vec<u8>> = (0..rng.usize(0..8))
+                .map(|_| {
+                    (0..rng.usize(1..5))
+                        .flat_map(|_| PIECES[rng.usize(..PIECES.len())].bytes())
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+            case(budget.seed, &names, || check_header_names(&refs));
+        }
+        eprintln!("headers: {i} random name sets, seed {}", budget.seed);
         assert!(i > 0);
     }
 

@@ -124,6 +124,9 @@ fn http_builder(cfg: &Config) -> Builders {
         .header_read_timeout(cfg.timeouts.header_read)
         .idle_timeout(cfg.timeouts.idle)
         .max_buf_size(cfg.max_header_size.max(8192) as usize)
+        // hyper refuses more fields with 431 itself; the exact count and byte limits for both
+        // protocols are rules::headers, applied to every request.
+        .max_headers(cfg.max_header_count as usize)
         .keep_alive(true);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
@@ -139,27 +142,34 @@ fn http_builder(cfg: &Config) -> Builders {
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether a plain connection opens with the HTTP/2 preface, looked at without consuming it.
-/// A client that sends nothing within `limit` is treated as HTTP/1 (whose own header timeout
-/// then closes it).
-async fn starts_with_h2_preface(stream: &TcpStream, limit: Duration) -> bool {
+/// What a plain connection opens with, looked at without consuming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preface {
+    Http2,
+    Http1,
+    /// Nothing (or only part of the HTTP/2 preface) within `headerRead`, or the peer closed:
+    /// the connection is closed, so a silent client holds it for `headerRead` once, not twice.
+    Nothing,
+}
+
+async fn sniff_preface(stream: &TcpStream, limit: Duration) -> Preface {
     let deadline = tokio::time::Instant::now() + limit;
     let mut buf = [0u8; 24];
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let n = match peeked {
             Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
+            _ => return Preface::Nothing,
         };
         if buf[..n] != H2_PREFACE[..n] {
-            return false;
+            return Preface::Http1;
         }
         if n == H2_PREFACE.len() {
-            return true;
+            return Preface::Http2;
         }
         // A partial preface (the client's first segment was short): wait for the rest.
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            return Preface::Nothing;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -446,7 +456,11 @@ async fn serve_conn(
             .await
         }
         None => {
-            let h2 = starts_with_h2_preface(&stream, builder.header_read).await;
+            let h2 = match sniff_preface(&stream, builder.header_read).await {
+                Preface::Http2 => true,
+                Preface::Http1 => false,
+                Preface::Nothing => return,
+            };
             let io = TokioIo::new(crate::lingering::Lingering::new(stream));
             serve_io(state, io, h2, peer, mode, builder, drain).await
         }
@@ -508,12 +522,8 @@ async fn drive<C: Graceful>(conn: C, peer: SocketAddr, mut drain: watch::Receive
 
 /// The seed's behaviour with TLS on: the plain port answers 301 to the same URL over HTTPS.
 fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
+    // Canonical (rules::host), IPv6 already in brackets; an invalid Host gets a neutral name.
     let host = proxy::request_host(req).unwrap_or_else(|| "localhost".into());
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
     let pq = req
         .uri()
         .path_and_query()

@@ -14,7 +14,11 @@ use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::Body;
+use crate::config::EscapedSlashes;
 use crate::error::GatewayError;
+use crate::rules::headers::HeaderPolicy;
+use crate::rules::host::{self, Authority, HostError};
+use crate::rules::path::{self, PathError};
 use crate::snapshot::Snapshot;
 use crate::state::State;
 
@@ -30,7 +34,7 @@ pub struct ConnInfo {
 /// Entry point for every request on the public listeners.
 pub async fn handle(
     state: Arc<State>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
@@ -44,7 +48,12 @@ pub async fn handle(
 
     let mut limit_headers = Vec::new();
     let mut retry_after = None;
-    let (metrics, result) = match route_request(&snap, &req) {
+    let routed = header_policy(&snap).apply(req.headers_mut());
+    let routed = match routed {
+        Ok(()) => route_request(&snap, &req, conn.tls),
+        Err(e) => Err(e.into()),
+    };
+    let (metrics, result) = match routed {
         Ok(routed) => {
             let metrics = routed.service.metrics.clone();
             let res = pipeline(
@@ -97,6 +106,15 @@ pub async fn handle(
         );
     }
     Ok(resp)
+}
+
+/// Step 0: the header-field policy (`rules::headers`) from the snapshot's settings.
+fn header_policy(snap: &Snapshot) -> HeaderPolicy {
+    HeaderPolicy {
+        max_count: snap.config.max_header_count as usize,
+        max_bytes: snap.config.max_header_size,
+        underscores: snap.config.underscore_headers,
+    }
 }
 
 /// Steps 3 to 6 for a routed request: authenticate, apply limits, forward.
@@ -196,20 +214,49 @@ pub struct Routed {
     pub service: Arc<crate::snapshot::ServiceRt>,
     /// The normalised path, when it differs from the request's.
     pub normalized: Option<String>,
-    /// The request's host without port, lower-cased.
-    pub host: Option<String>,
+    /// The request's canonical authority (`rules::host`), sent upstream as Host and
+    /// X-Forwarded-Host.
+    pub host: Option<Authority>,
 }
 
-/// Step 2: the route for a request.
-fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, GatewayError> {
-    let host_header = check_framing(req)?;
-    let path = route::normalize_path(req.uri().path())?;
-    let host = host_of(host_header, req.uri());
+/// Step 2: the route for a request. Host and path go through `rules` first, so HTTP/1 and
+/// HTTP/2 requests are matched on the same canonical values.
+fn route_request(
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+    tls: bool,
+) -> Result<Routed, GatewayError> {
+    let host = check_framing(req, tls)?;
+    let raw_path = req.uri().path();
+    let escapes = path::scan(raw_path)?;
+    let norm = path::normalize_path(raw_path)?;
+    let host_name = host.as_ref().map(Authority::host);
     let route = snap
         .router
-        .find(host.as_deref(), req.method(), &path)
+        .find(host_name, req.method(), &norm)
         .ok_or(GatewayError::NoRoute)?;
-    let changed = match path {
+    let (route, norm) = if !escapes.separators {
+        (route, norm)
+    } else {
+        match route.service.escaped_slashes {
+            EscapedSlashes::Keep => (route, norm),
+            EscapedSlashes::Reject => return Err(PathError::EncodedSeparator.into()),
+            EscapedSlashes::Decode => {
+                // Separators count as separators: route again on the decoded path, and only a
+                // route that also decodes may take it.
+                let decoded = path::normalize_path_decoding_separators(raw_path)?;
+                let route = snap
+                    .router
+                    .find(host_name, req.method(), &decoded)
+                    .ok_or(GatewayError::NoRoute)?;
+                if route.service.escaped_slashes != EscapedSlashes::Decode {
+                    return Err(PathError::EncodedSeparator.into());
+                }
+                (route, std::borrow::Cow::Owned(decoded.into_owned()))
+            }
+        }
+    };
+    let changed = match norm {
         std::borrow::Cow::Owned(p) => Some(p),
         std::borrow::Cow::Borrowed(_) => None,
     };
@@ -220,33 +267,42 @@ fn route_request(snap: &Snapshot, req: &Request<Incoming>) -> Result<Routed, Gat
     })
 }
 
-/// Step 1: refuse requests that two HTTP parsers could read differently. hyper (patched,
-/// see vendor/README.md) already refuses Content-Length with Transfer-Encoding, repeated
-/// Content-Length, obs-fold and bad lengths; this adds the checks on parsed headers.
-/// Returns the request's one Host header, if any.
-fn check_framing<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, GatewayError> {
+/// Step 1: refuse requests that two HTTP parsers could read differently, and find the
+/// request's canonical authority. hyper (patched, see vendor/README.md) already refuses
+/// Content-Length with Transfer-Encoding, repeated Content-Length, obs-fold and bad lengths;
+/// this adds the checks on parsed headers, the same for HTTP/1 and HTTP/2:
+/// one Host at most (required in HTTP/1.1); a Host that is a valid `host[:port]`; when the
+/// request target carries an authority (HTTP/1 absolute form, HTTP/2 `:authority`) and a
+/// Host is present too, both canonicalise to the same value; CONNECT is refused (405).
+fn check_framing<B>(req: &Request<B>, tls: bool) -> Result<Option<Authority>, GatewayError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed("CONNECT"));
+    }
     let headers = req.headers();
     let mut hosts = headers.get_all(header::HOST).iter();
-    let host = hosts.next();
+    let host_header = hosts.next();
     if hosts.next().is_some() {
         return Err(GatewayError::BadRequest("more than one Host header"));
     }
-    if host.is_none() && req.version() == http::Version::HTTP_11 {
+    if host_header.is_none() && req.version() == http::Version::HTTP_11 {
         return Err(GatewayError::BadRequest(
             "HTTP/1.1 request without a Host header",
         ));
     }
-    if let (Some(host), Some(authority)) = (host, req.uri().authority()) {
-        if req.version() < http::Version::HTTP_2
-            && !host
-                .as_bytes()
-                .eq_ignore_ascii_case(authority.as_str().as_bytes())
-        {
-            return Err(GatewayError::BadRequest(
-                "Host header does not match the absolute request target",
-            ));
-        }
-    }
+    let port = host::default_port(tls);
+    let from_header = host_header
+        .map(|h| host::canonicalize(h.as_bytes(), port))
+        .transpose()?;
+    let from_target = req
+        .uri()
+        .authority()
+        .map(|a| host::canonicalize(a.as_str().as_bytes(), port))
+        .transpose()?;
+    let host = match (from_header, from_target) {
+        (Some(h), Some(t)) if h != t => return Err(HostError::Mismatch.into()),
+        (Some(h), _) => Some(h),
+        (None, t) => t,
+    };
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
     if let Some(te) = codings.next() {
         if !te.as_bytes().eq_ignore_ascii_case(b"chunked") || codings.next().is_some() {
@@ -256,22 +312,13 @@ fn check_framing<B>(req: &Request<B>) -> Result<Option<&HeaderValue>, GatewayErr
     Ok(host)
 }
 
-/// The request's host without port, lower-cased (Host header, or the HTTP/2 authority).
+/// The request's canonical host without port (Host header, or the HTTP/2 authority); None
+/// when absent or invalid.
 pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    host_of(req.headers().get(header::HOST), req.uri())
-}
-
-/// [`request_host`] from an already looked-up Host header.
-fn host_of(host_header: Option<&HeaderValue>, uri: &http::Uri) -> Option<String> {
-    let raw = host_header
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))?;
-    let host = if raw.starts_with('[') {
-        raw.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(raw)
-    } else {
-        raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw)
-    };
-    Some(host.to_ascii_lowercase())
+    check_framing(req, false)
+        .ok()
+        .flatten()
+        .map(|a| a.host().to_string())
 }
 
 /// The client's X-Request-Id if it is sane (1-128 of `[A-Za-z0-9._:-]`), else a new random one.
