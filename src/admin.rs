@@ -1,41 +1,183 @@
 //! The admin listener (never the public port): /healthz, /readyz, /metrics, /admin/config,
-//! /admin/upstreams.
+//! /admin/upstreams, /admin/sd.
+//!
+//! It gets the public listener's protections: the header read timeout (`timeouts.headerRead`),
+//! the keep-alive idle timeout (`timeouts.idle`), `maxHeaderSize` and `maxHeaderCount` (hyper's
+//! buffer and field limits, then the same [`HeaderPolicy`] as the public port), and at most
+//! [`MAX_CONNECTIONS`] connections at a time: a permit is taken before `accept`, so excess
+//! connections wait in the kernel's backlog and cost no task. With an admin token (`adminToken`,
+//! `adminTokenFile` or `HEXGATE_ADMIN_TOKEN`), every path but /healthz and /readyz needs
+//! `Authorization: Bearer <token>`; anything else gets 401.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::body::Body;
+use crate::config::Config;
+use crate::rules::headers::HeaderPolicy;
 use crate::state::State;
 
+/// Most admin connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// `WWW-Authenticate` of a 401 from the admin listener.
+pub const WWW_AUTHENTICATE: &str = "Bearer realm=\"hexgate-admin\"";
+
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        // The permit first: at the cap, nothing is accepted (no task, no buffers) until a
+        // connection ends.
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
         };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Built per connection from the current config, so a reload's limits apply to new
+        // connections.
+        let builder = http1_builder(&state.snapshot.load().config);
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move {
-                    if req.uri().path() == "/admin/sd" {
-                        return Ok::<_, Infallible>(service_discovery(&state, &req).await);
-                    }
-                    Ok::<_, Infallible>(handle(&state, req))
-                }
+                async move { Ok::<_, Infallible>(respond(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(error = %e, "admin connection ended with error");
+            }
+            drop(permit);
         });
     }
+}
+
+/// The public listener's HTTP/1 limits (see `server::http_builder`), for the admin port.
+fn http1_builder(cfg: &Config) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read)
+        .idle_timeout(cfg.timeouts.idle)
+        .max_buf_size(usize::try_from(cfg.max_header_size.max(8192)).unwrap_or(usize::MAX))
+        .max_headers(usize::try_from(cfg.max_header_count).unwrap_or(usize::MAX))
+        .keep_alive(true);
+    b
+}
+
+/// One admin request: header policy, then the token, then the endpoint.
+async fn respond(state: &State, mut req: Request<Incoming>) -> Response<Body> {
+    let snap = state.snapshot.load_full();
+    let policy = HeaderPolicy {
+        max_count: usize::try_from(snap.config.max_header_count).unwrap_or(usize::MAX),
+        max_bytes: snap.config.max_header_size,
+        underscores: snap.config.underscore_headers,
+    };
+    if let Err(e) = policy.apply(req.headers_mut()) {
+        let status = if e.is_too_large() {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        return text(status, "text/plain", format!("{e}\n"));
+    }
+    let path = req.uri().path();
+    if path != "/healthz" && path != "/readyz" {
+        if let Some(token) = &snap.admin_token {
+            if let Err(reason) = check_bearer(req.headers(), token) {
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    format!("{reason}\n"),
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(WWW_AUTHENTICATE),
+                );
+                return r;
+            }
+        }
+    }
+    drop(snap);
+    if req.uri().path() == "/admin/sd" {
+        return service_discovery(state, &req).await;
+    }
+    handle(state, req)
+}
+
+/// Checks `Authorization: Bearer <token>` against the admin token; the reason when it fails.
+fn check_bearer(headers: &HeaderMap, token: &str) -> Result<(), &'static str> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err("admin token required: send Authorization: Bearer <token>");
+    };
+    let value = value.as_bytes();
+    let presented = match value.iter().position(|b| *b == b' ') {
+        Some(i) if value[..i].eq_ignore_ascii_case(b"bearer") => value[i + 1..].trim_ascii(),
+        _ => return Err("admin token required: Authorization must use the Bearer scheme"),
+    };
+    if token_eq(presented, token.as_bytes()) {
+        Ok(())
+    } else {
+        Err("invalid admin token")
+    }
+}
+
+/// Constant-time comparison: both sides are hashed first, so neither the time taken nor an
+/// early exit says how much of the token matched, or how long it is.
+fn token_eq(presented: &[u8], expected: &[u8]) -> bool {
+    use ring::digest::{digest, SHA256};
+    let a = digest(&SHA256, presented);
+    let b = digest(&SHA256, expected);
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The config as /admin/config shows it: secrets are redacted by the config's serializer;
+/// addresses that may carry `user:pass@` or `?token=` (Consul, Redis, the JWKS URL) are shown
+/// through `redact_url` here too.
+fn shown_config(cfg: &Config) -> serde_json::Value {
+    use crate::httpc::redact_url;
+    use serde_json::Value;
+    fn redact_at(v: &mut Value, path: &[&str]) {
+        match v.pointer_mut(&format!("/{}", path.join("/"))) {
+            Some(Value::String(s)) => *s = redact_url(s),
+            Some(Value::Array(items)) => {
+                for item in items {
+                    if let Value::String(s) = item {
+                        *s = redact_url(s);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(cfg).unwrap_or(Value::Null);
+    for path in [
+        &["authentication", "jwksUrl"][..],
+        &["consul", "address"],
+        &["redis", "address"],
+        &["redis", "cluster"],
+    ] {
+        redact_at(&mut v, path);
+    }
+    v
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
@@ -127,7 +269,7 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         ),
         "/admin/config" => json(serde_json::json!({
             "generation": snap.generation,
-            "config": &*snap.config,
+            "config": shown_config(&snap.config),
         })),
         "/admin/upstreams" => {
             let services: Vec<_> = snap

@@ -36,35 +36,67 @@ pub fn percent_encode(s: &str) -> String {
 }
 
 /// A URL as it may be shown or logged: userinfo and query values replaced by `<redacted>`
-/// (`https://u:p@h/jwks?api_key=x` → `https://<redacted>@h/jwks?api_key=<redacted>`). Works on
-/// any string, URL or not; the fragment is dropped.
+/// (`https://u:p@h/jwks?api_key=x` → `https://<redacted>@h/jwks?api_key=<redacted>`); query
+/// keys, scheme, host, port and path are kept; the fragment is dropped. Works on any string,
+/// URL or not, and errs on the side of hiding: when the authority is not a plausible
+/// `host[:port]` (a password with a raw `/`, `?` or `#`, as in `http://u:p/w@h`), everything up
+/// to the last `@` is treated as userinfo. Idempotent: redacting twice changes nothing.
 pub fn redact_url(url: &str) -> String {
-    const R: &str = "<redacted>";
-    let url = url.split('#').next().unwrap_or("");
-    let (before_query, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let mut out = String::with_capacity(url.len() + 16);
-    let (scheme, rest) = match before_query.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, before_query),
-    };
-    if let Some(s) = scheme {
-        out.push_str(s);
-        out.push_str("://");
+    /// Whether `s` looks like `host`, `host:port` or `[v6]:port` (a port of digits only), for
+    /// `redact_url`: `user:secret` does not.
+    fn plausible_host_port(s: &str) -> bool {
+        let after_host = match s.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((_, after)) => after,
+                None => return false,
+            },
+            None => match s.rsplit_once(':') {
+                Some((host, _)) if host.contains(':') => return false,
+                Some((_, port)) => return port.bytes().all(|b| b.is_ascii_digit()),
+                None => return true,
+            },
+        };
+        match after_host.strip_prefix(':') {
+            Some(port) => port.bytes().all(|b| b.is_ascii_digit()),
+            None => after_host.is_empty(),
+        }
     }
-    let auth_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(auth_end);
-    match authority.rsplit_once('@') {
-        Some((_, host)) => {
+
+    const R: &str = "<redacted>";
+    let mut out = String::with_capacity(url.len() + 16);
+    // The scheme counts only when `://` comes before any query or fragment.
+    let head_end = url.find(['?', '#']).unwrap_or(url.len());
+    let rest = match url[..head_end].find("://") {
+        Some(i) => {
+            out.push_str(&url[..i + 3]);
+            &url[i + 3..]
+        }
+        None => url,
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..auth_end];
+    let userinfo_end = if authority.contains('@') {
+        authority.rfind('@')
+    } else if !plausible_host_port(authority) {
+        rest.rfind('@')
+    } else {
+        None
+    };
+    let rest = match userinfo_end {
+        Some(i) => {
             out.push_str(R);
             out.push('@');
-            out.push_str(host);
+            &rest[i + 1..]
         }
-        None => out.push_str(authority),
-    }
-    out.push_str(path);
+        None => rest,
+    };
+    // What follows the userinfo: host, path, query; the fragment is dropped.
+    let rest = rest.split('#').next().unwrap_or("");
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    out.push_str(before_query);
     if let Some(q) = query {
         out.push('?');
         for (i, pair) in q.split('&').enumerate() {
@@ -320,4 +352,127 @@ pub async fn get_url(url: &str, timeout: Duration) -> Result<(Bytes, Option<Dura
         })
         .map(Duration::from_secs);
     Ok((body, max_age))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    const R: &str = "<redacted>";
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(
+            redact_url("https://user:s3cret@idp.example.com/jwks"),
+            format!("https://{R}@idp.example.com/jwks")
+        );
+        // User only, password only, a ':' in the password, no scheme.
+        assert_eq!(
+            redact_url("http://token@consul:8500"),
+            format!("http://{R}@consul:8500")
+        );
+        assert_eq!(
+            redact_url("redis://:pw@redis:6379/0"),
+            format!("redis://{R}@redis:6379/0")
+        );
+        assert_eq!(redact_url("http://u:a:b@h:1/"), format!("http://{R}@h:1/"));
+        assert_eq!(redact_url("user:pass@h:8500"), format!("{R}@h:8500"));
+    }
+
+    #[test]
+    fn query_values_are_redacted_keys_kept() {
+        assert_eq!(
+            redact_url("https://idp/jwks?api_key=abc123&v=2"),
+            format!("https://idp/jwks?api_key={R}&v={R}")
+        );
+        // A bare value, an empty pair, an empty value.
+        assert_eq!(
+            redact_url("https://idp/jwks?abc123&&k="),
+            format!("https://idp/jwks?{R}&&k={R}")
+        );
+        // A URL inside a query value is hidden with the value.
+        assert_eq!(
+            redact_url("http://h/cb?next=http://u:p@x/y"),
+            format!("http://h/cb?next={R}")
+        );
+        let both = redact_url("https://u:p@idp:8443/a/b?api_key=abc123");
+        assert_eq!(both, format!("https://{R}@idp:8443/a/b?api_key={R}"));
+        assert!(!both.contains("abc123") && !both.contains("u:p"));
+    }
+
+    #[test]
+    fn nothing_to_hide_is_unchanged() {
+        for u in [
+            "https://idp.example.com/.well-known/jwks.json",
+            "http://consul:8500",
+            "consul:8500",
+            "redis:6379",
+            "http://h/",
+            "",
+        ] {
+            assert_eq!(redact_url(u), u);
+        }
+    }
+
+    #[test]
+    fn ipv6_hosts() {
+        assert_eq!(redact_url("http://[::1]:8500/v1"), "http://[::1]:8500/v1");
+        assert_eq!(
+            redact_url("http://u:p@[2001:db8::1]:8500/v1?token=t"),
+            format!("http://{R}@[2001:db8::1]:8500/v1?token={R}")
+        );
+        assert_eq!(redact_url("[::1]:6379"), "[::1]:6379");
+    }
+
+    #[test]
+    fn at_sign_in_path_is_not_userinfo() {
+        assert_eq!(
+            redact_url("https://h/users/@me/keys"),
+            "https://h/users/@me/keys"
+        );
+        assert_eq!(
+            redact_url("https://u:p@h/users/@me?k=v"),
+            format!("https://{R}@h/users/@me?k={R}")
+        );
+    }
+
+    #[test]
+    fn raw_delimiters_in_a_password_do_not_leak_it() {
+        for (url, secret) in [
+            ("http://admin:p/ss@consul:8500", "p/ss"),
+            ("http://admin:p?ss@consul:8500", "p?ss"),
+            ("http://admin:p#ss@consul:8500/x", "p#ss"),
+        ] {
+            let shown = redact_url(url);
+            assert!(
+                shown.starts_with(&format!("http://{R}@consul:8500")),
+                "{url} -> {shown}"
+            );
+            assert!(
+                !shown.contains(secret) && !shown.contains("admin"),
+                "{url} -> {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn fragment_is_dropped() {
+        assert_eq!(redact_url("https://h/cb#access_token=xyz"), "https://h/cb");
+        assert_eq!(
+            redact_url("https://h/cb?a=1#frag"),
+            format!("https://h/cb?a={R}")
+        );
+    }
+
+    #[test]
+    fn idempotent() {
+        for u in [
+            "https://u:p@h/jwks?api_key=x#f",
+            "http://admin:p/ss@consul:8500",
+            "http://[::1]:1/?a&b=c",
+        ] {
+            let once = redact_url(u);
+            assert_eq!(redact_url(&once), once, "{u}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use hexgate::auth::keys::Alg;
 use hexgate::auth::tools;
 use hexgate::config::{self, Config};
-use hexgate::discovery::consul::ConsulClient;
+use hexgate::discovery::consul::{ConsulClient, ConsulError};
 use hexgate::discovery::kv;
 use hexgate::server::{self, Listeners};
 use hexgate::state::{Overrides, Source, State};
@@ -382,10 +382,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
+/// A Consul client whose address (`consul.address` or CONSUL_HTTP_ADDR, which may carry
+/// `user:pass@` or `?token=`) appears in errors and logs only redacted.
+fn consul_client(cfg: &hexgate::config::Consul) -> Result<ConsulClient, ConsulError> {
+    use hexgate::httpc::{redact_url, HttpError};
+    match ConsulClient::new(cfg) {
+        Ok(mut client) => {
+            client.addr = redact_url(&client.addr);
+            Ok(client)
+        }
+        Err(ConsulError::Http(addr, e)) => Err(ConsulError::Http(
+            redact_url(&addr),
+            match e {
+                HttpError::Url(u) => HttpError::Url(redact_url(&u)),
+                other => other,
+            },
+        )),
+        Err(other) => Err(other),
+    }
+}
+
 /// `run --consul-key`: the config must exist and be valid at start.
 fn run_from_consul(key: String, overrides: Overrides) -> anyhow::Result<()> {
     let (cfg, index) = runtime()?.block_on(async {
-        let client = ConsulClient::new(&hexgate::config::Consul::default())?;
+        let client = consul_client(&hexgate::config::Consul::default())?;
         kv::load(&client, &key).await.map_err(|e| match e {
             kv::KvError::Invalid(errors) => anyhow::Error::new(errors),
             other => anyhow::anyhow!("{other}"),
@@ -413,7 +433,7 @@ fn run_gateway_at(
             || cfg.services.iter().any(|s| s.consul_service_name.is_some())
             || matches!(source, Source::ConsulKv(_));
         let consul = if needs_consul {
-            Some(ConsulClient::new(&cfg.consul)?)
+            Some(consul_client(&cfg.consul)?)
         } else {
             None
         };
@@ -542,7 +562,7 @@ fn config_command(action: ConfigCommand) -> ExitCode {
         }
     };
     let result: anyhow::Result<ExitCode> = rt.block_on(async {
-        let client = ConsulClient::new(&hexgate::config::Consul::default())?;
+        let client = consul_client(&hexgate::config::Consul::default())?;
         match action {
             ConfigCommand::Get { key } => match client.kv_get(&key, 0, std::time::Duration::from_secs(1)).await? {
                 (Some((text, _)), _) => {

@@ -292,8 +292,10 @@ fn b64url(v: &serde_json::Value, field: &str) -> Result<Vec<u8>, KeyError> {
 }
 
 /// Keys from a JWK Set document. Keys marked for encryption, symmetric keys and unknown types are
-/// skipped; a document with no usable key is an error.
+/// skipped; a document with no usable key is an error. `source` (the JWKS URL) is kept on each
+/// key with its userinfo and query values redacted, since it is there for logs.
 pub fn from_jwks(json: &[u8], source: &str) -> Result<Vec<Key>, KeyError> {
+    let source = crate::httpc::redact_url(source);
     let doc: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| KeyError::BadJwks(e.to_string()))?;
     let list = doc
@@ -343,7 +345,7 @@ pub fn from_jwks(json: &[u8], source: &str) -> Result<Vec<Key>, KeyError> {
             kid: jwk.get("kid").and_then(|k| k.as_str()).map(str::to_string),
             alg,
             material,
-            source: source.to_string(),
+            source: source.clone(),
         });
     }
     if keys.is_empty() {

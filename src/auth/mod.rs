@@ -276,6 +276,8 @@ impl Authenticator {
             return false;
         }
         *last = Some(Instant::now());
+        // Logged with its userinfo and query values (api_key=...) redacted.
+        let shown = crate::httpc::redact_url(url);
         match crate::httpc::get_url(url, Duration::from_secs(5)).await {
             Ok((body, max_age)) => match keys::from_jwks(&body, url) {
                 Ok(jwks_keys) => {
@@ -289,7 +291,7 @@ impl Authenticator {
                             generation,
                         }));
                         self.cache.clear();
-                        tracing::info!(url, keys = self.key_count(), "JWKS key set updated");
+                        tracing::info!(url = %shown, keys = self.key_count(), "JWKS key set updated");
                     }
                     self.metrics.record_jwks_refresh(true);
                     drop(last);
@@ -298,13 +300,20 @@ impl Authenticator {
                 }
                 Err(e) => {
                     self.metrics.record_jwks_refresh(false);
-                    tracing::warn!(url, error = %e, "JWKS refresh failed; keeping the last good key set");
+                    tracing::warn!(url = %shown, error = %e, "JWKS refresh failed; keeping the last good key set");
                     false
                 }
             },
             Err(e) => {
                 self.metrics.record_jwks_refresh(false);
-                tracing::warn!(url, error = %e, "JWKS refresh failed; keeping the last good key set");
+                // `HttpError::Url` carries the URL it could not use: show it redacted too.
+                let error = match e {
+                    crate::httpc::HttpError::Url(u) => {
+                        crate::httpc::HttpError::Url(crate::httpc::redact_url(&u))
+                    }
+                    other => other,
+                };
+                tracing::warn!(url = %shown, %error, "JWKS refresh failed; keeping the last good key set");
                 false
             }
         }
