@@ -201,15 +201,15 @@ impl Endpoint {
         };
         let uri: Uri = with_scheme
             .parse()
-            .map_err(|_| HttpError::Url(addr.to_string()))?;
+            .map_err(|_| HttpError::Url(redact_url(addr)))?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(HttpError::Url(addr.to_string())),
+            _ => return Err(HttpError::Url(redact_url(addr))),
         };
         let host = uri
             .host()
-            .ok_or_else(|| HttpError::Url(addr.to_string()))?
+            .ok_or_else(|| HttpError::Url(redact_url(addr)))?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
@@ -319,10 +319,10 @@ where
 
 /// GETs a full URL; returns the body (2xx only) and the Cache-Control max-age, if any.
 pub async fn get_url(url: &str, timeout: Duration) -> Result<(Bytes, Option<Duration>), HttpError> {
-    let uri: Uri = url.parse().map_err(|_| HttpError::Url(url.to_string()))?;
+    let uri: Uri = url.parse().map_err(|_| HttpError::Url(redact_url(url)))?;
     let authority = uri
         .authority()
-        .ok_or_else(|| HttpError::Url(url.to_string()))?;
+        .ok_or_else(|| HttpError::Url(redact_url(url)))?;
     let base = format!(
         "{}://{}",
         uri.scheme_str().unwrap_or("http"),

@@ -196,6 +196,7 @@ pub struct Redis {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Consul {
+    #[serde(serialize_with = "redact_url")]
     pub address: Option<String>,
     #[serde(serialize_with = "redact_opt")]
     pub token: Option<String>,
@@ -907,11 +908,14 @@ fn read_redis(r: &mut Reader, node: &Node) -> Redis {
     );
     let address = r.string(&f, "address").filter(|s| !s.is_empty());
     if let Some(a) = &address {
-        if !a.contains(':') {
+        if !a.contains(':') || a.contains('@') || a.contains('/') {
             r.err(
                 f.key_line("address"),
                 "redis.address",
-                format!("expected host:port, found {a:?}"),
+                format!(
+                    "expected host:port (credentials go in username and password), found {:?}",
+                    crate::httpc::redact_url(a)
+                ),
             );
         }
     }

@@ -264,12 +264,13 @@ impl Gateway {
             .replace("{dir}", &dir.display().to_string());
         std::fs::write(&config, text).unwrap();
         let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        let stdout = std::fs::File::create(dir.join("stdout.log")).unwrap();
         let child = Command::new(bin())
             .args(["run", "--config"])
             .arg(&config)
             .envs(env.iter().copied())
             .env("HEXGATE_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("spawn hexgate");
@@ -322,6 +323,11 @@ impl Gateway {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// What the gateway wrote on stdout (the access log).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
