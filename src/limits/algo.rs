@@ -9,8 +9,9 @@
 //! `cur` (`cur = floor(now / w)`), which covers at least the last `period`, and is admitted when that
 //! sum plus one is at most `limit`. Hence: in any window of length `period`, at most `limit`
 //! requests are admitted (exact on that side), and a request may be refused at most `w` earlier
-//! than an exact log would (the oldest, partly outside bucket is counted in full). State per key:
-//! at most `BUCKETS + 1` counters, whatever the limit.
+//! than an exact log would (the oldest, partly outside bucket is counted in full; plus the rounding
+//! of `BUCKETS * w` above `period`, under `BUCKETS` microseconds). State per key: at most
+//! `BUCKETS + 1` counters, whatever the limit.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

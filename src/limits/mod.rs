@@ -160,9 +160,62 @@ pub struct Limiter {
     key_prefix: String,
     metrics: Arc<Registry>,
     last_warning: AtomicU64,
+    clock: Clock,
 }
 
-fn now_us() -> u64 {
+/// The limiter's time, in microseconds since the Unix epoch.
+///
+/// Production uses [`Clock::System`]: the memory store reads the system clock and the Redis
+/// scripts read Redis's own (`TIME`), so every instance agrees on time. [`Clock::Manual`] is time
+/// set by hand (tests): the memory store uses it, and it is passed to the Redis scripts as their
+/// `now`, so both stores decide at the same instants.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    #[default]
+    System,
+    Manual(ManualClock),
+}
+
+impl Clock {
+    pub fn now_us(&self) -> u64 {
+        match self {
+            Clock::System => system_now_us(),
+            Clock::Manual(m) => m.now_us(),
+        }
+    }
+
+    /// The `now` to pass to the Redis scripts: only for a manual clock (else they use `TIME`).
+    fn manual_us(&self) -> Option<u64> {
+        match self {
+            Clock::System => None,
+            Clock::Manual(m) => Some(m.now_us()),
+        }
+    }
+}
+
+/// A clock that moves only when told to; clones share the same time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(start_us: u64) -> ManualClock {
+        ManualClock(Arc::new(AtomicU64::new(start_us)))
+    }
+
+    pub fn now_us(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn set_us(&self, us: u64) {
+        self.0.store(us, Ordering::Release);
+    }
+
+    pub fn advance_us(&self, by: u64) {
+        self.0.fetch_add(by, Ordering::AcqRel);
+    }
+}
+
+fn system_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -182,6 +235,12 @@ fn secs_ceil(us: u64) -> u64 {
 impl Limiter {
     /// Redis is used when the config names an address or a cluster; otherwise memory only.
     pub fn new(cfg: &Config, metrics: Arc<Registry>) -> Limiter {
+        Limiter::with_clock(cfg, metrics, Clock::System)
+    }
+
+    /// As [`Limiter::new`], with the given clock (tests pass a [`Clock::Manual`]). With Redis,
+    /// this starts connecting in the background, so it must be called inside a tokio runtime.
+    pub fn with_clock(cfg: &Config, metrics: Arc<Registry>, clock: Clock) -> Limiter {
         let redis_cfg = cfg
             .redis
             .as_ref()
@@ -200,6 +259,7 @@ impl Limiter {
                 .unwrap_or_else(|| "hexgate:".into()),
             metrics,
             last_warning: AtomicU64::new(0),
+            clock,
         }
     }
 
@@ -230,7 +290,8 @@ impl Limiter {
 
     fn warn_redis(&self, e: &redis::StoreError) {
         self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
-        let now = now_us() / 1_000_000;
+        // Log throttling is about wall time, whatever clock the limits use.
+        let now = system_now_us() / 1_000_000;
         let last = self.last_warning.load(Ordering::Relaxed);
         if now >= last + 5
             && self
@@ -242,9 +303,12 @@ impl Limiter {
         }
     }
 
-    /// Runs the route's limits for one request. Both checks go to Redis together (pipelined on
-    /// one multiplexed connection); a quota slot taken by a request that the rate limit refuses is
-    /// given back.
+    /// Runs the route's limits for one request, with one rule whatever the store: both limits are
+    /// charged (in Redis, both scripts sent together on one multiplexed connection), and a quota
+    /// slot taken by a request that the rate limit refused is given back, once, where it was taken
+    /// (awaited, within the store timeout, so the next decision sees it). A limit that Redis
+    /// could not decide is decided in memory (failureMode open) or makes the request
+    /// `unavailable` (failureMode closed).
     pub async fn check(
         &self,
         p: &RoutePolicies,
@@ -263,96 +327,102 @@ impl Limiter {
                 },
             }
         };
-        let rate_key = p
+        let rate_limit = p
             .rate
             .as_ref()
-            .map(|r| self.key('r', &r.scope, &ident(&r.key)));
-        let quota_key = p
+            .map(|r| (r, self.key('r', &r.scope, &ident(&r.key))));
+        let quota_limit = p
             .quota
             .as_ref()
-            .map(|q| self.key('q', &q.scope, &ident(&q.key)));
+            .map(|q| (q, self.key('q', &q.scope, &ident(&q.key))));
 
         let (mut rate_failed, mut quota_failed) = (false, false);
-        let (rate, quota) = match &self.redis {
+        let (rate, mut quota) = match &self.redis {
+            None => {
+                let now = self.clock.now_us();
+                (
+                    rate_limit
+                        .as_ref()
+                        .map(|(r, k)| self.memory.rate(k, &r.gcra, now)),
+                    quota_limit
+                        .as_ref()
+                        .map(|(q, k)| self.memory.quota(k, &q.window, now)),
+                )
+            }
             Some(store) => {
-                let (r, q) = match (&p.rate, &rate_key, &p.quota, &quota_key) {
-                    (Some(rp), Some(rk), Some(qp), Some(qk)) => {
-                        let (r, q) = store.rate_and_quota((rk, &rp.gcra), (qk, &qp.window)).await;
+                let at = self.clock.manual_us();
+                let (r, q) = match (&rate_limit, &quota_limit) {
+                    (Some((rp, rk)), Some((qp, qk))) => {
+                        let (r, q) = store
+                            .rate_and_quota((rk, &rp.gcra), (qk, &qp.window), at)
+                            .await;
                         (Some(r), Some(q))
                     }
-                    (Some(rp), Some(rk), _, _) => (Some(store.rate(rk, &rp.gcra).await), None),
-                    (_, _, Some(qp), Some(qk)) => (None, Some(store.quota(qk, &qp.window).await)),
-                    _ => (None, None),
+                    (Some((rp, rk)), None) => (Some(store.rate(rk, &rp.gcra, at).await), None),
+                    (None, Some((qp, qk))) => (None, Some(store.quota(qk, &qp.window, at).await)),
+                    (None, None) => (None, None),
                 };
-                let now = now_us();
-                let r = match r {
-                    Some(Err(e)) => {
-                        self.warn_redis(&e);
-                        rate_failed = true;
-                        match (&p.rate, &rate_key) {
-                            (Some(rp), Some(k)) => Some(self.memory.rate(k, &rp.gcra, now)),
-                            _ => None,
+                for e in [&r, &q]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d.as_ref().err())
+                {
+                    self.warn_redis(e);
+                }
+                rate_failed = matches!(r, Some(Err(_)));
+                quota_failed = matches!(q, Some(Err(_)));
+                if (rate_failed || quota_failed) && self.failure_mode == FailureMode::Closed {
+                    for (i, present) in [r.is_some(), q.is_some()].into_iter().enumerate() {
+                        if present {
+                            metrics.limit_decision(i, 3);
                         }
                     }
-                    other => other.and_then(Result::ok),
+                    return Verdict {
+                        unavailable: true,
+                        ..Verdict::default()
+                    };
+                }
+                // failureMode open: what Redis could not decide is decided in memory.
+                let now = if rate_failed || quota_failed {
+                    self.clock.now_us()
+                } else {
+                    0
                 };
-                let q = match q {
-                    Some(Err(e)) => {
-                        self.warn_redis(&e);
-                        quota_failed = true;
-                        match (&p.quota, &quota_key) {
-                            (Some(qp), Some(k)) => Some(self.memory.quota(k, &qp.window, now)),
-                            _ => None,
+                (
+                    match (r, &rate_limit) {
+                        (Some(Err(_)), Some((rp, rk))) => Some(self.memory.rate(rk, &rp.gcra, now)),
+                        (r, _) => r.and_then(Result::ok),
+                    },
+                    match (q, &quota_limit) {
+                        (Some(Err(_)), Some((qp, qk))) => {
+                            Some(self.memory.quota(qk, &qp.window, now))
                         }
-                    }
-                    other => other.and_then(Result::ok),
-                };
-                (r, q)
-            }
-            None => {
-                let now = now_us();
-                let r = match (&p.rate, &rate_key) {
-                    (Some(rp), Some(k)) => Some(self.memory.rate(k, &rp.gcra, now)),
-                    _ => None,
-                };
-                // The quota is only charged when the rate limit let the request through.
-                let q = match (&p.quota, &quota_key) {
-                    (Some(qp), Some(k)) if r.is_none_or(|d| d.allowed) => {
-                        Some(self.memory.quota(k, &qp.window, now))
-                    }
-                    (Some(qp), Some(k)) => Some(self.memory_peek_quota(k, qp)),
-                    _ => None,
-                };
-                (r, q)
+                        (q, _) => q.and_then(Result::ok),
+                    },
+                )
             }
         };
 
-        let failed = rate_failed || quota_failed;
-        if failed && self.failure_mode == FailureMode::Closed {
-            for (i, present) in [rate.is_some(), quota.is_some()].into_iter().enumerate() {
-                if present {
-                    metrics.limit_decision(i, 3);
-                }
-            }
-            return Verdict {
-                unavailable: true,
-                ..Verdict::default()
-            };
-        }
-
-        // Give back a quota slot taken by a request the rate limit refused.
-        if let (Some(r), Some(q), Some(k)) = (rate, quota, &quota_key) {
+        // Give back the quota slot of a request the rate limit refused, in the store that counted
+        // it; it no longer counts, so one more request remains.
+        if let (Some(r), Some(q), Some((_, qk))) = (&rate, &mut quota, &quota_limit) {
             if !r.allowed && q.allowed {
                 if let Some(bucket) = q.bucket {
-                    match &self.redis {
-                        Some(store) if !quota_failed => {
-                            let store = store.clone();
-                            let k = k.clone();
-                            tokio::spawn(async move {
-                                let _ = store.refund(&k, bucket).await;
-                            });
+                    let given_back = match &self.redis {
+                        Some(store) if !quota_failed => match store.refund(qk, bucket).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                self.warn_redis(&e);
+                                false
+                            }
+                        },
+                        _ => {
+                            self.memory.refund(qk, bucket);
+                            true
                         }
-                        _ => self.memory.refund(k, bucket),
+                    };
+                    if given_back {
+                        q.remaining += 1;
                     }
                 }
             }
@@ -369,36 +439,17 @@ impl Limiter {
         if let Some(d) = &quota {
             metrics.limit_decision(1, result_idx(d, quota_failed));
         }
-        let refused: Vec<&Decision> = [rate.as_ref(), quota.as_ref()]
+        let retry_after = [rate.as_ref(), quota.as_ref()]
             .into_iter()
             .flatten()
             .filter(|d| !d.allowed)
-            .collect();
-        let retry_after = if refused.is_empty() {
-            None
-        } else {
-            Some(
-                refused
-                    .iter()
-                    .map(|d| secs_ceil(d.retry_after_us).max(1))
-                    .max()
-                    .unwrap_or(1),
-            )
-        };
+            .map(|d| secs_ceil(d.retry_after_us).max(1))
+            .max();
         Verdict {
             headers: self.fields(p, rate, quota),
             retry_after,
             unavailable: false,
         }
-    }
-
-    /// A quota decision that charges nothing (used when the rate limit already refused).
-    fn memory_peek_quota(&self, key: &str, q: &QuotaPolicy) -> Decision {
-        let d = self.memory.quota(key, &q.window, now_us());
-        if let Some(b) = d.bucket {
-            self.memory.refund(key, b);
-        }
-        d
     }
 
     fn fields(
@@ -464,3 +515,6 @@ fn push_escaped(out: &mut String, s: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,8 @@
 //! The Redis store: each limit check is one Lua script (EVALSHA, loaded on NOSCRIPT) that checks
 //! and updates atomically; a request's checks are sent together on the worker's own connection
 //! (the pipelined client in `resp.rs` for a single plain-TCP Redis, redis-rs for TLS and clusters).
-//! Redis's own clock (TIME) is used, so every gateway instance agrees on time.
+//! Redis's own clock (TIME) is used, so every gateway instance agrees on time; only a limiter built
+//! with a manual clock (tests) passes its `now` as a trailing argument instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -17,10 +18,15 @@ use super::resp::{self, RespError};
 use crate::config::Redis as RedisConfig;
 use crate::metrics::Registry;
 
+/// ARGV: interval_us, burst[, now_us]. `now_us` is given only by a manual clock (tests); its time
+/// does not pass with Redis's, so its keys get no real-time expiry.
 const GCRA_LUA: &str = r#"
 pcall(redis.replicate_commands)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = tonumber(ARGV[3])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local interval = tonumber(ARGV[1])
 local limit = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
@@ -29,14 +35,22 @@ local new_tat = tat + interval
 if new_tat - now > limit then
   return {0, 0, tat - now, new_tat - now - limit}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.floor((new_tat - now) / 1000) + 1000)
+if ARGV[3] then
+  redis.call('SET', KEYS[1], new_tat)
+else
+  redis.call('SET', KEYS[1], new_tat, 'PX', math.floor((new_tat - now) / 1000) + 1000)
+end
 return {1, math.floor((limit - (new_tat - now)) / interval), new_tat - now, 0}
 "#;
 
+/// ARGV: limit, bucket width_us, buckets[, now_us] (as for GCRA_LUA).
 const WINDOW_LUA: &str = r#"
 pcall(redis.replicate_commands)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = tonumber(ARGV[4])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local limit = tonumber(ARGV[1])
 local w = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -60,15 +74,19 @@ if total + 1 > limit then
   return {0, 0, reset, reset, cur}
 end
 redis.call('HINCRBY', KEYS[1], cur, 1)
-redis.call('PEXPIRE', KEYS[1], math.floor((n + 1) * w / 1000) + 1000)
+if not ARGV[4] then
+  redis.call('PEXPIRE', KEYS[1], math.floor((n + 1) * w / 1000) + 1000)
+end
 if first == nil then first = cur end
 return {1, limit - total - 1, (first + n + 1) * w - now, 0, cur}
 "#;
 
+/// Gives back one admission counted in bucket ARGV[1]; replies `{0}` (every limit script replies
+/// with an array of integers, which is what the store reads).
 const REFUND_LUA: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
 if v ~= nil and v > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
-return 0
+return {0}
 "#;
 
 #[derive(Clone)]
@@ -301,20 +319,22 @@ impl RedisStore {
     }
 
     /// A rate limit and a quota for one request, both EVALSHAs sent together (on a single Redis
-    /// as one write with one reply read and one timeout).
+    /// as one write with one reply read and one timeout). `now`: a manual clock's time (tests),
+    /// else `None` and the scripts use Redis's.
     pub async fn rate_and_quota(
         &self,
         rate: (&str, &Gcra),
         quota: (&str, &Window),
+        now: Option<u64>,
     ) -> (Result<Decision, StoreError>, Result<Decision, StoreError>) {
         let (rk, g) = rate;
         let (qk, w) = quota;
-        let rate_args = [g.interval_us, g.burst];
-        let quota_args = [w.limit, w.width_us(), BUCKETS];
+        let (rate_args, rn) = with_now([g.interval_us, g.burst, 0], now);
+        let (quota_args, qn) = with_now([w.limit, w.width_us(), BUCKETS, 0], now);
         match self
             .eval(&[
-                (&self.gcra, rk, &rate_args),
-                (&self.window, qk, &quota_args),
+                (&self.gcra, rk, &rate_args[..rn]),
+                (&self.window, qk, &quota_args[..qn]),
             ])
             .await
         {
@@ -327,17 +347,25 @@ impl RedisStore {
         }
     }
 
-    pub async fn rate(&self, key: &str, g: &Gcra) -> Result<Decision, StoreError> {
-        let v = self
-            .eval(&[(&self.gcra, key, &[g.interval_us, g.burst])])
-            .await?;
+    pub async fn rate(
+        &self,
+        key: &str,
+        g: &Gcra,
+        now: Option<u64>,
+    ) -> Result<Decision, StoreError> {
+        let (args, n) = with_now([g.interval_us, g.burst, 0], now);
+        let v = self.eval(&[(&self.gcra, key, &args[..n])]).await?;
         decision(v.first().ok_or(StoreError::Reply)?)
     }
 
-    pub async fn quota(&self, key: &str, w: &Window) -> Result<Decision, StoreError> {
-        let v = self
-            .eval(&[(&self.window, key, &[w.limit, w.width_us(), BUCKETS])])
-            .await?;
+    pub async fn quota(
+        &self,
+        key: &str,
+        w: &Window,
+        now: Option<u64>,
+    ) -> Result<Decision, StoreError> {
+        let (args, n) = with_now([w.limit, w.width_us(), BUCKETS, 0], now);
+        let v = self.eval(&[(&self.window, key, &args[..n])]).await?;
         quota_decision(v.first().ok_or(StoreError::Reply)?)
     }
 
@@ -345,6 +373,17 @@ impl RedisStore {
         self.eval(&[(&self.refund, key, &[bucket])])
             .await
             .map(|_| ())
+    }
+}
+
+/// Script arguments whose last slot is the optional `now`: the array and how many to send.
+fn with_now<const N: usize>(mut args: [u64; N], now: Option<u64>) -> ([u64; N], usize) {
+    match now {
+        Some(t) => {
+            args[N - 1] = t;
+            (args, N)
+        }
+        None => (args, N - 1),
     }
 }
 
