@@ -1,32 +1,41 @@
 //! The one body type used both ways: streamed bodies from hyper, or small bodies the gateway writes.
 //! A response body streamed from a pooled upstream connection hands the connection back to its pool
-//! when it ends.
+//! when it ends. A client's request body going upstream is a [`ClientBody`]: it enforces
+//! `maxBodySize` and the body-idle timeout, and records how far the client got, so a failed
+//! exchange can be blamed on the side that caused it.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::upstream::PoolReturn;
 
-/// Errors a body can yield: hyper's, or the gateway's own size limit.
+/// Errors a body can yield: hyper's, or the gateway's own limits.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
     #[error("request body larger than the limit of {0} bytes")]
     TooLarge(u64),
+    /// The upstream wanted more of the body and the client sent nothing for this long.
+    #[error("request body stalled: no data for {0:?}")]
+    Stalled(Duration),
 }
 
 pub enum Body {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
-    /// A client body with a size limit (`maxBodySize`) enforced while streaming:
-    /// (body, limit, bytes seen so far).
-    Limited(Incoming, u64, u64),
+    /// A client's request body on its way upstream (boxed: only requests with a body pay for it).
+    Client(Pin<Box<ClientBody>>),
     /// An upstream response; `ret` gives the connection back to its pool at end of stream.
     Pooled(Incoming, Option<PoolReturn>),
 }
@@ -34,6 +43,146 @@ pub enum Body {
 impl Body {
     pub fn full(b: impl Into<Bytes>) -> Self {
         Body::Full(Some(b.into()))
+    }
+}
+
+/// Where a client's request body stands, as seen by the upstream connection that reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyState {
+    /// Not waiting on the client: not yet asked for, or the last chunk was handed upstream and
+    /// the upstream has not asked for more (it is slow to read, which is not the client's doing).
+    Flowing,
+    /// The upstream asked for more and the client has not sent it yet.
+    AwaitingClient,
+    /// The client's body ended (end of stream seen).
+    Complete,
+    /// The body failed: the client's framing broke, it went away, it stalled or went over the
+    /// size limit.
+    Failed,
+}
+
+/// A [`BodyState`] shared between the body (owned by the upstream connection task) and the
+/// request that sent it (`proxy::forward`), which reads it when the exchange fails.
+#[derive(Debug, Default)]
+pub struct BodyProgress(AtomicU8);
+
+impl BodyProgress {
+    pub fn state(&self) -> BodyState {
+        match self.0.load(Ordering::Acquire) {
+            1 => BodyState::AwaitingClient,
+            2 => BodyState::Complete,
+            3 => BodyState::Failed,
+            _ => BodyState::Flowing,
+        }
+    }
+
+    fn set(&self, s: BodyState) {
+        let v = match s {
+            BodyState::Flowing => 0,
+            BodyState::AwaitingClient => 1,
+            BodyState::Complete => 2,
+            BodyState::Failed => 3,
+        };
+        self.0.store(v, Ordering::Release);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body: the size limit (`maxBodySize`) checked while streaming, and a
+    /// body-idle timeout (nginx's `client_body_timeout`): once the upstream asks for more, the
+    /// client must send some within `idle`, else the body fails with [`BodyError::Stalled`].
+    /// The idle clock runs only while the upstream is waiting on the client, so a backend that
+    /// reads slowly never makes a client look stalled.
+    pub struct ClientBody {
+        inner: Incoming,
+        limit: Option<u64>,
+        seen: u64,
+        idle: Duration,
+        // Whether `timer` is set for the current wait on the client.
+        armed: bool,
+        progress: Arc<BodyProgress>,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+impl ClientBody {
+    /// Wraps `inner`; returns the body and the handle through which its progress is read.
+    pub fn wrap(inner: Incoming, limit: Option<u64>, idle: Duration) -> (Body, Arc<BodyProgress>) {
+        let progress = Arc::new(BodyProgress::default());
+        let body = ClientBody {
+            inner,
+            limit,
+            seen: 0,
+            idle,
+            armed: false,
+            progress: progress.clone(),
+            // Re-armed (`reset`) when a wait on the client begins; never polled before that.
+            timer: tokio::time::sleep(idle),
+        };
+        (Body::Client(Box::pin(body)), progress)
+    }
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut this = self.project();
+        match Pin::new(&mut *this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.armed = false;
+                if let Some(d) = frame.data_ref() {
+                    *this.seen += d.len() as u64;
+                    if let Some(limit) = *this.limit {
+                        if *this.seen > limit {
+                            this.progress.set(BodyState::Failed);
+                            return Poll::Ready(Some(Err(BodyError::TooLarge(limit))));
+                        }
+                    }
+                }
+                // hyper stops polling a body that says it has ended, so this is where a
+                // Content-Length body is seen to be complete.
+                this.progress.set(if this.inner.is_end_stream() {
+                    BodyState::Complete
+                } else {
+                    BodyState::Flowing
+                });
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.progress.set(BodyState::Failed);
+                Poll::Ready(Some(Err(BodyError::Hyper(e))))
+            }
+            Poll::Ready(None) => {
+                this.progress.set(BodyState::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !*this.armed {
+                    *this.armed = true;
+                    this.timer.as_mut().reset(Instant::now() + *this.idle);
+                }
+                if this.timer.poll(cx).is_ready() {
+                    this.progress.set(BodyState::Failed);
+                    return Poll::Ready(Some(Err(BodyError::Stalled(*this.idle))));
+                }
+                this.progress.set(BodyState::AwaitingClient);
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -49,18 +198,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(BodyError::from),
-            Body::Limited(i, limit, seen) => match Pin::new(i).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        *seen += d.len() as u64;
-                        if *seen > *limit {
-                            return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                other => other.map_err(BodyError::from),
-            },
+            Body::Client(c) => c.as_mut().poll_frame(cx),
             Body::Pooled(i, ret) => {
                 let res = Pin::new(&mut *i).poll_frame(cx).map_err(BodyError::from);
                 match &res {
@@ -90,7 +228,8 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Incoming(i) | Body::Pooled(i, _) | Body::Limited(i, _, _) => i.is_end_stream(),
+            Body::Incoming(i) | Body::Pooled(i, _) => i.is_end_stream(),
+            Body::Client(c) => c.is_end_stream(),
         }
     }
 
@@ -99,7 +238,8 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Incoming(i) | Body::Pooled(i, _) | Body::Limited(i, _, _) => i.size_hint(),
+            Body::Incoming(i) | Body::Pooled(i, _) => i.size_hint(),
+            Body::Client(c) => c.size_hint(),
         }
     }
 }

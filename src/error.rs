@@ -50,6 +50,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("upstream failed: {0}")]
     Upstream(String),
+    /// The backend's answer to an upgrade does not complete the handshake the client asked for
+    /// (or switches protocols unasked); nothing is tunnelled.
+    #[error("bad upgrade from the backend: {0}")]
+    BadUpgrade(&'static str),
     #[error("{0}")]
     Internal(String),
 }
@@ -77,7 +81,7 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Upstream(_) | GatewayError::BadUpgrade(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,19 +104,23 @@ impl GatewayError {
             GatewayError::NoHealthyBackend
             | GatewayError::ConnectFailed
             | GatewayError::UpstreamTimeout
-            | GatewayError::Upstream(_) => Side::Upstream,
+            | GatewayError::Upstream(_)
+            | GatewayError::BadUpgrade(_) => Side::Upstream,
             GatewayError::Internal(_) => Side::Gateway,
         }
     }
 
-    /// Framing problems leave the connection in an unknown state: answer, then close it.
+    /// Framing problems leave the connection in an unknown state: answer, then close it. So does
+    /// a failed upgrade: the client may already be sending bytes of the protocol it asked for.
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
             GatewayError::BadBody(_)
+                | GatewayError::BadUpgrade(_)
                 | GatewayError::BadRequest(_)
                 | GatewayError::BadHost(_)
                 | GatewayError::Headers(_)
+                | GatewayError::MethodNotAllowed(_)
                 | GatewayError::RequestTimeout
                 | GatewayError::UnsupportedTransferCoding
                 | GatewayError::BodyTooLarge(_)

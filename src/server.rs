@@ -123,7 +123,9 @@ fn http_builder(cfg: &Config) -> Builders {
     h1.timer(TokioTimer::new())
         .header_read_timeout(cfg.timeouts.header_read)
         .idle_timeout(cfg.timeouts.idle)
-        .max_buf_size(cfg.max_header_size.max(8192) as usize)
+        // The head buffer: the header fields (limited exactly by rules::headers) plus room for
+        // the request line, as nginx's 8k large_client_header_buffers.
+        .max_buf_size((cfg.max_header_size + 8192) as usize)
         // hyper refuses more fields with 431 itself; the exact count and byte limits for both
         // protocols are rules::headers, applied to every request.
         .max_headers(cfg.max_header_count as usize)

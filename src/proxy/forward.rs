@@ -1,17 +1,28 @@
 //! Forwarding to a backend: header rewriting, retries of unsent requests on another backend,
 //! timeouts, passive ejection, response streaming and WebSocket (Upgrade) pass-through.
+//!
+//! Who failed decides what happens: a failure the backend caused counts towards its passive
+//! ejection (`upstream::record_failure`); one the client caused (a body that stopped arriving,
+//! broke or went over the limit, a client that went away) is answered as the client's fault
+//! and never counts against the backend, so no client can eject a shared backend.
+//!
+//! Upgrades: only the route's `allowedUpgrades` tokens are forwarded (default `websocket`); a
+//! request asking for others goes upstream as an ordinary request. A tunnel opens only when the
+//! backend's 101 completes the handshake the client asked for (the right protocol, and for
+//! WebSocket the right `Sec-WebSocket-Accept`); any other 101 is a 502 and nothing is tunnelled.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::{ConnInfo, Routed, X_REQUEST_ID};
-use crate::body::Body;
+use crate::body::{Body, BodyProgress, BodyState, ClientBody};
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::{Backend, PoolReturn};
@@ -106,6 +117,124 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             })
 }
 
+static SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+static SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
+static SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
+/// RFC 6455 section 1.3: appended to the client's key before hashing.
+const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// An upgrade the gateway forwards: what the backend's 101 must show to open a tunnel.
+struct Upgrade {
+    /// The allowed tokens the client offered (lower-case), sent upstream as its Upgrade header.
+    tokens: Vec<String>,
+    /// When `websocket` is among them: the Sec-WebSocket-Accept the client's key calls for.
+    websocket_accept: Option<String>,
+}
+
+/// Whether two Upgrade protocols (`name[/version]`, lower-case) are the same; a side that names
+/// no version matches any.
+fn same_protocol(a: &str, b: &str) -> bool {
+    let (an, av) = a.split_once('/').map_or((a, None), |(n, v)| (n, Some(v)));
+    let (bn, bv) = b.split_once('/').map_or((b, None), |(n, v)| (n, Some(v)));
+    an == bn && (av.is_none() || bv.is_none() || av == bv)
+}
+
+/// Whether the route's `allowedUpgrades` entry `allowed` admits the offered protocol `offered`
+/// (both lower-case): an entry without a version admits every version, one with a version only
+/// that one.
+fn admits(allowed: &str, offered: &str) -> bool {
+    allowed == offered || (!allowed.contains('/') && offered.split('/').next() == Some(allowed))
+}
+
+/// The tokens of every `Upgrade` field in `headers`, trimmed and lower-cased.
+fn upgrade_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The one value of `name` in `headers`, trimmed; None when absent or repeated.
+fn single<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h [u8]> {
+    let mut all = headers.get_all(name).iter();
+    let v = all.next()?;
+    all.next().is_none().then(|| v.as_bytes().trim_ascii())
+}
+
+/// Sec-WebSocket-Accept for a client's Sec-WebSocket-Key: base64(SHA-1(key + GUID)).
+fn websocket_accept(key: &[u8]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(WEBSOCKET_GUID);
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+}
+
+/// What to do with an upgrade request (`is_upgrade`): Ok(Some) to forward the upgrade for the
+/// allowed tokens it offers, Ok(None) when the route allows none of them (the request then goes
+/// upstream as an ordinary one, as nginx does without upgrade configuration), or 400 for a
+/// WebSocket handshake the backend could not complete either (RFC 6455 section 4.2.1).
+fn plan_upgrade(headers: &HeaderMap, allowed: &[String]) -> Result<Option<Upgrade>, GatewayError> {
+    let tokens: Vec<String> = upgrade_tokens(headers)
+        .into_iter()
+        .filter(|t| allowed.iter().any(|a| admits(a, t)))
+        .collect();
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let websocket_accept = if tokens.iter().any(|t| same_protocol(t, "websocket")) {
+        let key = single(headers, &SEC_WEBSOCKET_KEY)
+            .filter(|k| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(k)
+                    .is_ok_and(|raw| raw.len() == 16)
+            })
+            .ok_or(GatewayError::BadRequest(
+                "WebSocket upgrade without a valid Sec-WebSocket-Key (one base64 value of 16 bytes)",
+            ))?;
+        if single(headers, &SEC_WEBSOCKET_VERSION) != Some(b"13".as_slice()) {
+            return Err(GatewayError::BadRequest(
+                "WebSocket upgrade with a Sec-WebSocket-Version other than 13",
+            ));
+        }
+        Some(websocket_accept(key))
+    } else {
+        None
+    };
+    Ok(Some(Upgrade {
+        tokens,
+        websocket_accept,
+    }))
+}
+
+/// Whether a backend's 101 completes the upgrade the gateway forwarded: its Upgrade names one
+/// of the offered protocols, and for WebSocket it carries the accept the client's key calls
+/// for. Anything else would tunnel raw bytes to a backend that never agreed to the protocol.
+fn check_switch(headers: &HeaderMap, upgrade: &Upgrade) -> Result<(), GatewayError> {
+    // The first token is the protocol switched to (RFC 9110 section 7.8, listed in layer order).
+    let switched = upgrade_tokens(headers);
+    let Some(proto) = switched.first() else {
+        return Err(GatewayError::BadUpgrade("101 without an Upgrade header"));
+    };
+    if !upgrade.tokens.iter().any(|t| same_protocol(t, proto)) {
+        return Err(GatewayError::BadUpgrade(
+            "101 switches to a protocol the client did not ask for",
+        ));
+    }
+    if same_protocol(proto, "websocket") {
+        let want = upgrade.websocket_accept.as_deref().map(str::as_bytes);
+        if want.is_none() || single(headers, &SEC_WEBSOCKET_ACCEPT) != want {
+            return Err(GatewayError::BadUpgrade(
+                "101 without the Sec-WebSocket-Accept the client's key calls for",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The path and query sent upstream: the normalised path (with `stripPath` applied).
 /// `normalized` is set when normalisation changed the request's path.
 fn upstream_uri(
@@ -169,7 +298,8 @@ fn add_forwarded_headers(
 }
 
 /// The client's fault, when an upstream send failed because the client's body went over
-/// its limit (413) or could not be read (400: bad chunked framing, a truncated body).
+/// its limit (413), stopped arriving (408) or could not be read (400: bad chunked framing, a
+/// truncated body, a client that went away).
 fn client_body_error(err: &hyper::Error) -> Option<GatewayError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
@@ -177,6 +307,7 @@ fn client_body_error(err: &hyper::Error) -> Option<GatewayError> {
             Some(crate::body::BodyError::TooLarge(limit)) => {
                 return Some(GatewayError::BodyTooLarge(*limit))
             }
+            Some(crate::body::BodyError::Stalled(_)) => return Some(GatewayError::RequestTimeout),
             Some(crate::body::BodyError::Hyper(h)) => {
                 return Some(GatewayError::BadBody(h.to_string()))
             }
@@ -184,6 +315,19 @@ fn client_body_error(err: &hyper::Error) -> Option<GatewayError> {
         }
     }
     None
+}
+
+/// Whether the upstream was waiting on the client's body when the exchange failed: then the
+/// failure is not evidence against the backend (it may have given up on a slow client).
+fn awaiting_client(progress: Option<&BodyProgress>) -> bool {
+    progress.is_some_and(|p| matches!(p.state(), BodyState::AwaitingClient | BodyState::Failed))
+}
+
+/// Passive health for a failure the backend caused, weighed against every pool of the snapshot
+/// (a backend is shared by all pools naming its address: see `upstream::record_failure`).
+fn backend_failed(snap: &Snapshot, svc: &ServiceRt, backend: &Backend) {
+    crate::upstream::record_failure(backend, snap.services.iter().map(|s| &*s.pool));
+    svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Counts a request in flight on a backend for least-request balancing.
@@ -226,25 +370,41 @@ pub async fn forward(
             return Err(GatewayError::BodyTooLarge(max));
         }
     }
-    let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    // HTTP/2 carries the host in the authority: give the backend a Host header.
-    let authority_host = if req.headers().contains_key(header::HOST) {
-        None
+    let upgrade = if is_upgrade(&req) {
+        plan_upgrade(req.headers(), &svc.allowed_upgrades)?
     } else {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        None
     };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // The backend gets the canonical host the request was routed by (rules::host), also for
+    // HTTP/2, which carries it in `:authority`.
+    let upstream_host = host
+        .as_ref()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
 
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri(svc, std::mem::take(&mut parts.uri), normalized)?;
     parts.version = Version::HTTP_11;
     let (hop, spoofed) = scan_headers(&parts.headers, &snap.identity_headers);
-    if hop != 0 || upgrade {
-        strip_hop_by_hop(&mut parts.headers, hop, upgrade);
+    // An upgrade the route does not allow loses Upgrade and `Connection: upgrade` here like any
+    // hop-by-hop header, so the backend sees an ordinary request.
+    if hop != 0 || upgrade.is_some() {
+        strip_hop_by_hop(&mut parts.headers, hop, upgrade.is_some());
     }
-    add_forwarded_headers(snap, &mut parts.headers, conn, host.as_deref(), request_id);
+    if let Some(u) = &upgrade {
+        // Only the allowed tokens the client offered go upstream.
+        if let Ok(v) = HeaderValue::from_str(&u.tokens.join(", ")) {
+            parts.headers.insert(header::UPGRADE, v);
+        }
+    }
+    add_forwarded_headers(
+        snap,
+        &mut parts.headers,
+        conn,
+        // The canonical host without its port, as before canonicalisation existed.
+        host.as_ref().map(|a| a.host()),
+        request_id,
+    );
     // Identity headers come from the gateway only: whatever the client sent is dropped, always.
     if spoofed {
         for h in &snap.identity_headers {
@@ -259,15 +419,20 @@ pub async fn forward(
             parts.headers.remove(header::AUTHORIZATION);
         }
     }
-    if let Some(h) = authority_host {
+    if let Some(h) = upstream_host {
         parts.headers.insert(header::HOST, h);
     }
     // A request with no body and an idempotent method can be replayed if the connection dies
     // after it was written (e.g. a pooled connection the backend closed at that moment).
     let replayable = parts.method.is_idempotent() && http_body::Body::is_end_stream(&body);
-    let body = match svc.max_body_size {
-        Some(max) if !http_body::Body::is_end_stream(&body) => Body::Limited(body, max, 0),
-        _ => Body::Incoming(body),
+    // A body still to come is tracked, so a failure while the upstream waits on the client is
+    // put down to the client; the body must also make progress every `headerRead` (nginx's
+    // client_body_timeout), so a stalled upload gets its 408 in seconds, not at `request`.
+    let (body, progress) = if http_body::Body::is_end_stream(&body) {
+        (Body::Incoming(body), None)
+    } else {
+        let (b, p) = ClientBody::wrap(body, svc.max_body_size, svc.timeouts.header_read);
+        (b, Some(p))
     };
     let mut req = Request::from_parts(parts, body);
 
@@ -291,8 +456,7 @@ pub async fn forward(
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, "connect failed");
-                backend.record_failure();
-                svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                backend_failed(snap, svc, &backend);
                 failures += 1;
                 if idx < 64 {
                     tried |= 1 << idx;
@@ -318,8 +482,13 @@ pub async fn forward(
         let result = tokio::time::timeout(remaining, sender.try_send_request(req)).await;
         let mut resp = match result {
             Err(_) => {
-                backend.record_failure();
-                svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                // Still waiting for the rest of the client's body when time ran out: the
+                // client's doing (a trickle that stays under the idle timeout), not the backend's.
+                if awaiting_client(progress.as_deref()) {
+                    tracing::debug!(backend = %backend.addr, "request timed out waiting on the client's body");
+                    return Err(GatewayError::RequestTimeout);
+                }
+                backend_failed(snap, svc, &backend);
                 return Err(GatewayError::UpstreamTimeout);
             }
             Ok(Ok(resp)) => resp,
@@ -329,8 +498,7 @@ pub async fn forward(
                     // was a stale pooled one.
                     req = unsent;
                     if !reused {
-                        backend.record_failure();
-                        svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                        backend_failed(snap, svc, &backend);
                         failures += 1;
                         if idx < 64 {
                             tried |= 1 << idx;
@@ -346,9 +514,17 @@ pub async fn forward(
                     if let Some(client_fault) = client_body_error(&err) {
                         return Err(client_fault);
                     }
-                    svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    if !reused {
-                        backend.record_failure();
+                    if awaiting_client(progress.as_deref()) {
+                        // The backend gave up while the client was still sending (say its own
+                        // body timeout fired): no evidence the backend is unwell.
+                        tracing::debug!(backend = %backend.addr, error = %err, "upstream failed while waiting on the client's body");
+                        svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                        return Err(GatewayError::Upstream(err.to_string()));
+                    }
+                    if reused {
+                        svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        backend_failed(snap, svc, &backend);
                         failures += 1;
                         if idx < 64 {
                             tried |= 1 << idx;
@@ -372,11 +548,13 @@ pub async fn forward(
         svc.metrics.upstream_duration.observe(sent_at.elapsed());
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                return Err(GatewayError::Upstream(
-                    "101 Switching Protocols to a request that asked for no upgrade".into(),
+            // Dropping `resp` on an error drops the backend's connection: nothing is tunnelled.
+            let (Some(client_upgrade), Some(upgrade)) = (client_upgrade, &upgrade) else {
+                return Err(GatewayError::BadUpgrade(
+                    "101 Switching Protocols to a request that asked for no upgrade",
                 ));
             };
+            check_switch(resp.headers(), upgrade)?;
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -406,4 +584,92 @@ pub async fn forward(
         return Ok(Response::from_parts(parts, body));
     }
     Err(GatewayError::ConnectFailed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn websocket_accept_matches_rfc_6455() {
+        // The worked example of RFC 6455 section 1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn allowed_upgrades_admit_by_name_and_version() {
+        assert!(admits("websocket", "websocket"));
+        assert!(admits("foo", "foo/2"));
+        assert!(admits("foo/2", "foo/2"));
+        assert!(!admits("foo/2", "foo"));
+        assert!(!admits("foo/2", "foo/3"));
+        assert!(!admits("foo", "foobar"));
+        let allowed = vec!["websocket".to_string()];
+        let plan = plan_upgrade(&headers(&[("upgrade", "Foo, h2c")]), &allowed);
+        assert!(
+            matches!(plan, Ok(None)),
+            "nothing allowed: forwarded as ordinary"
+        );
+    }
+
+    #[test]
+    fn only_a_101_that_completes_the_handshake_opens_a_tunnel() {
+        let allowed = vec!["websocket".to_string(), "foo".to_string()];
+        let req = headers(&[
+            ("upgrade", "foo, WebSocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ]);
+        let Ok(Some(up)) = plan_upgrade(&req, &allowed) else {
+            panic!("a valid handshake is forwarded");
+        };
+        assert_eq!(up.tokens, ["foo", "websocket"]);
+        let ok = |h: &[(&'static str, &'static str)]| check_switch(&headers(h), &up).is_ok();
+        assert!(ok(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        ]));
+        assert!(!ok(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOp=")
+        ]));
+        assert!(!ok(&[("upgrade", "websocket")]));
+        assert!(ok(&[("upgrade", "foo")]));
+        assert!(!ok(&[("upgrade", "bar")]));
+        assert!(!ok(&[]));
+    }
+
+    #[test]
+    fn bad_websocket_handshakes_are_refused_with_a_reason() {
+        let allowed = vec!["websocket".to_string()];
+        for (key, version, reason) in [
+            ("", "13", "Sec-WebSocket-Key"),
+            ("dGhlIHNhbXBsZSBub25jZQ", "13", "Sec-WebSocket-Key"),
+            ("AAAAAAAAAAAAAAAAAAAAAAAA", "13", "Sec-WebSocket-Key"),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "8", "Sec-WebSocket-Version"),
+        ] {
+            let mut h = headers(&[("upgrade", "websocket"), ("sec-websocket-version", version)]);
+            if !key.is_empty() {
+                h.insert("sec-websocket-key", HeaderValue::from_static(key));
+            }
+            match plan_upgrade(&h, &allowed) {
+                Err(e @ GatewayError::BadRequest(_)) => {
+                    assert!(e.to_string().contains(reason), "{key:?}/{version}: {e}")
+                }
+                Err(e) => panic!("{key:?}/{version}: {e}"),
+                Ok(_) => panic!("{key:?}/{version} accepted"),
+            }
+        }
+    }
 }

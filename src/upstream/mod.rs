@@ -3,6 +3,10 @@
 //!
 //! A `Backend` is shared by every snapshot that names the same address, so a reload keeps its
 //! connections and health state (see `BackendSet`).
+//!
+//! Passive ejection has a floor (in the spirit of Envoy's panic threshold): failures seen on
+//! requests never eject more than half of any pool (see [`record_failure`]), so no stream of
+//! requests, however bad, can empty one. Active health checks are not bound by it.
 
 pub mod health;
 
@@ -111,14 +115,18 @@ impl Backend {
         }
     }
 
-    /// Passive health: eject for an exponentially growing back-off after a failure.
-    pub fn record_failure(&self) {
+    /// Whether a passive ejection is in force at `now` (from `now_ms`).
+    fn passively_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Counts a failure; returns the back-off an ejection for it would last (exponentially
+    /// growing with consecutive failures, so a backend that keeps failing stays out longer).
+    fn count_failure(&self) -> Duration {
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let backoff = EJECT_BASE
+        EJECT_BASE
             .saturating_mul(1u32 << (n - 1).min(5))
-            .min(EJECT_MAX);
-        self.ejected_until_ms
-            .store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+            .min(EJECT_MAX)
     }
 
     pub fn record_success(&self) {
@@ -298,6 +306,32 @@ impl Pool {
         self.len() == 0
     }
 
+    /// How many members are passively ejected now.
+    pub fn passive_ejections(&self) -> usize {
+        let now = now_ms();
+        self.members
+            .load()
+            .backends
+            .iter()
+            .filter(|b| b.passively_ejected(now))
+            .count()
+    }
+
+    /// Whether ejecting `backend` keeps this pool within the floor: at most floor(n/2) of its n
+    /// members passively ejected. True when `backend` is not a member.
+    fn ejection_fits(&self, backend: &Backend, now: u64) -> bool {
+        let m = self.members.load();
+        let (mut member, mut others) = (false, 0usize);
+        for b in &m.backends {
+            if std::ptr::eq(&**b, backend) {
+                member = true;
+            } else if b.passively_ejected(now) {
+                others += 1;
+            }
+        }
+        !member || others < m.backends.len() / 2
+    }
+
     /// Picks a healthy backend not in `tried` (a bitmask of member indexes already attempted).
     pub fn pick(&self, tried: u64) -> Option<(usize, Arc<Backend>)> {
         let m = self.members.load();
@@ -334,6 +368,41 @@ impl Pool {
     }
 }
 
+/// Serialises ejection decisions: two failures recorded at once must not both see room under a
+/// pool's floor and together go over it. Taken only when a backend fails.
+static EJECTIONS: Mutex<()> = Mutex::new(());
+
+/// Passive health: counts a failure that `backend` caused and ejects it for a back-off, unless
+/// that would leave some pool with more than half of its members passively ejected; then the
+/// failure only counts (it lengthens the next ejection) and the backend stays in rotation.
+/// Returns whether the backend was ejected.
+///
+/// `pools` are the pools that may list `backend`: every pool of the snapshot, since a `Backend`
+/// is shared by all pools naming its address and its ejection takes it out of all of them. The
+/// floor must hold in each, so an ejection counts in every pool the backend is a member of: a
+/// backend failing through one service cannot empty another that shares it. The floor counts
+/// passive ejections in force only, and binds only them: active health checks take a backend
+/// found down out of rotation whatever the pool's state.
+///
+/// Must be called only for failures the backend caused: a client whose body stalled or who went
+/// away is never a reason.
+pub fn record_failure<'a>(backend: &Backend, pools: impl IntoIterator<Item = &'a Pool>) -> bool {
+    let backoff = backend.count_failure();
+    let _guard = match EJECTIONS.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let now = now_ms();
+    if !pools.into_iter().all(|p| p.ejection_fits(backend, now)) {
+        tracing::debug!(backend = %backend.addr, "not ejected: the pool is at its passive-ejection floor");
+        return false;
+    }
+    backend
+        .ejected_until_ms
+        .store(now + backoff.as_millis() as u64, Ordering::Relaxed);
+    true
+}
+
 /// Every backend alive in any snapshot, by address, so a reload reuses pools and health state.
 #[derive(Default)]
 pub struct BackendSet {
@@ -353,5 +422,127 @@ impl BackendSet {
         map.insert(addr.clone(), Arc::downgrade(&b));
         map.retain(|_, w| w.strong_count() > 0);
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(port: u16) -> Arc<Backend> {
+        Arc::new(Backend::new(BackendAddr {
+            host: "127.0.0.1".into(),
+            port,
+        }))
+    }
+
+    fn pool(members: &[Arc<Backend>]) -> Pool {
+        Pool::new(members.to_vec(), LoadBalancing::RoundRobin)
+    }
+
+    fn healthy(members: &[Arc<Backend>]) -> usize {
+        members.iter().filter(|b| b.is_healthy()).count()
+    }
+
+    #[test]
+    fn passive_failures_never_eject_more_than_half_a_pool() {
+        for n in 1..=7u16 {
+            let members: Vec<_> = (0..n).map(|i| backend(10_000 + i)).collect();
+            let p = pool(&members);
+            // Every member fails, three times over: only floor(n/2) may end up ejected.
+            let mut ejected = 0;
+            for _ in 0..3 {
+                for b in &members {
+                    if record_failure(b, [&p]) {
+                        ejected += 1;
+                    }
+                }
+            }
+            let floor = usize::from(n) / 2;
+            assert_eq!(p.passive_ejections(), floor, "pool of {n}");
+            assert_eq!(healthy(&members), usize::from(n) - floor, "pool of {n}");
+            assert!(ejected >= floor, "pool of {n}: {ejected} ejections");
+        }
+    }
+
+    #[test]
+    fn a_failure_over_the_floor_still_counts() {
+        let (a, b) = (backend(10_100), backend(10_101));
+        let p = pool(&[a.clone(), b.clone()]);
+        assert!(record_failure(&a, [&p]));
+        for _ in 0..3 {
+            assert!(!record_failure(&b, [&p]), "b would be the second of two");
+        }
+        assert_eq!(b.consecutive_failures.load(Ordering::Relaxed), 3);
+        assert!(b.is_healthy());
+        // Once a is back (a success ends its ejection), b's next failure may eject it, for the
+        // back-off its four consecutive failures earned (8 s).
+        a.record_success();
+        let before = now_ms();
+        assert!(record_failure(&b, [&p]));
+        let until = b.ejected_until_ms.load(Ordering::Relaxed);
+        assert!(
+            until >= before + 8_000 && until < before + 9_000,
+            "{until} - {before}"
+        );
+        assert!(!b.is_healthy() && a.is_healthy());
+    }
+
+    #[test]
+    fn a_shared_backend_is_ejected_only_where_every_pool_allows_it() {
+        let (a, b, c) = (backend(10_200), backend(10_201), backend(10_202));
+        let p = pool(&[a.clone(), b.clone()]);
+        let q = pool(&[b.clone(), c.clone()]);
+        let all = || [&p, &q];
+        assert!(record_failure(&a, all()));
+        // b is in both: ejecting it fits q (nothing ejected there) but not p (a is out).
+        assert!(!record_failure(&b, all()));
+        assert!(b.is_healthy());
+        // c is only in q, where nothing is ejected yet.
+        assert!(record_failure(&c, all()));
+        assert_eq!((p.passive_ejections(), q.passive_ejections()), (1, 1));
+        // A pool that does not list the backend does not constrain it.
+        let other = pool(&[backend(10_203)]);
+        let d = backend(10_204);
+        let r = pool(&[d.clone(), backend(10_205)]);
+        assert!(record_failure(&d, [&other, &r]));
+    }
+
+    #[test]
+    fn active_checks_take_out_any_number_of_members() {
+        let members: Vec<_> = (0..3).map(|i| backend(10_300 + i)).collect();
+        let p = pool(&members);
+        assert!(record_failure(&members[0], [&p]));
+        for b in &members {
+            b.set_active_health(false);
+        }
+        assert_eq!(healthy(&members), 0);
+        assert!(p.pick(0).is_none(), "an all-down pool has nothing to pick");
+        // A passing check ends the passive ejection too.
+        for b in &members {
+            b.set_active_health(true);
+        }
+        assert_eq!(healthy(&members), 3);
+        assert_eq!(p.passive_ejections(), 0);
+    }
+
+    #[test]
+    fn concurrent_failures_respect_the_floor() {
+        let members: Vec<_> = (0..4).map(|i| backend(10_400 + i)).collect();
+        let p = Arc::new(pool(&members));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (p, members) = (p.clone(), members.clone());
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        record_failure(&members[(t + i) % members.len()], [&*p]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("a failing thread");
+        }
+        assert_eq!(p.passive_ejections(), 2);
     }
 }

@@ -480,7 +480,7 @@ async fn urls_with_credentials_are_redacted_in_admin_config_and_logs() {
     let extra = format!(
         "authentication:\n  enabled: true\n  jwksUrl: \"http://jwksuser:jwkspass@127.0.0.1:{dead}/jwks.json?api_key=jwks-query-secret&v=1\"\n\
          consul:\n  address: \"http://consuluser:consulpass@127.0.0.1:{dead}\"\n\
-         redis:\n  address: \"redisuser:redispass@127.0.0.1:{dead}\"\n  password: \"redis-password-field\"\n"
+         redis:\n  address: \"127.0.0.1:{dead}\"\n  username: redisuser\n  password: \"redis-password-field\"\n"
     );
     let yaml = format!(
         "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\n{extra}services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n  - name: d\n    path: /d/\n    consulServiceName: d\n",
@@ -493,8 +493,6 @@ async fn urls_with_credentials_are_redacted_in_admin_config_and_logs() {
         "jwks-query-secret",
         "consuluser",
         "consulpass",
-        "redisuser",
-        "redispass",
         "redis-password-field",
     ];
 
