@@ -62,7 +62,11 @@ pub fn check_path(path: &str) {
             "a separator survived decoding: {dec}"
         );
         assert!(!scan(&dec).expect("no %00 after decoding").separators);
-        assert_eq!(normalize_path(&dec).ok().as_deref(), Some(&*dec), "decoded path not normal");
+        assert_eq!(
+            normalize_path(&dec).ok().as_deref(),
+            Some(&*dec),
+            "decoded path not normal"
+        );
     }
 }
 
@@ -341,9 +345,9 @@ mod targets {
     }
 
     const HOST_PIECES: &[&str] = &[
-        "a", "admin", "example", "com", ".", "..", ":", "80", "443", "8080", "65536", "0",
-        "[", "]", "::1", "0:0::1", "@", "/", "%2e", "_", "-", "A", "ADMIN", "\u{e9}", " ",
-        "\\", "?", "#", "*",
+        "a", "admin", "example", "com", ".", "..", ":", "80", "443", "8080", "65536", "0", "[",
+        "]", "::1", "0:0::1", "@", "/", "%2e", "_", "-", "A", "ADMIN", "\u{e9}", " ", "\\", "?",
+        "#", "*",
     ];
 
     /// Random hosts from pieces and random bytes: `check_host` holds.
@@ -363,10 +367,18 @@ mod targets {
                 (0..rng.usize(0..12)).map(|_| rng.u8(..)).collect()
             };
             valid += usize::from(canonicalize(&raw, 80).is_ok());
-            case(budget.seed, &String::from_utf8_lossy(&raw), || check_host(&raw));
+            case(budget.seed, &String::from_utf8_lossy(&raw), || {
+                check_host(&raw)
+            });
         }
-        eprintln!("hosts: {i} random hosts ({valid} valid), seed {}", budget.seed);
-        assert!(valid > 0, "no valid host generated: the test checks nothing");
+        eprintln!(
+            "hosts: {i} random hosts ({valid} valid), seed {}",
+            budget.seed
+        );
+        assert!(
+            valid > 0,
+            "no valid host generated: the test checks nothing"
+        );
     }
 
     /// Random header-name sets: no name with `_` survives the default policy.

@@ -534,7 +534,9 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
             r.err(
                 line,
                 path,
-                format!("unsupported scheme {scheme:?} in {shown:?} (backends are http://host:port)"),
+                format!(
+                    "unsupported scheme {scheme:?} in {shown:?} (backends are http://host:port)"
+                ),
             );
             return None;
         }
@@ -688,8 +690,7 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
         .get("quota")
         .map(|n| read_quota(r, n, &f.key_path("quota")));
     let escaped_slashes = read_escaped_slashes(r, &f).unwrap_or(top.escaped_slashes);
-    let allowed_upgrades =
-        read_upgrades(r, &f).unwrap_or_else(|| top.allowed_upgrades.clone());
+    let allowed_upgrades = read_upgrades(r, &f).unwrap_or_else(|| top.allowed_upgrades.clone());
     Service {
         escaped_slashes,
         allowed_upgrades,
@@ -743,9 +744,8 @@ fn read_upgrades(r: &mut Reader, f: &Fields) -> Option<Vec<String>> {
     let mut out = Vec::new();
     for (t, line) in list {
         let ok = !t.is_empty()
-            && t.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b)
-            });
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
         if ok {
             out.push(t.to_ascii_lowercase());
         } else {
@@ -1033,9 +1033,7 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
             .duration(&f, "shutdownTimeout")
             .unwrap_or(Duration::from_secs(30)),
         trusted_proxies: Vec::new(),
-        max_header_count: r
-            .uint(&f, "maxHeaderCount", 1, 10_000)
-            .unwrap_or(100),
+        max_header_count: r.uint(&f, "maxHeaderCount", 1, 10_000).unwrap_or(100),
         underscore_headers: match r
             .choice(&f, "underscoreHeaders", &["drop", "reject", "allow"])
             .as_deref()
@@ -1217,7 +1215,10 @@ impl Config {
                 .map_err(|e| format!("adminTokenFile {}: {e}", path.display()))?;
             let token = text.lines().next().unwrap_or("").trim().to_string();
             if token.is_empty() {
-                return Err(format!("adminTokenFile {}: the file is empty", path.display()));
+                return Err(format!(
+                    "adminTokenFile {}: the file is empty",
+                    path.display()
+                ));
             }
             return Ok(Some(token));
         }

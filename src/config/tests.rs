@@ -254,7 +254,11 @@ fn edge_policy_keys_parse_with_secure_defaults() {
     assert_eq!(cfg.max_header_count, 50);
     assert_eq!(cfg.underscore_headers, UnderscoreHeaders::Reject);
     assert_eq!(cfg.services[0].escaped_slashes, EscapedSlashes::Decode);
-    assert_eq!(cfg.services[1].escaped_slashes, EscapedSlashes::Keep, "top-level default");
+    assert_eq!(
+        cfg.services[1].escaped_slashes,
+        EscapedSlashes::Keep,
+        "top-level default"
+    );
     assert_eq!(cfg.services[1].allowed_upgrades, vec!["websocket", "foo"]);
 }
 
@@ -269,12 +273,27 @@ fn edge_policy_key_errors_name_line_and_key() {
     assert!(keys.contains(&(1, "adminBind")), "{errs:?}");
     assert!(keys.contains(&(2, "underscoreHeaders")), "{errs:?}");
     assert_eq!(
-        keys.iter().filter(|k| **k == (7, "services[0].hosts")).count(),
+        keys.iter()
+            .filter(|k| **k == (7, "services[0].hosts"))
+            .count(),
         3,
         "{errs:?}"
     );
-    assert!(keys.contains(&(8, "services[0].escapedSlashes")), "{errs:?}");
-    assert!(keys.contains(&(9, "services[0].allowedUpgrades")), "{errs:?}");
-    let all = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
-    assert!(!all.contains("hunter2"), "a backend URL's password was echoed: {all}");
+    assert!(
+        keys.contains(&(8, "services[0].escapedSlashes")),
+        "{errs:?}"
+    );
+    assert!(
+        keys.contains(&(9, "services[0].allowedUpgrades")),
+        "{errs:?}"
+    );
+    let all = errs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        !all.contains("hunter2"),
+        "a backend URL's password was echoed: {all}"
+    );
 }

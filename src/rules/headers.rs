@@ -111,7 +111,11 @@ mod tests {
 
     #[test]
     fn underscores() {
-        let fields = [("x_consumer_id", "admin"), ("transfer_encoding", "chunked"), ("a", "1")];
+        let fields = [
+            ("x_consumer_id", "admin"),
+            ("transfer_encoding", "chunked"),
+            ("a", "1"),
+        ];
         let mut m = map(&fields);
         policy(UnderscoreHeaders::Drop).apply(&mut m).unwrap();
         assert_eq!(m.len(), 1);
@@ -139,7 +143,10 @@ mod tests {
         let v = "x".repeat(200 - 1 - 4);
         assert!(p.apply(&mut map(&[("a", &v)])).is_ok());
         let v = "x".repeat(200 - 1 - 4 + 1);
-        assert_eq!(p.apply(&mut map(&[("a", &v)])), Err(HeaderError::TooLarge(200)));
+        assert_eq!(
+            p.apply(&mut map(&[("a", &v)])),
+            Err(HeaderError::TooLarge(200))
+        );
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub fn canonical_name(raw: &[u8]) -> Result<String, HostError> {
         }
     }
     // Only ASCII bytes got here.
-    Ok(name.iter().map(|b| b.to_ascii_lowercase() as char).collect())
+    Ok(name
+        .iter()
+        .map(|b| b.to_ascii_lowercase() as char)
+        .collect())
 }
 
 /// Canonicalises a Host header value or an HTTP/2 `:authority`. `default_port` is the scheme's
@@ -88,7 +91,10 @@ pub fn canonicalize(raw: &[u8], default_port: u16) -> Result<Authority, HostErro
         return Err(HostError::Empty);
     }
     let (host, port): (String, Option<&[u8]>) = if raw[0] == b'[' {
-        let close = raw.iter().position(|b| *b == b']').ok_or(HostError::Invalid)?;
+        let close = raw
+            .iter()
+            .position(|b| *b == b']')
+            .ok_or(HostError::Invalid)?;
         let inner = std::str::from_utf8(&raw[1..close]).map_err(|_| HostError::Invalid)?;
         let ip: Ipv6Addr = inner.parse().map_err(|_| HostError::Invalid)?;
         let rest = &raw[close + 1..];
@@ -183,8 +189,26 @@ mod tests {
     #[test]
     fn refusals() {
         for v in [
-            "", "evil@x", "x/y", "x:80:80", "a..b", ".a", "a..", ".", "x:y", "x:0", "x:65536",
-            "x:123456", "[::1", "[::1]x", "[zz]", "h\u{e9}.com", "a b", "a%2eb", "x?y", "x#y",
+            "",
+            "evil@x",
+            "x/y",
+            "x:80:80",
+            "a..b",
+            ".a",
+            "a..",
+            ".",
+            "x:y",
+            "x:0",
+            "x:65536",
+            "x:123456",
+            "[::1",
+            "[::1]x",
+            "[zz]",
+            "h\u{e9}.com",
+            "a b",
+            "a%2eb",
+            "x?y",
+            "x#y",
             "x\\y",
         ] {
             assert!(c(v).is_err(), "{v:?} should be refused");

@@ -190,7 +190,10 @@ mod tests {
         assert_eq!(s("/a%2"), Ok(false));
         assert_eq!(s("/a%"), Ok(false));
         let d = |p: &str| normalize_path_decoding_separators(p).map(|c| c.into_owned());
-        assert_eq!(d("/files/public/..%2fprivate/secret").unwrap(), "/files/private/secret");
+        assert_eq!(
+            d("/files/public/..%2fprivate/secret").unwrap(),
+            "/files/private/secret"
+        );
         assert_eq!(d("/a\\..\\b").unwrap(), "/b");
         assert_eq!(d("/a%5C..%5cb").unwrap(), "/b");
     }

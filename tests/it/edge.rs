@@ -37,12 +37,13 @@ impl Capture {
                     let mut chunk = [0u8; 4096];
                     // One request per connection is enough here; bounded by the read timeout.
                     loop {
-                        let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-                            .await
-                        {
-                            Ok(Ok(n)) if n > 0 => n,
-                            _ => return,
-                        };
+                        let n =
+                            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                                .await
+                            {
+                                Ok(Ok(n)) if n > 0 => n,
+                                _ => return,
+                            };
                         buf.extend_from_slice(&chunk[..n]);
                         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -151,9 +152,7 @@ async fn h2_request(
         b = b.header(*n, *v);
     }
     let req = b.body(()).map_err(|e| e.to_string())?;
-    let (resp, _) = client
-        .send_request(req, true)
-        .map_err(|e| e.to_string())?;
+    let (resp, _) = client.send_request(req, true).map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), resp)
         .await
         .map_err(|_| "no response".to_string())?
@@ -287,7 +286,11 @@ async fn host_variants_reach_the_host_bound_route() {
         assert!(r.contains("x-backend: admin"), "Host {host:?} reached {r}");
         let seen = admin.last();
         assert_eq!(header(&seen, "host"), Some("admin.example.com"), "{seen}");
-        assert_eq!(header(&seen, "x-forwarded-host"), Some("admin.example.com"), "{seen}");
+        assert_eq!(
+            header(&seen, "x-forwarded-host"),
+            Some("admin.example.com"),
+            "{seen}"
+        );
     }
     // A non-default port stays, canonical; it is the same host for routing.
     let r = exchange(
@@ -296,7 +299,10 @@ async fn host_variants_reach_the_host_bound_route() {
     )
     .await;
     assert!(r.contains("x-backend: admin"), "{r}");
-    assert_eq!(header(&admin.last(), "host"), Some("admin.example.com:8080"));
+    assert_eq!(
+        header(&admin.last(), "host"),
+        Some("admin.example.com:8080")
+    );
     // Absolute-form target: the target's authority is canonicalised too, and must agree.
     let r = exchange(
         gw.port,
@@ -345,7 +351,11 @@ async fn host_variants_reach_the_host_bound_route() {
     );
 
     // HTTP/2: the same canonical host from :authority, and :authority/host disagreement.
-    for authority in ["admin.example.com.", "ADMIN.EXAMPLE.COM.:80", "admin.example.com"] {
+    for authority in [
+        "admin.example.com.",
+        "ADMIN.EXAMPLE.COM.:80",
+        "admin.example.com",
+    ] {
         let (code, headers) = h2_request(gw.port, "GET", authority, "/x", &[])
             .await
             .unwrap();
@@ -391,7 +401,10 @@ async fn host_variants_reach_the_host_bound_route() {
         )
         .await;
         assert!(
-            matches!(got, H2Outcome::Status(400) | H2Outcome::Reset | H2Outcome::GoAway),
+            matches!(
+                got,
+                H2Outcome::Status(400) | H2Outcome::Reset | H2Outcome::GoAway
+            ),
             ":authority {:?} must be refused, got {got:?}",
             String::from_utf8_lossy(authority)
         );
@@ -441,17 +454,29 @@ async fn encoded_separators_are_refused_by_default_and_kept_or_decoded_on_reques
     // A raw backslash: refused by the HTTP parser or by the policy, never forwarded.
     let r = exchange(gw.port, get("/files/public/..\\private/secret").as_bytes()).await;
     assert_eq!(status(&r), 400, "raw backslash: {r}");
-    assert!(b.heads().is_empty(), "a refused path reached the backend: {:?}", b.heads());
+    assert!(
+        b.heads().is_empty(),
+        "a refused path reached the backend: {:?}",
+        b.heads()
+    );
 
     // keep: forwarded as it came (upper-case hex), routed as one segment.
     let r = exchange(gw.port, get("/ids/org%2fteam/1").as_bytes()).await;
     assert_eq!(status(&r), 200, "{r}");
-    assert!(b.last().starts_with("GET /ids/org%2Fteam/1 "), "{}", b.last());
+    assert!(
+        b.last().starts_with("GET /ids/org%2Fteam/1 "),
+        "{}",
+        b.last()
+    );
 
     // decode: separators before routing; the decoded path goes upstream.
     let r = exchange(gw.port, get("/dec/public/..%2fprivate/secret").as_bytes()).await;
     assert_eq!(status(&r), 200, "{r}");
-    assert!(b.last().starts_with("GET /dec/private/secret "), "{}", b.last());
+    assert!(
+        b.last().starts_with("GET /dec/private/secret "),
+        "{}",
+        b.last()
+    );
     // decoding may not carry a request onto a route that refuses separators.
     let r = exchange(gw.port, get("/dec/public/..%2f..%2fother/x").as_bytes()).await;
     assert_eq!(status(&r), 400, "{r}");
@@ -464,7 +489,10 @@ async fn encoded_separators_are_refused_by_default_and_kept_or_decoded_on_reques
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underscore_names_never_reach_a_backend_by_default() {
     let b = Capture::start("b").await;
-    let yaml = format!("{TOP}services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n", b.url());
+    let yaml = format!(
+        "{TOP}services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        b.url()
+    );
     let gw = Gateway::start(&yaml).await;
     // The CGI desync: Transfer_Encoding beside Content-Length, with a second request in the body.
     let body = "0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -490,7 +518,10 @@ async fn underscore_names_never_reach_a_backend_by_default() {
     assert_eq!(code, 200);
     let seen = b.last();
     assert!(seen.starts_with("GET /h2 "), "{seen}");
-    assert!(!seen.to_ascii_lowercase().contains("x_consumer_id"), "{seen}");
+    assert!(
+        !seen.to_ascii_lowercase().contains("x_consumer_id"),
+        "{seen}"
+    );
 
     // Two Authorization fields: 400 on both protocols, nothing forwarded.
     let n = b.heads().len();
@@ -500,7 +531,10 @@ async fn underscore_names_never_reach_a_backend_by_default() {
     )
     .await;
     assert_eq!(status(&r), 400, "{r}");
-    assert!(r.contains("Authorization"), "the reason names the header: {r}");
+    assert!(
+        r.contains("Authorization"),
+        "the reason names the header: {r}"
+    );
     let (code, _) = h2_request(
         gw.port,
         "GET",
@@ -517,7 +551,10 @@ async fn underscore_names_never_reach_a_backend_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underscore_policy_reject_and_allow() {
     let b = Capture::start("b").await;
-    let svc = format!("services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n", b.url());
+    let svc = format!(
+        "services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        b.url()
+    );
     let raw = b"GET /a HTTP/1.1\r\nHost: x\r\nX_Thing: 1\r\nConnection: close\r\n\r\n";
     let gw = Gateway::start(&format!("{TOP}underscoreHeaders: reject\n{svc}")).await;
     let r = exchange(gw.port, raw).await;
@@ -546,7 +583,10 @@ fn with_fields(count: usize, value_len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_count_and_size_hold_at_their_values() {
     let b = Capture::start("b").await;
-    let svc = format!("services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n", b.url());
+    let svc = format!(
+        "services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        b.url()
+    );
     let gw = Gateway::start(&format!("{TOP}{svc}")).await;
     // Default maxHeaderCount 100: Host + Connection + 98 = 100 fields pass, 101 do not.
     assert_eq!(status(&exchange(gw.port, &with_fields(98, 1)).await), 200);
@@ -570,7 +610,12 @@ async fn header_count_and_size_hold_at_their_values() {
     // 114,681 bytes got through before; now anything over 64k of fields is 431.
     let over = with_fields(60, per + 1 + (budget % 60));
     let r = exchange(gw.port, &over).await;
-    assert_eq!(status(&r), 431, "just over the limit: {}", &r[..r.len().min(200)]);
+    assert_eq!(
+        status(&r),
+        431,
+        "just over the limit: {}",
+        &r[..r.len().min(200)]
+    );
     let big = with_fields(50, 2290); // ~114 KB
     assert_eq!(status(&exchange(gw.port, &big).await), 431);
     drop(gw);
@@ -589,7 +634,11 @@ async fn a_silent_connection_is_closed_after_one_header_read_timeout() {
         b.url()
     );
     let gw = Gateway::start(&yaml).await;
-    for (what, first) in [("nothing", &b""[..]), ("half a preface", b"PRI * HT"), ("half a head", b"GET / HT")] {
+    for (what, first) in [
+        ("nothing", &b""[..]),
+        ("half a preface", b"PRI * HT"),
+        ("half a head", b"GET / HT"),
+    ] {
         let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
         s.write_all(first).await.unwrap();
         let t = Instant::now();
@@ -624,7 +673,11 @@ async fn connect_is_refused_and_logged_as_refused() {
     for target in ["/path", "example.com:443", "127.0.0.1:22"] {
         let r = exchange(
             gw.port,
-            format!("CONNECT {target} HTTP/1.1\r\nHost: {}\r\n\r\nraw bytes", if target.starts_with('/') { "x" } else { target }).as_bytes(),
+            format!(
+                "CONNECT {target} HTTP/1.1\r\nHost: {}\r\n\r\nraw bytes",
+                if target.starts_with('/') { "x" } else { target }
+            )
+            .as_bytes(),
         )
         .await;
         assert_eq!(status(&r), 405, "CONNECT {target}: {r}");
@@ -633,7 +686,11 @@ async fn connect_is_refused_and_logged_as_refused() {
         .await
         .unwrap();
     assert_eq!(code, 405, "HTTP/2 CONNECT");
-    assert!(b.heads().is_empty(), "CONNECT reached the backend: {:?}", b.heads());
+    assert!(
+        b.heads().is_empty(),
+        "CONNECT reached the backend: {:?}",
+        b.heads()
+    );
     // Metrics count methods outside the common set as OTHER: four refusals, all 405.
     let m = gw.metrics().await;
     let counted: Vec<&str> = m
@@ -665,7 +722,12 @@ async fn connect_is_refused_and_logged_as_refused() {
 async fn admitted(redis: Option<&RedisServer>) -> usize {
     let b = Capture::start("b").await;
     let redis = redis
-        .map(|r| format!("redis:\n  address: \"127.0.0.1:{}\"\n  timeout: 500ms\n", r.port))
+        .map(|r| {
+            format!(
+                "redis:\n  address: \"127.0.0.1:{}\"\n  timeout: 500ms\n",
+                r.port
+            )
+        })
         .unwrap_or_default();
     let yaml = format!(
         "{TOP}{redis}services:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n    rateLimiting: {{enabled: true, ratePerSecond: 5, burst: 3, key: \"header:x-user\"}}\n    quota: {{enabled: true, limit: 5, period: 1h, key: \"header:x-user\"}}\n",
@@ -689,7 +751,11 @@ async fn admitted(redis: Option<&RedisServer>) -> usize {
         }
     }
     assert_eq!(ok + limited, 60);
-    assert_eq!(b.heads().len(), ok, "every admitted request reached the backend");
+    assert_eq!(
+        b.heads().len(),
+        ok,
+        "every admitted request reached the backend"
+    );
     ok
 }
 
