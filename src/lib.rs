@@ -4,6 +4,7 @@ pub mod admin;
 pub mod alloc;
 pub mod auth;
 pub mod body;
+pub mod compile;
 pub mod config;
 pub mod demo;
 pub mod discovery;

@@ -179,7 +179,9 @@ fn main() -> ExitCode {
             match consul_key {
                 Some(key) => report(run_from_consul(key, overrides)),
                 None => {
-                    let cfg = match config::load_file(&config) {
+                    let loaded = config::load_file(&config)
+                        .and_then(|c| hexgate::compile::check_files(&c).map(|()| c));
+                    let cfg = match loaded {
                         Ok(c) => c,
                         Err(errors) => {
                             eprintln!("{errors}");
@@ -336,7 +338,7 @@ fn token(
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {
-    match config::load_file(file) {
+    match config::load_file(file).and_then(|c| hexgate::compile::check_files(&c).map(|()| c)) {
         Ok(cfg) => {
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             let consul = cfg
@@ -595,7 +597,12 @@ fn config_command(action: ConfigCommand) -> ExitCode {
             }
             ConfigCommand::Push { key, file, cas, force } => {
                 let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
-                if let Err(errors) = config::parse(&text, &file.display().to_string()) {
+                // The same checks as `validate` and `run`, files included (relative to the file).
+                let checked = config::parse(&text, &file.display().to_string()).and_then(|mut c| {
+                    c.base_dir = file.parent().map(|p| p.to_path_buf());
+                    hexgate::compile::check_files(&c)
+                });
+                if let Err(errors) = checked {
                     eprintln!("{errors}");
                     eprintln!("hexgate config push: {} problem(s); nothing pushed", errors.0.len());
                     return Ok(ExitCode::from(2));

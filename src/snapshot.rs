@@ -59,6 +59,8 @@ impl Snapshot {
         backends: &BackendSet,
         prev_auth: Option<&Arc<Authenticator>>,
     ) -> Result<Snapshot, ConfigErrors> {
+        // The compile step's file checks, the same `validate` runs: problems with file:line:key.
+        crate::compile::check_files(&config)?;
         let auth_needed = config.authentication.enabled
             || config
                 .services

@@ -128,19 +128,26 @@ impl Authenticator {
         let mut keys = Vec::new();
         let files = cfg.public_key_path.iter().chain(cfg.public_keys.iter());
         for f in files {
-            let path = resolve(f, base);
-            let text = std::fs::read_to_string(&path).map_err(|e| SetupError::KeyFile {
-                path: path.display().to_string(),
-                msg: format!("cannot read public key: {e}"),
-            })?;
-            let parsed = keys::from_pem(&text, f).map_err(|e| SetupError::KeyFile {
-                path: path.display().to_string(),
-                msg: e.to_string(),
-            })?;
+            let (text, parsed) = Self::load_key_file(f, base)?;
             fingerprint.push_str(&text);
             keys.extend(parsed);
         }
         Ok((fingerprint, keys))
+    }
+
+    /// One public-key file: its text and the keys in it (what `prepare` reads, one file at a
+    /// time, so the compile step can name the key that named a bad file).
+    pub fn load_key_file(f: &str, base: Option<&Path>) -> Result<(String, Vec<Key>), SetupError> {
+        let path = resolve(f, base);
+        let text = std::fs::read_to_string(&path).map_err(|e| SetupError::KeyFile {
+            path: path.display().to_string(),
+            msg: format!("cannot read public key: {e}"),
+        })?;
+        let parsed = keys::from_pem(&text, f).map_err(|e| SetupError::KeyFile {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        Ok((text, parsed))
     }
 
     pub fn new(

@@ -279,6 +279,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// `adminTokenFile`: a file holding the admin token.
     pub admin_token_file: Option<String>,
+    /// The line of each key that names a file (`tls.certFile`, `authentication.publicKeys[1]`,
+    /// ...), so a problem found in the file is reported where the file was named.
+    #[serde(skip)]
+    pub file_key_lines: std::collections::BTreeMap<String, usize>,
     /// Directory of the config file, for resolving relative key paths.
     #[serde(skip)]
     pub base_dir: Option<std::path::PathBuf>,
@@ -1046,6 +1050,7 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
         allowed_upgrades: read_upgrades(r, &f).unwrap_or_else(|| vec!["websocket".into()]),
         admin_token: r.string(&f, "adminToken").filter(|s| !s.is_empty()),
         admin_token_file: r.string(&f, "adminTokenFile").filter(|s| !s.is_empty()),
+        file_key_lines: file_key_lines(root),
         base_dir: None,
         file: r.file.clone(),
     };
@@ -1187,6 +1192,48 @@ fn read_config(r: &mut Reader, root: &Node) -> Config {
         );
     }
     cfg
+}
+
+/// Lines of the keys that name files, from the YAML tree (defaults have none: their problems
+/// are reported at the line of the enclosing block, or line 1).
+fn file_key_lines(root: &Node) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    let yaml::Kind::Map(top) = &root.kind else {
+        return out;
+    };
+    for (k, line, v) in top {
+        match (k.as_str(), &v.kind) {
+            ("adminTokenFile", _) => {
+                out.insert(k.clone(), *line);
+            }
+            ("tls" | "authentication", yaml::Kind::Map(m)) => {
+                out.insert(k.clone(), *line);
+                for (k2, l2, v2) in m {
+                    let key = format!("{k}.{k2}");
+                    if let yaml::Kind::Seq(items) = &v2.kind {
+                        for (i, item) in items.iter().enumerate() {
+                            out.insert(format!("{key}[{i}]"), item.line);
+                        }
+                    }
+                    out.insert(key, *l2);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+impl Config {
+    /// The line of a file-naming key, else of its block, else 1.
+    pub fn line_of(&self, key: &str) -> usize {
+        let block = key.split('.').next().unwrap_or(key);
+        self.file_key_lines
+            .get(key)
+            .or_else(|| self.file_key_lines.get(block))
+            .copied()
+            .unwrap_or(1)
+    }
 }
 
 /// The environment variable read for the admin token when the config names none.

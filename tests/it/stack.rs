@@ -413,10 +413,30 @@ fn docker_compose_file_is_accepted() {
         "docker-compose config: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The Compose stack's gateway config is valid too.
+    // The Compose stack's gateway config is valid too, with the files it names (mounted into
+    // the containers there) at temporary paths here: validate checks them as run does.
+    let files = temp_dir("compose-config");
+    let keygen = Command::new(bin())
+        .args(["keygen", "--out"])
+        .arg(&files)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    std::fs::write(files.join("admin-token"), "t0ken\n").unwrap();
+    let text = std::fs::read_to_string(root.join("deploy/docker/config.yaml"))
+        .unwrap()
+        .replace(
+            "/config/public.pem",
+            &files.join("public.pem").display().to_string(),
+        )
+        .replace(
+            "/run/hexgate/admin-token",
+            &files.join("admin-token").display().to_string(),
+        );
+    std::fs::write(files.join("config.yaml"), text).unwrap();
     let out = Command::new(bin())
         .arg("validate")
-        .arg(root.join("deploy/docker/config.yaml"))
+        .arg(files.join("config.yaml"))
         .output()
         .unwrap();
     assert!(
