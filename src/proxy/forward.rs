@@ -360,16 +360,6 @@ pub async fn forward(
         host,
     } = routed;
     let svc = &service;
-    if let Some(max) = svc.max_body_size {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max) {
-            return Err(GatewayError::BodyTooLarge(max));
-        }
-    }
     let upgrade = if is_upgrade(&req) {
         plan_upgrade(req.headers(), &svc.allowed_upgrades)?
     } else {

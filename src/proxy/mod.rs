@@ -130,6 +130,18 @@ async fn pipeline(
     retry_after: &mut Option<u64>,
 ) -> Result<Response<Body>, GatewayError> {
     let svc = &routed.service;
+    // A declared body over the route's limit is refused before anything is spent on it (no
+    // token verification, no limit charged).
+    if let Some(max) = svc.max_body_size {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(GatewayError::BodyTooLarge(max));
+        }
+    }
     let identity = authenticate(snap, svc, &req).await?;
     if let Some(policies) = &svc.limits {
         let ip = client_ip(snap, conn.peer.ip(), req.headers());

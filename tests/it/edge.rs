@@ -766,3 +766,43 @@ async fn memory_and_redis_quotas_admit_exactly_the_limit() {
     assert_eq!(memory, 5, "memory store");
     assert_eq!(shared, 5, "Redis store");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A declared oversized body is refused before anything is spent
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_oversized_body_is_a_413_before_auth_and_limits() {
+    let b = Capture::start("b").await;
+    let dir = temp_dir("413-first");
+    let keygen = std::process::Command::new(bin())
+        .args(["keygen", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let yaml = format!(
+        "{TOP}authentication:\n  enabled: true\n  publicKeyPath: \"{{dir}}/public.pem\"\nservices:\n  - name: s\n    path: /\n    maxBodySize: 1k\n    authentication: {{enabled: false}}\n    rateLimiting: {{enabled: true, ratePerSecond: 0.01, burst: 1, key: ip}}\n    backends: [\"{u}\"]\n  - name: p\n    path: /p/\n    maxBodySize: 1k\n    backends: [\"{u}\"]\n",
+        u = b.url()
+    );
+    let gw = Gateway::start_in(dir, &yaml).await;
+    let big = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n";
+    for _ in 0..3 {
+        let r = exchange(gw.port, big).await;
+        assert_eq!(status(&r), 413, "{r}");
+    }
+    // The one token of the rate limit was never spent on the refused requests.
+    let r = exchange(
+        gw.port,
+        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+    // On an authenticated route, no token: still the 413 first.
+    let r = exchange(
+        gw.port,
+        b"POST /p/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&r), 413, "{r}");
+    assert_eq!(b.heads().len(), 1);
+}
