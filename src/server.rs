@@ -116,6 +116,7 @@ pub struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_read: Duration,
+    idle: Duration,
 }
 
 fn http_builder(cfg: &Config) -> Builders {
@@ -139,6 +140,7 @@ fn http_builder(cfg: &Config) -> Builders {
         h1,
         h2,
         header_read: cfg.timeouts.header_read,
+        idle: cfg.timeouts.idle,
     }
 }
 
@@ -449,7 +451,9 @@ async fn serve_conn(
                     Ok(Ok(s)) => {
                         let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                         let io = TokioIo::new(s);
-                        serve_io(state, io, h2, peer, mode, builder, drain).await
+                        // TLS: the head's time starts after the handshake (which has its own).
+                        let born = tokio::time::Instant::now();
+                        serve_io(state, io, h2, peer, mode, builder, drain, born).await
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -458,17 +462,20 @@ async fn serve_conn(
             .await
         }
         None => {
+            let born = tokio::time::Instant::now();
             let h2 = match sniff_preface(&stream, builder.header_read).await {
                 Preface::Http2 => true,
                 Preface::Http1 => false,
                 Preface::Nothing => return,
             };
             let io = TokioIo::new(crate::lingering::Lingering::new(stream));
-            serve_io(state, io, h2, peer, mode, builder, drain).await
+            serve_io(state, io, h2, peer, mode, builder, drain, born).await
         }
     }
 }
 
+/// Serves one connection; `born` is when its first request's `headerRead` budget started.
+#[allow(clippy::too_many_arguments)]
 async fn serve_io<I>(
     state: Arc<State>,
     io: I,
@@ -477,12 +484,22 @@ async fn serve_io<I>(
     mode: Mode,
     builder: &Builders,
     drain: watch::Receiver<bool>,
+    born: tokio::time::Instant,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let watch = ConnWatch {
+        activity: Arc::new(Activity::default()),
+        born,
+        header_read: builder.header_read,
+        idle: h2.then_some(builder.idle),
+    };
+    let activity = watch.activity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
+        let busy = Busy::new(&activity, born);
         async move {
+            let _busy = busy;
             match mode {
                 Mode::Proxy { tls } => proxy::handle(state, req, ConnInfo { peer, tls }).await,
                 Mode::RedirectToHttps { https_port } => Ok(redirect(&req, https_port)),
@@ -492,33 +509,146 @@ async fn serve_io<I>(
     if h2 {
         // Boxed: HTTP/2 connections are few and long-lived; inline, their larger state would
         // make every HTTP/1 connection's task that much bigger too.
-        Box::pin(drive(builder.h2.serve_connection(io, svc), peer, drain)).await
+        Box::pin(drive(
+            builder.h2.serve_connection(io, svc),
+            peer,
+            drain,
+            watch,
+        ))
+        .await
     } else {
         let conn = builder.h1.serve_connection(io, svc).with_upgrades();
-        drive(conn, peer, drain).await
+        drive(conn, peer, drain, watch).await
     }
 }
 
-/// Runs a connection to its end; when the gateway starts draining, asks it to finish the
-/// requests in flight and close.
-async fn drive<C: Graceful>(conn: C, peer: SocketAddr, mut drain: watch::Receiver<bool>) {
+/// What a connection's requests are doing, for the connection-level timers.
+#[derive(Default)]
+struct Activity {
+    /// A request head has been received (the service was called at least once).
+    started: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from the connection's start to the end of its last request.
+    last_done_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Marks a request in flight on its connection until dropped (when its handler finishes).
+struct Busy {
+    activity: Arc<Activity>,
+    born: tokio::time::Instant,
+}
+
+impl Busy {
+    fn new(activity: &Arc<Activity>, born: tokio::time::Instant) -> Busy {
+        activity.started.store(true, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy {
+            activity: activity.clone(),
+            born,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.activity.last_done_ms.store(ms, Ordering::Relaxed);
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The connection-level timers hyper does not keep for us: the first request head must arrive
+/// within `headerRead` of the connection's start, however it was spent (the protocol sniff
+/// included), else the connection is closed; an HTTP/2 connection with no stream open for
+/// `timeouts.idle` is closed gracefully (GOAWAY), as hyper's HTTP/1 idle timeout does for
+/// HTTP/1. Without them a silent client could hold a connection for two `headerRead`s, and an
+/// HTTP/2 client that never opens a stream (answering pings) forever.
+struct ConnWatch {
+    activity: Arc<Activity>,
+    born: tokio::time::Instant,
+    header_read: Duration,
+    /// HTTP/2 only.
+    idle: Option<Duration>,
+}
+
+impl ConnWatch {
+    /// When to look again: the first-head deadline, or (HTTP/2) when the idle time would end.
+    fn next_check(&self) -> Option<tokio::time::Instant> {
+        let a = &self.activity;
+        if !a.started.load(Ordering::Relaxed) {
+            return Some(self.born + self.header_read);
+        }
+        let idle = self.idle?;
+        let now = tokio::time::Instant::now();
+        if a.in_flight.load(Ordering::Relaxed) > 0 {
+            return Some(now + idle);
+        }
+        let last = self.born + Duration::from_millis(a.last_done_ms.load(Ordering::Relaxed));
+        Some((last + idle).max(now))
+    }
+
+    fn head_overdue(&self) -> bool {
+        !self.activity.started.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() >= self.born + self.header_read
+    }
+
+    fn idle_over(&self) -> bool {
+        let Some(idle) = self.idle else { return false };
+        let a = &self.activity;
+        let last = self.born + Duration::from_millis(a.last_done_ms.load(Ordering::Relaxed));
+        a.started.load(Ordering::Relaxed)
+            && a.in_flight.load(Ordering::Relaxed) == 0
+            && tokio::time::Instant::now() >= last + idle
+    }
+}
+
+/// Runs a connection to its end; when the gateway starts draining, or the connection has been
+/// idle too long, asks it to finish the requests in flight and close; a connection whose first
+/// request head is overdue is dropped.
+async fn drive<C: Graceful>(
+    conn: C,
+    peer: SocketAddr,
+    mut drain: watch::Receiver<bool>,
+    watch: ConnWatch,
+) {
     tokio::pin!(conn);
     if *drain.borrow() {
         conn.as_mut().begin_shutdown();
     }
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "connection ended with error");
+    loop {
+        let wake = watch.next_check();
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "connection ended with error");
+                }
+                return;
             }
-            return;
-        }
-        _ = drain.changed() => {
-            conn.as_mut().begin_shutdown();
+            _ = drain.changed() => {
+                conn.as_mut().begin_shutdown();
+                break;
+            }
+            _ = sleep_until_opt(wake) => {
+                if watch.head_overdue() {
+                    tracing::debug!(%peer, "no request head within headerRead; closing");
+                    return;
+                }
+                if watch.idle_over() {
+                    conn.as_mut().begin_shutdown();
+                    break;
+                }
+            }
         }
     }
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "connection ended with error while draining");
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -268,6 +268,28 @@ fn route_request(
             }
         }
     };
+    // The same request must route the same however the backend reads the path: with `;`
+    // segment parameters removed (servlet containers), and, on a `keep` route, with its escaped
+    // separators decoded. A reading that reaches another route is refused.
+    // (A reading that reaches no route reaches only this route's backend, under this route's
+    // checks: not ambiguous.)
+    let ambiguous = |alt: &str| {
+        snap.router
+            .find(host_name, req.method(), alt)
+            .is_some_and(|r| !Arc::ptr_eq(r, route))
+    };
+    if let Some(alt) = path::without_segment_params(&norm) {
+        if ambiguous(&alt) {
+            return Err(PathError::Ambiguous.into());
+        }
+    }
+    if escapes.separators && route.service.escaped_slashes == EscapedSlashes::Keep {
+        let decoded = path::normalize_path_decoding_separators(raw_path)?;
+        let alt = path::without_segment_params(&decoded).unwrap_or_else(|| decoded.into_owned());
+        if ambiguous(&alt) {
+            return Err(PathError::Ambiguous.into());
+        }
+    }
     let changed = match norm {
         std::borrow::Cow::Owned(p) => Some(p),
         std::borrow::Cow::Borrowed(_) => None,

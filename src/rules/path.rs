@@ -24,6 +24,8 @@ pub enum PathError {
     NulByte,
     #[error("encoded '/' or '\\' (%2F, %5C) or a raw '\\' in path; this route refuses them (escapedSlashes)")]
     EncodedSeparator,
+    #[error("ambiguous path: read with its ';' parameters removed or its escaped separators decoded, as some backends do, it reaches another route")]
+    Ambiguous,
 }
 
 /// What a raw path holds that the separator policy cares about.
@@ -54,6 +56,22 @@ pub fn scan(path: &str) -> Result<Escapes, PathError> {
         i += 1;
     }
     Ok(out)
+}
+
+/// A normalised path as servlet containers (Tomcat, Jetty, Spring) read it: each segment's
+/// `;parameters` removed, then dot segments resolved again (`/a/..;/b` is `/b` there). None when
+/// the path has no `;`.
+pub fn without_segment_params(normalised: &str) -> Option<String> {
+    if !normalised.contains(';') {
+        return None;
+    }
+    let stripped: Vec<&str> = normalised
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .collect();
+    let joined = stripped.join("/");
+    // Cannot fail: the input was normal and removing text adds no escapes.
+    normalize_path(&joined).ok().map(|c| c.into_owned())
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -176,6 +194,25 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(n("/a%2"), Err(PathError::BadEscape));
         assert_eq!(n("x"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn segment_params() {
+        let w = |p: &str| without_segment_params(p);
+        assert_eq!(w("/a/b"), None);
+        assert_eq!(
+            w("/files/private;x/secret").as_deref(),
+            Some("/files/private/secret")
+        );
+        assert_eq!(
+            w("/files;/private/secret").as_deref(),
+            Some("/files/private/secret")
+        );
+        assert_eq!(
+            w("/files/public/..;/private/s").as_deref(),
+            Some("/files/private/s")
+        );
+        assert_eq!(w("/a;b=c").as_deref(), Some("/a"));
     }
 
     #[test]

@@ -483,6 +483,53 @@ async fn encoded_separators_are_refused_by_default_and_kept_or_decoded_on_reques
     assert!(!b.last().contains("/other/"), "{}", b.last());
 }
 
+/// A path must route the same however the backend reads it: with `;` segment parameters removed
+/// (Tomcat, Jetty, Spring) or, on a `keep` route, with its escaped separators decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_readings_that_reach_another_route_are_refused() {
+    let private = Capture::start("private").await;
+    let public = Capture::start("public").await;
+    let yaml = format!(
+        "{TOP}services:\n  - name: private\n    path: /files/private/\n    backends: [\"{p}\"]\n  - name: public\n    path: /\n    backends: [\"{u}\"]\n  - name: ids\n    path: /k/\n    escapedSlashes: keep\n    backends: [\"{u}\"]\n",
+        p = private.url(),
+        u = public.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    for path in [
+        "/files/private;x/secret",
+        "/files;/private/secret",
+        "/files/public/..;/private/secret",
+        "/files/public/..;x=1/private/secret",
+        "/k/..%2f..%2ffiles/private/secret",
+        "/k/..%2F..%2Ffiles;a/private/secret",
+    ] {
+        let r = exchange(gw.port, get(path).as_bytes()).await;
+        assert_eq!(status(&r), 400, "{path}: {r}");
+        assert!(r.contains("ambiguous path"), "{path}: {r}");
+    }
+    assert!(private.heads().is_empty() && public.heads().is_empty());
+    // Parameters that do not change the route are fine.
+    for (path, to) in [
+        ("/files/private/a;v=1", "private"),
+        ("/files/public;v=1/a", "public"),
+        ("/k/org%2fteam;v=2", "public"),
+    ] {
+        let r = exchange(gw.port, get(path).as_bytes()).await;
+        assert_eq!(status(&r), 200, "{path}: {r}");
+        assert!(r.contains(&format!("x-backend: {to}")), "{path}: {r}");
+    }
+    // HTTP/2 goes through the same rule.
+    let (code, _) = h2_request(gw.port, "GET", "x", "/files/private;x/secret", &[])
+        .await
+        .unwrap();
+    assert_eq!(code, 400);
+    assert!(
+        private.heads().len() == 1,
+        "only the legitimate request reached private"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. and 6. Header names with underscores; two Authorization fields
 
@@ -634,14 +681,22 @@ async fn a_silent_connection_is_closed_after_one_header_read_timeout() {
         b.url()
     );
     let gw = Gateway::start(&yaml).await;
-    for (what, first) in [
-        ("nothing", &b""[..]),
-        ("half a preface", b"PRI * HT"),
-        ("half a head", b"GET / HT"),
+    for (what, first, after) in [
+        ("nothing", &b""[..], 0),
+        ("half a preface", b"PRI * HT", 0),
+        ("half a head", b"GET / HT", 0),
+        // A first byte late in the budget does not buy a second headerRead.
+        ("a late half head", b"G", 900),
+        (
+            "an HTTP/2 preface and SETTINGS, then nothing",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+            0,
+        ),
     ] {
-        let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-        s.write_all(first).await.unwrap();
         let t = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        s.write_all(first).await.unwrap();
         let mut buf = [0u8; 1024];
         let closed = loop {
             match tokio::time::timeout(Duration::from_secs(4), s.read(&mut buf)).await {
@@ -653,10 +708,41 @@ async fn a_silent_connection_is_closed_after_one_header_read_timeout() {
         assert!(closed, "{what}: still open after 4 s");
         let held = t.elapsed();
         assert!(
-            held < Duration::from_millis(1900),
+            held < Duration::from_millis(1600),
             "{what}: held for {held:?}, headerRead is 1s"
         );
     }
+}
+
+/// An HTTP/2 connection with no stream open for `timeouts.idle` is closed (GOAWAY), even when
+/// the client keeps answering pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let b = Capture::start("b").await;
+    let yaml = format!(
+        "{TOP}timeouts: {{headerRead: 1s, idle: 2s}}\nservices:\n  - name: s\n    path: /\n    backends: [\"{}\"]\n",
+        b.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get("http://x/a").body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    let t = Instant::now();
+    // The h2 client answers pings by itself; the gateway must still close the connection.
+    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(
+        ended.is_ok(),
+        "still open 6 s after the last stream (idle is 2s)"
+    );
+    let held = t.elapsed();
+    assert!(
+        held >= Duration::from_millis(1500) && held < Duration::from_millis(4500),
+        "closed after {held:?}, idle is 2s"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
