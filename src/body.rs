@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,13 +62,19 @@ pub enum BodyState {
 }
 
 /// A [`BodyState`] shared between the body (owned by the upstream connection task) and the
-/// request that sent it (`proxy::forward`), which reads it when the exchange fails.
+/// request that sent it (`proxy::forward`), which reads it when the exchange fails or its
+/// deadline passes.
 #[derive(Debug, Default)]
-pub struct BodyProgress(AtomicU8);
+pub struct BodyProgress {
+    state: AtomicU8,
+    /// When the last of the body was handed upstream: the backend's time to answer runs from
+    /// here, not from when the head was forwarded (a slow upload is not the backend's time).
+    completed: OnceLock<std::time::Instant>,
+}
 
 impl BodyProgress {
     pub fn state(&self) -> BodyState {
-        match self.0.load(Ordering::Acquire) {
+        match self.state.load(Ordering::Acquire) {
             1 => BodyState::AwaitingClient,
             2 => BodyState::Complete,
             3 => BodyState::Failed,
@@ -76,14 +82,25 @@ impl BodyProgress {
         }
     }
 
+    /// When the body was complete (the state became [`BodyState::Complete`]), if it was.
+    pub fn completed_at(&self) -> Option<std::time::Instant> {
+        self.completed.get().copied()
+    }
+
     fn set(&self, s: BodyState) {
         let v = match s {
             BodyState::Flowing => 0,
             BodyState::AwaitingClient => 1,
-            BodyState::Complete => 2,
+            BodyState::Complete => {
+                // The first sighting counts (a body can be seen ending twice: its last data
+                // frame says so, then its end of stream); set before the state is published,
+                // so a reader that sees Complete also sees the instant.
+                let _ = self.completed.set(std::time::Instant::now());
+                2
+            }
             BodyState::Failed => 3,
         };
-        self.0.store(v, Ordering::Release);
+        self.state.store(v, Ordering::Release);
     }
 }
 

@@ -4,7 +4,9 @@
 //! Who failed decides what happens: a failure the backend caused counts towards its passive
 //! ejection (`upstream::record_failure`); one the client caused (a body that stopped arriving,
 //! broke or went over the limit, a client that went away) is answered as the client's fault
-//! and never counts against the backend, so no client can eject a shared backend.
+//! and never counts against the backend, so no client can eject a shared backend. A backend is
+//! late only when it has not answered `timeouts.request` after the whole request, body
+//! included, was sent (`within_deadline`): a slow upload never spends the backend's time.
 //!
 //! Upgrades: only the route's `allowedUpgrades` tokens are forwarded (default `websocket`); a
 //! request asking for others goes upstream as an ordinary request. A tunnel opens only when the
@@ -91,16 +93,54 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: u8, keep_upgrade: bool) {
     }
 }
 
-/// One pass over the request's header names: which hop-by-hop headers are present (as
-/// `hop_by_hop_present` bits), and whether any gateway-owned identity header is. Most requests
-/// carry neither, and then the removals (a hash and a probe per name) are skipped.
-fn scan_headers(headers: &HeaderMap, identity: &[HeaderName]) -> (u8, bool) {
-    let (mut hop, mut ident) = (0, false);
+/// Proxy fields besides X-Forwarded-For/-Proto/-Host (which are always rewritten) that
+/// backends read as the client's address, host, port, scheme or path prefix (RFC 7239
+/// `Forwarded`, read by Spring's ForwardedHeaderFilter among others; nginx's `X-Real-IP`; the
+/// other `X-Forwarded-*` Traefik and Spring set). Only a trusted proxy may send them: from
+/// anyone else they are spoofs and are removed.
+const PROXY_FIELDS: [&str; 11] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-client-ip",
+    "true-client-ip",
+    // Path overrides some frameworks honour (IIS, Symfony, Laminas): a route's checks would
+    // apply to one path and the backend would serve another.
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// What one pass over a request's header names found.
+struct Scan {
+    /// Hop-by-hop headers present, as `hop_by_hop_present` bits.
+    hop: u8,
+    /// A gateway-owned identity header (X-Consumer-Id, forwarded claims) is present.
+    identity: bool,
+    /// One of `PROXY_FIELDS` is present.
+    proxy: bool,
+}
+
+/// One pass over the request's header names. Most requests carry no hop-by-hop, identity or
+/// proxy field, and then the removals (a hash and a probe per name) are skipped.
+fn scan_headers(headers: &HeaderMap, identity: &[HeaderName]) -> Scan {
+    let mut scan = Scan {
+        hop: 0,
+        identity: false,
+        proxy: false,
+    };
     for name in headers.keys() {
-        hop |= hop_bit(name.as_str());
-        ident |= identity.iter().any(|h| h == name);
+        let n = name.as_str();
+        scan.hop |= hop_bit(n);
+        scan.identity |= identity.iter().any(|h| h == name);
+        // Every proxy field starts with f, t or x: most names skip the list.
+        scan.proxy |= matches!(n.as_bytes().first(), Some(b'f' | b't' | b'x'))
+            && PROXY_FIELDS.contains(&n);
     }
-    (hop, ident)
+    scan
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -260,15 +300,24 @@ fn upstream_uri(
     Uri::try_from(pq).map_err(|e| GatewayError::Internal(format!("bad upstream uri: {e}")))
 }
 
+/// Sets X-Forwarded-For/-Proto/-Host and X-Request-Id. A peer in `trustedProxies` is a proxy
+/// whose forwarding fields are kept (and X-Forwarded-For appended to); from anyone else they
+/// are replaced, and `PROXY_FIELDS` removed (`proxy_fields`: `scan_headers` saw one).
 fn add_forwarded_headers(
     snap: &Snapshot,
     headers: &mut HeaderMap,
     conn: ConnInfo,
     host: Option<&str>,
     request_id: &str,
+    proxy_fields: bool,
 ) {
     let peer_ip = conn.peer.ip().to_string();
     let trusted = snap.is_trusted_proxy(conn.peer.ip());
+    if proxy_fields && !trusted {
+        for name in PROXY_FIELDS {
+            headers.remove(name);
+        }
+    }
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if trusted => format!("{prev}, {peer_ip}"),
         _ => peer_ip,
@@ -323,6 +372,53 @@ fn awaiting_client(progress: Option<&BodyProgress>) -> bool {
     progress.is_some_and(|p| matches!(p.state(), BodyState::AwaitingClient | BodyState::Failed))
 }
 
+/// Who is late when a response has not come by its deadline.
+#[derive(Debug)]
+enum Late {
+    /// The client's body was still arriving (a trickle that stays under the body-idle
+    /// timeout): 408, nothing counted against the backend.
+    Client,
+    /// The whole request was sent `timeouts.request` ago: 504, a backend failure.
+    Backend,
+}
+
+/// Awaits `send` (a request going upstream, body included) until `deadline`, the end of
+/// `timeouts.request` counted from forwarding. A client may spend most of that uploading, so
+/// time running out is the backend's fault only once the backend has had `request` itself
+/// after the body was complete: when the body completed at `c` and `c + request` is later than
+/// `deadline`, the wait is extended once, to `c + request`. A body still incomplete at
+/// `deadline` is the client's fault.
+///
+/// The bound a client sees: its upload must end within `request` of forwarding (else 408,
+/// each gap also bounded by the body-idle timeout, `headerRead`), and the backend then has at
+/// most `request` more, so a request is held at most twice `timeouts.request` after forwarding.
+async fn within_deadline<F: std::future::Future>(
+    send: F,
+    deadline: Instant,
+    request: std::time::Duration,
+    progress: Option<&BodyProgress>,
+) -> Result<F::Output, Late> {
+    let mut send = std::pin::pin!(send);
+    if let Ok(out) = tokio::time::timeout_at(deadline.into(), &mut send).await {
+        return Ok(out);
+    }
+    if awaiting_client(progress) {
+        return Err(Late::Client);
+    }
+    // No body (`progress` None: the request was whole when forwarded), a body the backend reads
+    // too slowly (Flowing), or a body that completed early enough: the deadline stands.
+    let Some(extended) = progress
+        .and_then(BodyProgress::completed_at)
+        .map(|c| c + request)
+        .filter(|e| *e > deadline)
+    else {
+        return Err(Late::Backend);
+    };
+    tokio::time::timeout_at(extended.into(), send)
+        .await
+        .map_err(|_| Late::Backend)
+}
+
 /// Passive health for a failure the backend caused, weighed against every pool of the snapshot
 /// (a backend is shared by all pools naming its address: see `upstream::record_failure`).
 fn backend_failed(snap: &Snapshot, svc: &ServiceRt, backend: &Backend) {
@@ -375,11 +471,11 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri(svc, std::mem::take(&mut parts.uri), normalized)?;
     parts.version = Version::HTTP_11;
-    let (hop, spoofed) = scan_headers(&parts.headers, &snap.identity_headers);
+    let scan = scan_headers(&parts.headers, &snap.identity_headers);
     // An upgrade the route does not allow loses Upgrade and `Connection: upgrade` here like any
     // hop-by-hop header, so the backend sees an ordinary request.
-    if hop != 0 || upgrade.is_some() {
-        strip_hop_by_hop(&mut parts.headers, hop, upgrade.is_some());
+    if scan.hop != 0 || upgrade.is_some() {
+        strip_hop_by_hop(&mut parts.headers, scan.hop, upgrade.is_some());
     }
     if let Some(u) = &upgrade {
         // Only the allowed tokens the client offered go upstream.
@@ -394,9 +490,10 @@ pub async fn forward(
         // The canonical host without its port, as before canonicalisation existed.
         host.as_ref().map(|a| a.host()),
         request_id,
+        scan.proxy,
     );
     // Identity headers come from the gateway only: whatever the client sent is dropped, always.
-    if spoofed {
+    if scan.identity {
         for h in &snap.identity_headers {
             parts.headers.remove(h);
         }
@@ -409,6 +506,10 @@ pub async fn forward(
             parts.headers.remove(header::AUTHORIZATION);
         }
     }
+    // A request without a host (HTTP/1.0 without Host, HTTP/2 without `:authority` and
+    // `host`) still needs one upstream (RFC 9112 3.2): the chosen backend's own authority, set
+    // per attempt below (nginx's default `proxy_set_header Host $proxy_host`).
+    let host_per_backend = upstream_host.is_none();
     if let Some(h) = upstream_host {
         parts.headers.insert(header::HOST, h);
     }
@@ -460,6 +561,17 @@ pub async fn forward(
                 continue;
             }
         };
+        if host_per_backend {
+            // A retry overwrites the previous backend's value.
+            match HeaderValue::from_str(&backend.authority) {
+                Ok(h) => {
+                    req.headers_mut().insert(header::HOST, h);
+                }
+                Err(_) => {
+                    req.headers_mut().remove(header::HOST);
+                }
+            }
+        }
         let replay = replayable.then(|| {
             (
                 req.method().clone(),
@@ -468,16 +580,19 @@ pub async fn forward(
             )
         });
         let sent_at = Instant::now();
-        let remaining = deadline.saturating_duration_since(sent_at);
-        let result = tokio::time::timeout(remaining, sender.try_send_request(req)).await;
+        let result = within_deadline(
+            sender.try_send_request(req),
+            deadline,
+            svc.timeouts.request,
+            progress.as_deref(),
+        )
+        .await;
         let mut resp = match result {
-            Err(_) => {
-                // Still waiting for the rest of the client's body when time ran out: the
-                // client's doing (a trickle that stays under the idle timeout), not the backend's.
-                if awaiting_client(progress.as_deref()) {
-                    tracing::debug!(backend = %backend.addr, "request timed out waiting on the client's body");
-                    return Err(GatewayError::RequestTimeout);
-                }
+            Err(Late::Client) => {
+                tracing::debug!(backend = %backend.addr, "request timed out waiting on the client's body");
+                return Err(GatewayError::RequestTimeout);
+            }
+            Err(Late::Backend) => {
                 backend_failed(snap, svc, &backend);
                 return Err(GatewayError::UpstreamTimeout);
             }

@@ -843,3 +843,433 @@ async fn allowed_upgrades_on_a_route_lets_another_protocol_through() {
     assert_eq!(heads.len(), 2);
     assert!(!heads[1].contains("upgrade"), "{heads:?}");
 }
+
+// ---- The backend's time runs from the end of the upload ----
+
+/// A raw backend that reads each request's head and its Content-Length body, then answers 200
+/// with the body's length after `delay`; `None`: never answers (holds the connection for 15 s).
+/// Answers `GET /health` at once. Counts the bodies it read whole.
+struct AnswerAfterBody {
+    url: String,
+    bodies: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AnswerAfterBody {
+    async fn start(delay: Option<Duration>) -> AnswerAfterBody {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("local addr"));
+        let bodies = Arc::new(AtomicU64::new(0));
+        let b = bodies.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let (head, mut body) = read_head(&mut s, Duration::from_secs(15)).await;
+                    if head.starts_with("get /health ") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+                            .await;
+                        return;
+                    }
+                    let want = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+                    let mut buf = [0u8; 4096];
+                    for _ in 0..1024 {
+                        if body.len() >= want {
+                            break;
+                        }
+                        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    if body.len() < want {
+                        return;
+                    }
+                    b.fetch_add(1, Ordering::Relaxed);
+                    let Some(delay) = delay else {
+                        tokio::time::sleep(Duration::from_secs(15)).await;
+                        return;
+                    };
+                    tokio::time::sleep(delay).await;
+                    let n = body.len().to_string();
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{n}",
+                        n.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        AnswerAfterBody { url, bodies, task }
+    }
+
+    fn bodies(&self) -> u64 {
+        self.bodies.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for AnswerAfterBody {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `POST {path}` with `Content-Length: {offsets.len()}` and one body byte at each offset
+/// from the start (the head goes with the first byte), then reads the answer for up to
+/// `wait`. Returns the head (lower-cased), the bytes after it and when the head arrived,
+/// measured from the first byte.
+async fn trickle_post(
+    port: u16,
+    path: &str,
+    offsets: &[Duration],
+    wait: Duration,
+) -> (String, Vec<u8>, Duration) {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the gateway");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        offsets.len()
+    );
+    let start = Instant::now();
+    for (i, at) in offsets.iter().enumerate() {
+        tokio::time::sleep((start + *at).saturating_duration_since(Instant::now())).await;
+        let mut out = if i == 0 {
+            head.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        out.push(b'a');
+        s.write_all(&out).await.expect("send a body byte");
+    }
+    let (head, rest) = read_head(&mut s, wait).await;
+    (head, rest, start.elapsed())
+}
+
+/// The attack: a 5-byte upload trickled so its last byte arrives at 4.8 s (every gap under
+/// headerRead, 3 s), to backends that answer 0.5 s after reading the body, with
+/// `timeouts.request` 5 s. The backend's 5 s run from the end of the upload, so both uploads
+/// (one per backend) get their 200 at about 5.3 s, and nothing is counted against either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_upload_never_ejects_a_backend_that_answers_in_time() {
+    let b1 = AnswerAfterBody::start(Some(Duration::from_millis(500))).await;
+    let b2 = AnswerAfterBody::start(Some(Duration::from_millis(500))).await;
+    let yaml = config(
+        "healthCheckInterval: 30\ntimeouts: {headerRead: 3s, request: 5s}\n",
+        &service("api", "/api/", &[&b1.url, &b2.url], ""),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let offsets: Vec<Duration> = [0, 1500, 3000, 4500, 4800]
+        .into_iter()
+        .map(Duration::from_millis)
+        .collect();
+    // Two at once: round robin gives one to each backend.
+    let uploads: Vec<_> = (0..2)
+        .map(|_| {
+            let offsets = offsets.clone();
+            let port = gw.port;
+            tokio::spawn(async move {
+                trickle_post(port, "/api/upload", &offsets, Duration::from_secs(8)).await
+            })
+        })
+        .collect();
+    for u in uploads {
+        let (head, rest, took) = u.await.expect("upload task");
+        assert!(head.starts_with("http/1.1 200"), "{head:?} after {took:?}");
+        assert_eq!(rest, b"5", "the backend read the whole body");
+        assert!(
+            took >= Duration::from_millis(5200) && took < Duration::from_millis(7000),
+            "answered 0.5 s after the last byte (4.8 s): {took:?}"
+        );
+    }
+    assert_eq!((b1.bodies(), b2.bodies()), (1, 1));
+    let health = upstreams(&gw, "api").await;
+    assert_eq!(health.len(), 2);
+    assert!(health.iter().all(|(_, ok)| *ok), "{health:?}");
+    assert_eq!(upstream_errors(&gw, "api").await, 0);
+}
+
+/// The extension is bounded: a backend that never answers a body completed at 1.9 s gets its
+/// 504 at completion + `timeouts.request` (2 s), about 3.9 s, and is counted as failed; and
+/// an upload still incomplete at `timeouts.request` stays the client's 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_silent_after_a_slow_upload_is_blamed_at_completion_plus_request() {
+    let hung = AnswerAfterBody::start(None).await;
+    let yaml = config(
+        "healthCheckInterval: 30\ntimeouts: {headerRead: 1500ms, request: 2s}\n",
+        &service("api", "/api/", &[&hung.url], ""),
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    let ms = |v: &[u64]| {
+        v.iter()
+            .map(|m| Duration::from_millis(*m))
+            .collect::<Vec<_>>()
+    };
+    let (head, _, took) = trickle_post(
+        gw.port,
+        "/api/upload",
+        &ms(&[0, 1000, 1900]),
+        Duration::from_secs(6),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 504"), "{head:?} after {took:?}");
+    assert!(
+        took >= Duration::from_millis(3800) && took < Duration::from_millis(5000),
+        "504 at completion (1.9 s) + request (2 s): {took:?}"
+    );
+    assert_eq!(hung.bodies(), 1);
+    assert_eq!(upstream_errors(&gw, "api").await, 1, "the backend's fault");
+
+    // Still uploading at 2 s (the last byte is due at 2.5 s): the client's 408, at 2 s, and
+    // nothing more counted.
+    let (head, _, took) = trickle_post(
+        gw.port,
+        "/api/upload",
+        &ms(&[0, 1000, 2500]),
+        Duration::from_secs(4),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 408"), "{head:?} after {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3000),
+        "408 at timeouts.request: {took:?}"
+    );
+    assert_eq!(upstream_errors(&gw, "api").await, 1);
+}
+
+// ---- What the backend is told about the request's origin ----
+
+/// The `host:` field values of a lower-cased request head.
+fn host_fields(head: &str) -> Vec<&str> {
+    head.lines()
+        .filter_map(|l| l.strip_prefix("host:"))
+        .map(str::trim)
+        .collect()
+}
+
+/// Sends one HTTP/2 request (prior knowledge) as raw frames: `fields` as HPACK literals without
+/// indexing, exactly as given, pseudo-headers first. Returns the open connection; the caller
+/// looks at what the backend received.
+async fn h2_send(port: u16, fields: &[(&str, &str)]) -> TcpStream {
+    let mut block = Vec::new();
+    for (n, v) in fields {
+        assert!(n.len() < 127 && v.len() < 127, "one-byte lengths only");
+        // Literal without indexing, new name, no Huffman (RFC 7541 6.2.2).
+        block.push(0x00);
+        block.push(n.len() as u8);
+        block.extend_from_slice(n.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    let frame = |out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 0x4, 0, 0, &[]); // SETTINGS
+    frame(&mut out, 0x1, 0x4 | 0x1, 1, &block); // HEADERS, END_HEADERS | END_STREAM
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the gateway");
+    s.write_all(&out).await.expect("send the frames");
+    s
+}
+
+/// Waits (up to 5 s) until `backend` has seen `n` requests; returns their heads.
+async fn heads_when(backend: &UpgradeBackend, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend.heads().len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    backend.heads()
+}
+
+/// HTTP/1.0 without Host and HTTP/2 without `:authority` or `host` go upstream as HTTP/1.1,
+/// which needs a Host (RFC 9112 3.2): the backend's own authority, set per attempt (the first
+/// attempt goes to a backend that resets, the replay to the recording one), and no
+/// X-Forwarded-Host. A request with a host keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_host_gets_the_backends_authority_as_host() {
+    let bad = ResettingBackend::start().await;
+    let good = UpgradeBackend::start(Answer::Ordinary).await;
+    let good_authority = good.url.trim_start_matches("http://").to_string();
+    let yaml = config(
+        "healthCheckInterval: 30\n",
+        &service("api", "/api/", &[&bad.url, &good.url], ""),
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /api/one HTTP/1.0\r\n\r\n")
+        .await
+        .expect("send");
+    let (head, rest) = read_head(&mut s, Duration::from_secs(5)).await;
+    // An HTTP/1.0 client is answered in HTTP/1.0.
+    assert!(head.starts_with("http/1.0 200"), "{head:?}");
+    assert_eq!(rest, b"ordinary");
+    assert_eq!(
+        bad.resets(),
+        1,
+        "round robin tried the resetting backend first"
+    );
+    let heads = good.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].starts_with("get /api/one http/1.1\r\n"),
+        "{heads:?}"
+    );
+    assert_eq!(
+        host_fields(&heads[0]),
+        [good_authority.as_str()],
+        "{heads:?}"
+    );
+    assert!(!heads[0].contains("x-forwarded-host"), "{heads:?}");
+
+    let _h2 = h2_send(
+        gw.port,
+        &[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/api/two"),
+        ],
+    )
+    .await;
+    let heads = heads_when(&good, 2).await;
+    assert_eq!(
+        heads.len(),
+        2,
+        "the HTTP/2 request reached the backend: {heads:?}"
+    );
+    assert!(
+        heads[1].starts_with("get /api/two http/1.1\r\n"),
+        "{heads:?}"
+    );
+    assert_eq!(
+        host_fields(&heads[1]),
+        [good_authority.as_str()],
+        "{heads:?}"
+    );
+    assert!(!heads[1].contains("x-forwarded-host"), "{heads:?}");
+
+    // With a host: that host, and X-Forwarded-Host.
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /api/three HTTP/1.0\r\nHost: Example.COM\r\n\r\n")
+        .await
+        .expect("send");
+    let (head, _) = read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("http/1.0 200"), "{head:?}");
+    let heads = heads_when(&good, 3).await;
+    assert_eq!(heads.len(), 3, "{heads:?}");
+    assert_eq!(host_fields(&heads[2]), ["example.com"], "{heads:?}");
+    assert!(
+        heads[2].contains("x-forwarded-host: example.com\r\n"),
+        "{heads:?}"
+    );
+}
+
+/// Proxy fields a backend reads as the client's address, host, scheme, port or prefix.
+const SPOOFED: [(&str, &str); 6] = [
+    ("forwarded", "for=192.0.2.66;host=admin.example;proto=https"),
+    ("forwarded", "for=198.51.100.7"),
+    ("x-real-ip", "192.0.2.66"),
+    ("x-forwarded-port", "8443"),
+    ("x-forwarded-prefix", "/admin"),
+    ("x-forwarded-server", "admin.example"),
+];
+
+/// The request head for `path` carrying `SPOOFED`, names in mixed case.
+fn spoofing_request(path: &str) -> String {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n");
+    for (i, (n, v)) in SPOOFED.iter().enumerate() {
+        let name = if i % 2 == 0 {
+            n.to_ascii_uppercase()
+        } else {
+            n.to_string()
+        };
+        req.push_str(&format!("{name}: {v}\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    req
+}
+
+/// The `SPOOFED` fields in a lower-cased request head, in order.
+fn spoofed_fields(head: &str) -> Vec<(String, String)> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| SPOOFED.iter().any(|(s, _)| s == n))
+        .map(|(n, v)| (n.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// `Forwarded`, `X-Real-IP`, `X-Forwarded-Port`, `-Prefix` and `-Server` from a client that is
+/// not a trusted proxy never reach the backend (HTTP/1.1 and HTTP/2); from a trusted proxy they
+/// pass unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_fields_reach_the_backend_only_from_a_trusted_proxy() {
+    let backend = UpgradeBackend::start(Answer::Ordinary).await;
+    let svc = service("api", "/api/", &[&backend.url], "");
+    let gw = Gateway::start(&config("healthCheckInterval: 30\n", &svc)).await;
+
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    s.write_all(spoofing_request("/api/h1").as_bytes())
+        .await
+        .expect("send");
+    let (head, _) = read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("http/1.1 200"), "{head:?}");
+    let mut fields = vec![(":method", "GET"), (":scheme", "http"), (":authority", "x")];
+    fields.push((":path", "/api/h2"));
+    fields.extend(SPOOFED);
+    let _h2 = h2_send(gw.port, &fields).await;
+    let heads = heads_when(&backend, 2).await;
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        assert_eq!(spoofed_fields(head), [], "{head}");
+        for value in ["192.0.2.66", "198.51.100.7", "admin.example", "/admin\r"] {
+            assert!(!head.contains(value), "{value} reached the backend: {head}");
+        }
+        // The fields the gateway owns are its own.
+        assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+        assert!(head.contains("x-forwarded-host: x\r\n"), "{head}");
+    }
+    drop(gw);
+
+    let trusted = config(
+        "healthCheckInterval: 30\ntrustedProxies: [\"127.0.0.1\"]\n",
+        &svc,
+    );
+    let gw = Gateway::start(&trusted).await;
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    s.write_all(spoofing_request("/api/trusted").as_bytes())
+        .await
+        .expect("send");
+    let (head, _) = read_head(&mut s, Duration::from_secs(5)).await;
+    assert!(head.starts_with("http/1.1 200"), "{head:?}");
+    let heads = heads_when(&backend, 3).await;
+    assert_eq!(heads.len(), 3, "{heads:?}");
+    let want: Vec<(String, String)> = SPOOFED
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_ascii_lowercase()))
+        .collect();
+    assert_eq!(spoofed_fields(&heads[2]), want, "{}", heads[2]);
+}
