@@ -8,10 +8,23 @@
 //! connections wait in the kernel's backlog and cost no task. With an admin token (`adminToken`,
 //! `adminTokenFile` or `HEXGATE_ADMIN_TOKEN`), every path but /healthz and /readyz needs
 //! `Authorization: Bearer <token>`; anything else gets 401.
+//!
+//! So that clients who can reach the port but lack the token cannot hold those connections:
+//!
+//! - with a token configured, every response to a request that did not present the valid token
+//!   (401s, header errors, and /healthz and /readyz asked without it) carries `Connection: close`
+//!   and the connection ends after it; only authenticated connections are kept alive (Prometheus
+//!   reuses its scrape connection);
+//! - one peer address holds at most [`MAX_CONNECTIONS_PER_PEER`] admin connections at a time;
+//!   a connection over that is closed as soon as it is accepted, without a response. Loopback is
+//!   an address like any other: a local Prometheus and a local health checker share 127.0.0.1's
+//!   allowance (the same holds for all clients behind one NAT address).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -30,25 +43,37 @@ use crate::state::State;
 /// Most admin connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Most admin connections one peer address holds at once; more are closed when accepted.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
+
 /// `WWW-Authenticate` of a 401 from the admin listener.
 pub const WWW_AUTHENTICATE: &str = "Bearer realm=\"hexgate-admin\"";
 
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(PeerSlots::default());
     loop {
         // The permit first: at the cap, nothing is accepted (no task, no buffers) until a
         // connection ends.
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // Over the per-peer cap: closed here, without a response, and the permit goes back at
+        // once. Logged at debug only, so a flood does not flood the log too.
+        let Some(slot) = peers.try_take(peer.ip()) else {
+            tracing::debug!(peer = %peer.ip(), "admin connection over the per-peer cap closed");
+            drop(stream);
+            drop(permit);
+            continue;
         };
         // Built per connection from the current config, so a reload's limits apply to new
         // connections.
@@ -62,8 +87,53 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "admin connection ended with error");
             }
+            drop(slot);
             drop(permit);
         });
+    }
+}
+
+/// Open admin connections per peer address (IPv4-mapped IPv6 addresses count as the IPv4
+/// address); an entry is removed when its last connection ends, so the table only holds
+/// addresses with a connection open (at most [`MAX_CONNECTIONS`]).
+#[derive(Default)]
+struct PeerSlots {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PeerSlots {
+    /// One more connection for `ip`, or None when it already holds
+    /// [`MAX_CONNECTIONS_PER_PEER`]. The slot is given back when the returned guard drops.
+    fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's place in [`PeerSlots`].
+struct PeerSlot {
+    peers: Arc<PeerSlots>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -79,9 +149,12 @@ fn http1_builder(cfg: &Config) -> http1::Builder {
     b
 }
 
-/// One admin request: header policy, then the token, then the endpoint.
+/// One admin request: header policy, then the token, then the endpoint. With a token
+/// configured, a request that did not present it is answered with `Connection: close`, and hyper
+/// ends the connection after that response: only authenticated clients keep connections open.
 async fn respond(state: &State, mut req: Request<Incoming>) -> Response<Body> {
     let snap = state.snapshot.load_full();
+    let guarded = snap.admin_token.is_some();
     let policy = HeaderPolicy {
         max_count: usize::try_from(snap.config.max_header_count).unwrap_or(usize::MAX),
         max_bytes: snap.config.max_header_size,
@@ -93,30 +166,45 @@ async fn respond(state: &State, mut req: Request<Incoming>) -> Response<Body> {
         } else {
             StatusCode::BAD_REQUEST
         };
-        return text(status, "text/plain", format!("{e}\n"));
+        let r = text(status, "text/plain", format!("{e}\n"));
+        return if guarded { closing(r) } else { r };
     }
-    let path = req.uri().path();
-    if path != "/healthz" && path != "/readyz" {
-        if let Some(token) = &snap.admin_token {
-            if let Err(reason) = check_bearer(req.headers(), token) {
-                let mut r = text(
-                    StatusCode::UNAUTHORIZED,
-                    "text/plain",
-                    format!("{reason}\n"),
-                );
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static(WWW_AUTHENTICATE),
-                );
-                return r;
-            }
-        }
-    }
+    // Checked on every path, the exempt ones too: a health checker that sends the token may
+    // keep its connection.
+    let auth = snap
+        .admin_token
+        .as_deref()
+        .map(|token| check_bearer(req.headers(), token));
     drop(snap);
-    if req.uri().path() == "/admin/sd" {
-        return service_discovery(state, &req).await;
+    let path = req.uri().path();
+    let exempt = path == "/healthz" || path == "/readyz";
+    let r = match auth {
+        Some(Err(reason)) if !exempt => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!("{reason}\n"),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(WWW_AUTHENTICATE),
+            );
+            r
+        }
+        _ if path == "/admin/sd" => service_discovery(state, &req).await,
+        _ => handle(state, req),
+    };
+    match auth {
+        Some(Err(_)) => closing(r),
+        _ => r,
     }
-    handle(state, req)
+}
+
+/// `r` with `Connection: close`: hyper closes the connection once it is written.
+fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// Checks `Authorization: Bearer <token>` against the admin token; the reason when it fails.

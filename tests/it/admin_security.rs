@@ -1,8 +1,13 @@
 //! The admin listener as an attacker on the network sees it: slow and half-sent requests are
-//! cut off by `timeouts.headerRead`, connections beyond the cap wait in the backlog, the header
-//! limits hold, and with an admin token every path but /healthz and /readyz answers 401 without
-//! it. Secrets in URLs (userinfo, query values) never show in /admin/config, logs or `validate`.
+//! cut off by `timeouts.headerRead`, connections beyond the cap wait in the backlog, one address
+//! holds at most 32 connections, the header limits hold, and with an admin token every path but
+//! /healthz and /readyz answers 401 without it, and only a client that sent the token keeps its
+//! connection. Secrets in URLs (userinfo, query values) never show in /admin/config, logs or
+//! `validate`.
+//!
+//! Several peer addresses are simulated with source addresses from 127.0.0.0/8 (all loopback).
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -82,6 +87,76 @@ async fn time_to_close(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
             Ok(Ok(_)) => continue,
             Err(_) => return None,
         }
+    }
+}
+
+/// A connection to the admin port on 127.0.0.1 from the loopback source address `src`.
+async fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((src, 0)))?;
+    sock.connect(SocketAddr::from(([127, 0, 0, 1], port))).await
+}
+
+/// Reads one response (head, then a `Content-Length` body) from a connection that may stay
+/// open; None if it is not complete within `limit` or the connection ends first.
+async fn read_one(s: &mut TcpStream, limit: Duration) -> Option<Raw> {
+    let deadline = Instant::now() + limit;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).into_owned();
+            let mut r = Raw {
+                status: head.split_whitespace().nth(1)?.parse().ok()?,
+                head,
+                body: String::new(),
+            };
+            let len: usize = r
+                .header("content-length")
+                .unwrap_or_else(|| panic!("no content-length in {}", r.head))
+                .parse()
+                .ok()?;
+            if out.len() >= end + 4 + len {
+                assert_eq!(
+                    out.len(),
+                    end + 4 + len,
+                    "bytes after the response: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+                r.body = String::from_utf8_lossy(&out[end + 4..]).into_owned();
+                return Some(r);
+            }
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Two authenticated GET /metrics on one keep-alive connection from `src`, each answered 200
+/// within two seconds, the connection left open.
+async fn scrape_twice(src: [u8; 4], port: u16, token: &str, when: &str) {
+    let mut s = connect_from(src, port).await.unwrap();
+    for i in 1..=2 {
+        let sent = Instant::now();
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("scrape {i} from {src:?} {when}: write failed: {e}"));
+        let r = read_one(&mut s, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("scrape {i} from {src:?} {when}: no answer within 2s"));
+        eprintln!(
+            "scrape {i} from {src:?} {when} answered in {:?}",
+            sent.elapsed()
+        );
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(r.body.contains("hexgate_open_connections"), "{}", r.body);
+        assert_eq!(r.header("connection"), None, "{}", r.head);
     }
 }
 
@@ -203,13 +278,14 @@ async fn admin_connections_beyond_the_cap_wait_in_the_backlog() {
     let yaml = config("timeouts: {headerRead: 3s}\n", &b.url());
     let gw = Gateway::start(&yaml).await;
 
-    // CAP half-sent requests hold every admin connection slot until headerRead (3s).
+    // CAP half-sent requests hold every admin connection slot until headerRead (3s); one
+    // address holds at most MAX_CONNECTIONS_PER_PEER, so they come from 127.0.0.2, .3, ...
+    const PER_PEER: usize = hexgate::admin::MAX_CONNECTIONS_PER_PEER;
     let opened = Instant::now();
     let mut holders = Vec::with_capacity(CAP);
-    for _ in 0..CAP {
-        let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
-            .await
-            .unwrap();
+    for i in 0..CAP {
+        let src = [127, 0, 0, 2 + u8::try_from(i / PER_PEER).unwrap()];
+        let mut s = connect_from(src, gw.admin_port).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")
             .await
             .unwrap();
@@ -220,9 +296,7 @@ async fn admin_connections_beyond_the_cap_wait_in_the_backlog() {
 
     // One more: the kernel completes the handshake (backlog), but the gateway does not accept
     // it while the cap is reached, so its complete request gets no answer...
-    let mut extra = TcpStream::connect(("127.0.0.1", gw.admin_port))
-        .await
-        .unwrap();
+    let mut extra = connect_from([127, 0, 0, 200], gw.admin_port).await.unwrap();
     let sent = Instant::now();
     extra
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -305,6 +379,291 @@ async fn admin_header_limits_hold() {
     )
     .await;
     assert_eq!(two.status, 400, "{}", two.head);
+    assert_eq!(admin_get(gw.admin_port, "/healthz", None).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_keep_alive_flood_from_one_address_leaves_metrics_answered() {
+    // The reported attack: with adminToken set, 256 connections from one address each send
+    // GET /healthz and stay keep-alive (re-sending every 10s); Prometheus's scrapes with the
+    // token then got no answer for seconds.
+    const ATTACKERS: usize = 256;
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = config(
+        &format!("adminToken: \"{TOKEN}\"\ntimeouts: {{headerRead: 20s, idle: 60s}}\n"),
+        &b.url(),
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    let opened = Instant::now();
+    let mut attackers = Vec::with_capacity(ATTACKERS);
+    for _ in 0..ATTACKERS {
+        let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
+            .await
+            .unwrap();
+        // A write can fail when the server already closed it (over the per-peer cap).
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        attackers.push(s);
+    }
+    eprintln!("{ATTACKERS} attackers opened in {:?}", opened.elapsed());
+
+    // During the attack, Prometheus on another address is answered on one kept connection.
+    scrape_twice([127, 0, 0, 2], gw.admin_port, TOKEN, "during the attack").await;
+
+    // The server ended every attacker connection itself (the attackers still hold their
+    // sockets and send nothing more): each was answered with `connection: close` and closed,
+    // or closed without a response over the per-peer cap. Within 5s of opening: far less
+    // than headerRead (20s) and idle (60s).
+    let deadline = opened + Duration::from_secs(5);
+    let (mut answered, mut refused) = (0, 0);
+    for (i, s) in attackers.iter_mut().enumerate() {
+        let mut out = Vec::new();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut buf = [0u8; 1024];
+        let closed = loop {
+            match tokio::time::timeout(left, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            closed,
+            "attacker {i} still open 5s after the flood began; got {text:?}"
+        );
+        if out.is_empty() {
+            refused += 1;
+        } else {
+            answered += 1;
+            assert!(text.starts_with("HTTP/1.1 200"), "attacker {i}: {text}");
+            assert!(
+                text.to_ascii_lowercase()
+                    .contains("\r\nconnection: close\r\n"),
+                "attacker {i} answered without connection: close: {text}"
+            );
+        }
+    }
+    eprintln!("attackers: {answered} answered and closed, {refused} closed unanswered");
+    assert!(answered >= 1, "no attacker request was answered at all");
+
+    // And the attackers' own address is not locked out either.
+    scrape_twice([127, 0, 0, 1], gw.admin_port, TOKEN, "after the attack").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_unauthenticated_answers_close_the_connection() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = config(
+        &format!("adminToken: \"{TOKEN}\"\ntimeouts: {{headerRead: 20s, idle: 60s}}\n"),
+        &b.url(),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let good = format!("Authorization: Bearer {TOKEN}\r\n");
+    let cases: [(&str, &str, u16); 6] = [
+        ("/healthz", "", 200),
+        ("/readyz", "", 200),
+        ("/healthz", "Authorization: Bearer wrong\r\n", 200),
+        ("/metrics", "", 401),
+        ("/metrics", "Authorization: Bearer wrong\r\n", 401),
+        ("/admin/config", "Authorization: Basic x\r\n", 401),
+    ];
+    for (path, auth, want) in cases {
+        let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
+            .await
+            .unwrap();
+        // Keep-alive requests: nothing from the client asks to close.
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let r = read_one(&mut s, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("{path} {auth:?}: no answer"));
+        assert_eq!(r.status, want, "{path} {auth:?}: {}", r.head);
+        assert_eq!(
+            r.header("connection"),
+            Some("close"),
+            "{path} {auth:?}: {}",
+            r.head
+        );
+        let closed = time_to_close(&mut s, Duration::from_secs(2)).await;
+        assert!(
+            closed.is_some(),
+            "{path} {auth:?}: the server left the connection open"
+        );
+    }
+    // A header error without the token closes too.
+    let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_one(&mut s, Duration::from_secs(2))
+        .await
+        .expect("no answer to two Authorization fields");
+    assert_eq!(r.status, 400, "{}", r.head);
+    assert_eq!(r.header("connection"), Some("close"), "{}", r.head);
+    assert!(time_to_close(&mut s, Duration::from_secs(2))
+        .await
+        .is_some());
+
+    // A health checker that sends the token keeps its connection.
+    let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
+        .await
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/healthz"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{good}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let r = read_one(&mut s, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("{path} with the token: no answer on the kept connection"));
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.header("connection"), None, "{}", r.head);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_keep_alive_admin_connection_serves_two_requests() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = config(
+        &format!("adminToken: \"{TOKEN}\"\ntimeouts: {{idle: 60s}}\n"),
+        &b.url(),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
+        .await
+        .unwrap();
+    for (path, marker) in [
+        ("/metrics", "hexgate_open_connections"),
+        ("/admin/config", "\"generation\""),
+        ("/metrics", "hexgate_open_connections"),
+    ] {
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let r = read_one(&mut s, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("{path}: no answer on the kept connection"));
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        assert_eq!(r.header("connection"), None, "{path}: {}", r.head);
+        assert!(r.body.contains(marker), "{path}: {}", r.body);
+    }
+    // Still open: the server did not close it after the last answer.
+    assert_eq!(
+        time_to_close(&mut s, Duration::from_millis(500)).await,
+        None,
+        "the authenticated connection was closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_32_admin_connections() {
+    const PER_PEER: usize = hexgate::admin::MAX_CONNECTIONS_PER_PEER;
+    assert_eq!(PER_PEER, 32, "the cap the README documents");
+    const OPENED: usize = 40;
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let yaml = config("timeouts: {headerRead: 4s}\n", &b.url());
+    let gw = Gateway::start(&yaml).await;
+
+    // 40 half-sent heads from 127.0.0.1; each watched until the server closes it.
+    let opened = Instant::now();
+    let mut watchers = Vec::with_capacity(OPENED);
+    for _ in 0..OPENED {
+        let mut s = TcpStream::connect(("127.0.0.1", gw.admin_port))
+            .await
+            .unwrap();
+        // May fail if the server already closed it.
+        let _ = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await;
+        watchers.push(tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 1024];
+            for _ in 0..1000 {
+                let left = Duration::from_secs(10).saturating_sub(opened.elapsed());
+                match tokio::time::timeout(left, s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return (Some(opened.elapsed()), got),
+                    Ok(Ok(n)) => got += n,
+                    Err(_) => break,
+                }
+            }
+            (None, got)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // While 127.0.0.1 holds its 32: one more from it is closed at once, without an answer...
+    let mut more = TcpStream::connect(("127.0.0.1", gw.admin_port))
+        .await
+        .unwrap();
+    let _ = more
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(1), more.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "connection {} from 127.0.0.1 was neither served nor closed",
+        OPENED + 1
+    );
+    assert!(
+        out.is_empty(),
+        "connection {} from 127.0.0.1 was served over the per-peer cap: {:?}",
+        OPENED + 1,
+        String::from_utf8_lossy(&out)
+    );
+    // ...and another address is served as usual.
+    let mut other = connect_from([127, 0, 0, 2], gw.admin_port).await.unwrap();
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_one(&mut other, Duration::from_secs(2))
+        .await
+        .expect("127.0.0.2 not served while 127.0.0.1 is at its cap");
+    assert_eq!(r.status, 200, "{}", r.head);
+    let checked = opened.elapsed();
+    assert!(
+        checked < Duration::from_millis(3500),
+        "checks ran past headerRead: {checked:?}"
+    );
+
+    // 8 were closed within a second, without a byte; the other 32 were held until headerRead.
+    let mut prompt = 0;
+    let mut held = Vec::new();
+    for w in watchers {
+        let (closed, got) = w.await.unwrap();
+        let closed = closed.expect("a half-sent connection still open 10s after opening");
+        if closed < Duration::from_secs(1) {
+            assert_eq!(got, 0, "a connection over the cap got a response");
+            prompt += 1;
+        } else {
+            held.push(closed);
+        }
+    }
+    eprintln!("{prompt} closed at once; held ones closed after {held:?}");
+    assert!(
+        held.len() <= PER_PEER,
+        "{} connections from one address held",
+        held.len()
+    );
+    assert_eq!(held.len(), PER_PEER, "fewer than the cap were held");
+    assert_eq!(prompt, OPENED - PER_PEER);
+    for t in &held {
+        assert!(
+            *t >= Duration::from_millis(3500) && *t <= Duration::from_secs(8),
+            "a held connection closed after {t:?}, not by headerRead (4s)"
+        );
+    }
+
+    // Their slots were given back: 127.0.0.1 is served again.
     assert_eq!(admin_get(gw.admin_port, "/healthz", None).await.status, 200);
 }
 
