@@ -77,11 +77,10 @@ pub fn canonical_name(raw: &[u8]) -> Result<String, HostError> {
             return Err(HostError::Invalid);
         }
     }
-    // Only ASCII bytes got here.
-    Ok(name
-        .iter()
-        .map(|b| b.to_ascii_lowercase() as char)
-        .collect())
+    // Only ASCII bytes got here; room for a port too, so `canonicalize` appends in place.
+    let mut out = String::with_capacity(name.len() + 6);
+    out.extend(name.iter().map(|b| b.to_ascii_lowercase() as char));
+    Ok(out)
 }
 
 /// Canonicalises a Host header value or an HTTP/2 `:authority`. `default_port` is the scheme's
@@ -128,8 +127,8 @@ pub fn canonicalize(raw: &[u8], default_port: u16) -> Result<Authority, HostErro
     let host_len = host.len();
     let mut full = host;
     if let Some(p) = port {
-        full.push(':');
-        full.push_str(&p.to_string());
+        use std::fmt::Write as _;
+        let _ = write!(full, ":{p}");
     }
     Ok(Authority { full, host_len })
 }

@@ -169,22 +169,8 @@ fn validate_refuses_exactly_what_run_refuses() {
         .output()
         .unwrap();
     assert!(keygen.status.success());
-    for n in ["a", "b"] {
-        let ok = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=localhost", "-keyout"])
-            .arg(dir.join(format!("{n}-key.pem")))
-            .arg("-out")
-            .arg(dir.join(format!("{n}-cert.pem")))
-            .output()
-            .unwrap();
-        assert!(
-            ok.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
+    for n in ["a-", "b-"] {
+        crate::support::self_signed_cert(&dir, n);
     }
     let d = dir.display();
     let head = "gatewayPort: \"0\"\nadminPort: \"0\"\ngatewayBind: 127.0.0.1\nservices:\n  - name: s\n    path: /\n    backends: [\"http://127.0.0.1:1\"]\n";

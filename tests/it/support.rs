@@ -533,6 +533,28 @@ pub async fn get_h2c(port: u16, path: &str) -> Result<(u16, http::Version, Strin
     Ok((status, version, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// A self-signed certificate for localhost and 127.0.0.1, one day long: `DIR/STEMcert.pem`
+/// and `DIR/STEMkey.pem` (openssl).
+pub fn self_signed_cert(dir: &std::path::Path, stem: &str) -> (PathBuf, PathBuf) {
+    require_tool("openssl");
+    let (cert, key) = (
+        dir.join(format!("{stem}cert.pem")),
+        dir.join(format!("{stem}key.pem")),
+    );
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    (cert, key)
+}
+
 /// Asserts that a command-line tool the tests need is installed, naming the setup command.
 pub fn require_tool(name: &str) {
     let found = Command::new("sh")

@@ -10,31 +10,7 @@ async fn tls_serves_h2_and_plain_port_redirects() {
     require_tool("curl");
     let b = TestBackend::start(Behaviour::Hello).await;
     let dir = temp_dir("tls");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    self_signed_cert(&dir, "");
     let https_port = free_port();
     let yaml = format!(
         "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\ntls:\n  enabled: true\n  httpsPort: \"{https_port}\"\n  certFile: \"{{dir}}/cert.pem\"\n  keyFile: \"{{dir}}/key.pem\"\nservices:\n  - name: s\n    path: /users/\n    backends: [\"{}\"]\n",
