@@ -143,9 +143,11 @@ fn http1_builder(cfg: &Config) -> http1::Builder {
     b.timer(TokioTimer::new())
         .header_read_timeout(cfg.timeouts.header_read)
         .idle_timeout(cfg.timeouts.idle)
-        .max_buf_size(usize::try_from(cfg.max_header_size.max(8192)).unwrap_or(usize::MAX))
-        .max_headers(usize::try_from(cfg.max_header_count).unwrap_or(usize::MAX))
+        .max_buf_size(usize::try_from(cfg.max_header_size + 8192).unwrap_or(usize::MAX))
         .keep_alive(true);
+    if cfg.max_header_count != crate::server::HYPER_DEFAULT_MAX_HEADERS {
+        b.max_headers(usize::try_from(cfg.max_header_count).unwrap_or(usize::MAX));
+    }
     b
 }
 

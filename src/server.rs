@@ -119,6 +119,9 @@ pub struct Builders {
     idle: Duration,
 }
 
+/// hyper's own limit on request header fields when none is set (`DEFAULT_MAX_HEADERS`).
+pub const HYPER_DEFAULT_MAX_HEADERS: u64 = 100;
+
 fn http_builder(cfg: &Config) -> Builders {
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
@@ -127,10 +130,14 @@ fn http_builder(cfg: &Config) -> Builders {
         // The head buffer: the header fields (limited exactly by rules::headers) plus room for
         // the request line, as nginx's 8k large_client_header_buffers.
         .max_buf_size((cfg.max_header_size + 8192) as usize)
-        // hyper refuses more fields with 431 itself; the exact count and byte limits for both
-        // protocols are rules::headers, applied to every request.
-        .max_headers(cfg.max_header_count as usize)
         .keep_alive(true);
+    // hyper refuses more fields with 431 itself (100 unless told otherwise); the exact count and
+    // byte limits for both protocols are rules::headers, applied to every request. Set only when
+    // it differs from hyper's 100, so the default keeps hyper's inline header arrays (an explicit
+    // limit sizes them per parse, on the heap beyond 100).
+    if cfg.max_header_count != HYPER_DEFAULT_MAX_HEADERS {
+        h1.max_headers(cfg.max_header_count as usize);
+    }
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)

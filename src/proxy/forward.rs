@@ -137,8 +137,8 @@ fn scan_headers(headers: &HeaderMap, identity: &[HeaderName]) -> Scan {
         scan.hop |= hop_bit(n);
         scan.identity |= identity.iter().any(|h| h == name);
         // Every proxy field starts with f, t or x: most names skip the list.
-        scan.proxy |= matches!(n.as_bytes().first(), Some(b'f' | b't' | b'x'))
-            && PROXY_FIELDS.contains(&n);
+        scan.proxy |=
+            matches!(n.as_bytes().first(), Some(b'f' | b't' | b'x')) && PROXY_FIELDS.contains(&n);
     }
     scan
 }
@@ -398,25 +398,41 @@ async fn within_deadline<F: std::future::Future>(
     request: std::time::Duration,
     progress: Option<&BodyProgress>,
 ) -> Result<F::Output, Late> {
-    let mut send = std::pin::pin!(send);
-    if let Ok(out) = tokio::time::timeout_at(deadline.into(), &mut send).await {
-        return Ok(out);
+    // One timer, reset for the extension (two `timeout`s would each keep a timer in this
+    // future, which every request moves around).
+    let send = std::pin::pin!(send);
+    let mut send = send;
+    let sleep = tokio::time::sleep_until(deadline.into());
+    let mut sleep = std::pin::pin!(sleep);
+    let mut extended = false;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut send => return Ok(out),
+            () = &mut sleep => {
+                if extended {
+                    return Err(Late::Backend);
+                }
+                if awaiting_client(progress) {
+                    return Err(Late::Client);
+                }
+                // No body (`progress` None: the request was whole when forwarded), a body the
+                // backend reads too slowly (Flowing), or a body that completed early enough:
+                // the deadline stands.
+                let later = progress
+                    .and_then(BodyProgress::completed_at)
+                    .map(|c| c + request)
+                    .filter(|e| *e > deadline);
+                match later {
+                    Some(e) => {
+                        sleep.as_mut().reset(e.into());
+                        extended = true;
+                    }
+                    None => return Err(Late::Backend),
+                }
+            }
+        }
     }
-    if awaiting_client(progress) {
-        return Err(Late::Client);
-    }
-    // No body (`progress` None: the request was whole when forwarded), a body the backend reads
-    // too slowly (Flowing), or a body that completed early enough: the deadline stands.
-    let Some(extended) = progress
-        .and_then(BodyProgress::completed_at)
-        .map(|c| c + request)
-        .filter(|e| *e > deadline)
-    else {
-        return Err(Late::Backend);
-    };
-    tokio::time::timeout_at(extended.into(), send)
-        .await
-        .map_err(|_| Late::Backend)
 }
 
 /// Passive health for a failure the backend caused, weighed against every pool of the snapshot

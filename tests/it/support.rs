@@ -542,7 +542,9 @@ pub fn self_signed_cert(dir: &std::path::Path, stem: &str) -> (PathBuf, PathBuf)
         dir.join(format!("{stem}key.pem")),
     );
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", "/CN=localhost"])
         .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
         .arg("-keyout")
@@ -551,7 +553,11 @@ pub fn self_signed_cert(dir: &std::path::Path, stem: &str) -> (PathBuf, PathBuf)
         .arg(&cert)
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     (cert, key)
 }
 
