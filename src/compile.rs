@@ -14,8 +14,18 @@ use std::path::Path;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError, ConfigErrors};
 
-/// All problems in the files `cfg` names, at once.
+/// All problems in the files `cfg` names, at once (for `validate`, `config push` and start).
 pub fn check_files(cfg: &Config) -> Result<(), ConfigErrors> {
+    check(cfg, true)
+}
+
+/// The same for a reload, which never re-applies TLS (a change of `tls` needs a restart, see
+/// `state.rs`): a certificate being rotated on disk must not hold back an unrelated change.
+pub fn check_files_for_reload(cfg: &Config) -> Result<(), ConfigErrors> {
+    check(cfg, false)
+}
+
+fn check(cfg: &Config, tls: bool) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
     let mut err = |key: &str, message: String| {
         errors.push(ConfigError {
@@ -45,7 +55,7 @@ pub fn check_files(cfg: &Config) -> Result<(), ConfigErrors> {
             }
         }
     }
-    if cfg.tls.enabled {
+    if tls && cfg.tls.enabled {
         let (cert, key) = (Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file));
         if let Err(e) = std::fs::metadata(cert) {
             err("tls.certFile", format!("{}: {e}", cert.display()));

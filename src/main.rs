@@ -425,6 +425,8 @@ fn run_gateway_at(
 ) -> anyhow::Result<()> {
     let mut cfg = cfg;
     overrides.apply(&mut cfg);
+    // Every start, from a file or Consul KV, runs the compile step's file checks (TLS included).
+    hexgate::compile::check_files(&cfg)?;
     let rt = runtime()?;
     rt.block_on(async move {
         if let Some((ports, _)) = &demo {

@@ -194,7 +194,7 @@ trait Graceful: Future<Output = Result<(), hyper::Error>> {
 impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+    S: hyper::service::HttpService<Incoming, ResBody = Tracked>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     fn begin_shutdown(self: std::pin::Pin<&mut Self>) {
@@ -205,7 +205,7 @@ where
 impl<I, S> Graceful for http2::Connection<I, S, TokioExecutor>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = Body> + Send,
+    S: hyper::service::HttpService<Incoming, ResBody = Tracked> + Send,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -506,11 +506,12 @@ async fn serve_io<I>(
         let state = state.clone();
         let busy = Busy::new(&activity, born);
         async move {
-            let _busy = busy;
-            match mode {
+            let resp = match mode {
                 Mode::Proxy { tls } => proxy::handle(state, req, ConnInfo { peer, tls }).await,
                 Mode::RedirectToHttps { https_port } => Ok(redirect(&req, https_port)),
-            }
+            };
+            // The request stays in flight until its response body has been sent (or dropped).
+            resp.map(|r| r.map(|inner| Tracked { inner, busy }))
         }
     });
     if h2 {
@@ -534,12 +535,13 @@ async fn serve_io<I>(
 struct Activity {
     /// A request head has been received (the service was called at least once).
     started: std::sync::atomic::AtomicBool,
-    in_flight: std::sync::atomic::AtomicUsize,
-    /// Milliseconds from the connection's start to the end of its last request.
+    /// Milliseconds from the connection's start to its last sign of life: a request beginning
+    /// or ending, or a response frame sent.
     last_done_ms: std::sync::atomic::AtomicU64,
 }
 
-/// Marks a request in flight on its connection until dropped (when its handler finishes).
+/// Marks a request in flight on its connection until dropped: with its response body, when the
+/// body has been sent or abandoned.
 struct Busy {
     activity: Arc<Activity>,
     born: tokio::time::Instant,
@@ -548,19 +550,57 @@ struct Busy {
 impl Busy {
     fn new(activity: &Arc<Activity>, born: tokio::time::Instant) -> Busy {
         activity.started.store(true, Ordering::Relaxed);
-        activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        Busy {
+        let busy = Busy {
             activity: activity.clone(),
             born,
-        }
+        };
+        busy.progress();
+        busy
+    }
+
+    /// The request moved (it began, or a body frame was sent).
+    fn progress(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.activity.last_done_ms.store(ms, Ordering::Relaxed);
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.activity.last_done_ms.store(ms, Ordering::Relaxed);
-        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.progress();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it ends, and notes each
+/// frame as progress (so a stream sending a long response is not idle, and one the client
+/// stalls, e.g. with a zero flow-control window, is).
+pub struct Tracked {
+    inner: Body,
+    busy: Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &polled {
+            this.busy.progress();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -587,11 +627,8 @@ impl ConnWatch {
         }
         let idle = self.idle?;
         let now = tokio::time::Instant::now();
-        if a.in_flight.load(Ordering::Relaxed) > 0 {
-            return Some(now + idle);
-        }
         let last = self.born + Duration::from_millis(a.last_done_ms.load(Ordering::Relaxed));
-        Some((last + idle).max(now))
+        Some((last + idle).max(now + Duration::from_millis(10)))
     }
 
     fn head_overdue(&self) -> bool {
@@ -599,13 +636,14 @@ impl ConnWatch {
             && tokio::time::Instant::now() >= self.born + self.header_read
     }
 
+    /// HTTP/2: no request began and no response frame was sent for `idle`. Either no stream is
+    /// open, or the open ones are stalled (a response the client does not read, a backend that
+    /// sends nothing).
     fn idle_over(&self) -> bool {
         let Some(idle) = self.idle else { return false };
         let a = &self.activity;
         let last = self.born + Duration::from_millis(a.last_done_ms.load(Ordering::Relaxed));
-        a.started.load(Ordering::Relaxed)
-            && a.in_flight.load(Ordering::Relaxed) == 0
-            && tokio::time::Instant::now() >= last + idle
+        a.started.load(Ordering::Relaxed) && tokio::time::Instant::now() >= last + idle
     }
 }
 
@@ -642,7 +680,14 @@ async fn drive<C: Graceful>(
                 }
                 if watch.idle_over() {
                     conn.as_mut().begin_shutdown();
-                    break;
+                    // GOAWAY sent; streams still open get one more idle period to finish.
+                    let bound = watch.idle.unwrap_or(watch.header_read);
+                    match tokio::time::timeout(bound, conn.as_mut()).await {
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "idle connection ended with error"),
+                        Ok(Ok(())) => {}
+                        Err(_) => tracing::debug!(%peer, "idle connection's streams still stalled; closing"),
+                    }
+                    return;
                 }
             }
         }

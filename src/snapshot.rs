@@ -59,8 +59,9 @@ impl Snapshot {
         backends: &BackendSet,
         prev_auth: Option<&Arc<Authenticator>>,
     ) -> Result<Snapshot, ConfigErrors> {
-        // The compile step's file checks, the same `validate` runs: problems with file:line:key.
-        crate::compile::check_files(&config)?;
+        // The compile step's file checks, as `validate` runs them (TLS aside: a snapshot never
+        // changes the listeners); problems with file:line:key.
+        crate::compile::check_files_for_reload(&config)?;
         let auth_needed = config.authentication.enabled
             || config
                 .services

@@ -615,6 +615,12 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
             &f.key_path("path"),
             format!("must start with '/', found {svc_path:?}"),
         );
+    } else if svc_path.contains(';') {
+        r.err(
+            f.key_line("path"),
+            &f.key_path("path"),
+            format!("must not contain ';' (requests are routed on paths read without their ';' parameters), found {svc_path:?}"),
+        );
     } else if crate::rules::path::normalize_path(&svc_path).as_deref() != Ok(svc_path.as_str()) {
         r.err(
             f.key_line("path"),

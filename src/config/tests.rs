@@ -297,3 +297,13 @@ fn edge_policy_key_errors_name_line_and_key() {
         "a backend URL's password was echoed: {all}"
     );
 }
+
+#[test]
+fn a_route_path_with_a_semicolon_is_refused() {
+    let e = errs("services:\n  - name: a\n    path: \"/legacy;v=1/\"\n    backends: [\"http://127.0.0.1:1\"]\n");
+    assert!(
+        e.iter()
+            .any(|e| e.line == 3 && e.key == "services[0].path" && e.message.contains("';'")),
+        "{e:?}"
+    );
+}

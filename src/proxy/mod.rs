@@ -284,9 +284,15 @@ fn route_request(
         }
     }
     if escapes.separators && route.service.escaped_slashes == EscapedSlashes::Keep {
-        let decoded = path::normalize_path_decoding_separators(raw_path)?;
-        let alt = path::without_segment_params(&decoded).unwrap_or_else(|| decoded.into_owned());
-        if ambiguous(&alt) {
+        // Both orders a backend may take, from the path that goes upstream: parameters removed
+        // then separators decoded (Tomcat), and decoded then parameters removed.
+        let params_first = path::strip_segment_params(&norm)
+            .map(|p| path::normalize_path_decoding_separators(&p).map(|c| c.into_owned()))
+            .transpose()?;
+        let decoded = path::normalize_path_decoding_separators(&norm)?;
+        let decode_first =
+            path::without_segment_params(&decoded).unwrap_or_else(|| decoded.into_owned());
+        if params_first.iter().any(|p| ambiguous(p)) || ambiguous(&decode_first) {
             return Err(PathError::Ambiguous.into());
         }
     }

@@ -74,6 +74,19 @@ pub fn without_segment_params(normalised: &str) -> Option<String> {
     normalize_path(&joined).ok().map(|c| c.into_owned())
 }
 
+/// A path with each segment's `;parameters` removed and nothing else changed (no
+/// normalisation): the first step of a servlet container's reading, before it decodes.
+pub fn strip_segment_params(path: &str) -> Option<String> {
+    if !path.contains(';') {
+        return None;
+    }
+    let stripped: Vec<&str> = path
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .collect();
+    Some(stripped.join("/"))
+}
+
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }

@@ -503,6 +503,8 @@ async fn path_readings_that_reach_another_route_are_refused() {
         "/files/public/..;x=1/private/secret",
         "/k/..%2f..%2ffiles/private/secret",
         "/k/..%2F..%2Ffiles;a/private/secret",
+        // Parameters removed before separators are decoded (Tomcat's order).
+        "/k/z;%2Fw/..%2F..%2Ffiles/private/secret",
     ] {
         let r = exchange(gw.port, get(path).as_bytes()).await;
         assert_eq!(status(&r), 400, "{path}: {r}");
@@ -743,6 +745,113 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
         held >= Duration::from_millis(1500) && held < Duration::from_millis(4500),
         "closed after {held:?}, idle is 2s"
     );
+}
+
+/// A backend that streams its body: `n` chunks, one every `gap`.
+async fn streaming_backend(n: usize, gap: Duration) -> (u16, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                    .await;
+                for _ in 0..n {
+                    tokio::time::sleep(gap).await;
+                    if s.write_all(b"5\r\nchunk\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// The HTTP/2 idle timer counts a response still sending as activity (a long stream is not cut),
+/// and a stream the client stalls (zero flow-control window) as none: that connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_idle_spares_streaming_responses_and_closes_stalled_ones() {
+    let (port, task) = streaming_backend(8, Duration::from_millis(400)).await;
+    let yaml = format!(
+        "{TOP}timeouts: {{headerRead: 1s, idle: 1s}}\nservices:\n  - name: s\n    path: /\n    backends: [\"http://127.0.0.1:{port}\"]\n"
+    );
+    let gw = Gateway::start(&yaml).await;
+    // 8 chunks over 3.2 s, with idle 1 s: the whole body arrives.
+    let tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(http::Request::get("http://x/s").body(()).unwrap(), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while let Some(chunk) = tokio::time::timeout_at(deadline.into(), body.data())
+        .await
+        .expect("the stream stalled")
+    {
+        let chunk = chunk.expect("the stream was cut");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"chunk".repeat(8), "the whole streamed body");
+    // And the connection was not told to go away meanwhile: it takes another request.
+    let mut client = client.ready().await.expect("no GOAWAY during the stream");
+    let (resp, _) = client
+        .send_request(http::Request::get("http://x/s").body(()).unwrap(), true)
+        .unwrap();
+    assert_eq!(resp.await.expect("a second stream").status(), 200);
+
+    // A client that never opens its flow-control window: the response cannot move, and the
+    // connection is closed after idle (GOAWAY) plus one more idle, not held forever.
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 0x4, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]); // SETTINGS_INITIAL_WINDOW_SIZE = 0
+    let mut block = Vec::new();
+    for (n, v) in [
+        (&b":method"[..], &b"GET"[..]),
+        (b":scheme", b"http"),
+        (b":path", b"/s"),
+        (b":authority", b"x"),
+    ] {
+        hpack_literal(&mut block, n, v);
+    }
+    frame(&mut out, 0x1, 0x4 | 0x1, 1, &block);
+    s.write_all(&out).await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => {
+                // Answer pings (type 6) so the client looks alive.
+                if n >= 9 && buf[3] == 0x6 && buf[4] & 1 == 0 {
+                    let mut pong = Vec::new();
+                    frame(&mut pong, 0x6, 0x1, 0, &buf[9..17.min(n)]);
+                    let _ = s.write_all(&pong).await;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "a stalled stream held its connection for 6 s with idle 1s"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    task.abort();
 }
 
 // ---------------------------------------------------------------------------------------------
