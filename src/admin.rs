@@ -101,11 +101,23 @@ struct PeerSlots {
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// What the per-peer cap counts by: an IPv4 address (IPv4-mapped IPv6 included), or an IPv6
+/// /64, the block one host usually holds whole.
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 impl PeerSlots {
     /// One more connection for `ip`, or None when it already holds
     /// [`MAX_CONNECTIONS_PER_PEER`]. The slot is given back when the returned guard drops.
     fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
-        let ip = ip.to_canonical();
+        let ip = peer_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(ip).or_insert(0);
         if *n >= MAX_CONNECTIONS_PER_PEER {
@@ -387,5 +399,25 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             json(serde_json::json!({ "generation": snap.generation, "services": services }))
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_peers_count_by_64_block() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            peer_key(ip("2001:db8:1:2::1")),
+            peer_key(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            peer_key(ip("2001:db8:1:2::1")),
+            peer_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(peer_key(ip("::ffff:127.0.0.2")), ip("127.0.0.2"));
+        assert_ne!(peer_key(ip("127.0.0.2")), peer_key(ip("127.0.0.3")));
     }
 }
