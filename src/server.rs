@@ -141,7 +141,11 @@ fn http_builder(cfg: &Config) -> Builders {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
-        .max_header_list_size(cfg.max_header_size.min(u32::MAX as u64) as u32)
+        // HTTP/2 counts 32 bytes more per field than rules::headers does (RFC 9113 6.5.2); with
+        // that room the documented limit is the one that answers (431), as on HTTP/1.
+        .max_header_list_size(
+            (cfg.max_header_size + 32 * cfg.max_header_count).min(u32::MAX as u64) as u32,
+        )
         .keep_alive_interval(Some(Duration::from_secs(30)));
     Builders {
         h1,
