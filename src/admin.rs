@@ -29,9 +29,8 @@ use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -77,7 +76,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
         };
         // Built per connection from the current config, so a reload's limits apply to new
         // connections.
-        let builder = http1_builder(&state.snapshot.load().config);
+        let builder = crate::listen::http1_builder(&state.snapshot.load().config);
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
@@ -147,20 +146,6 @@ impl Drop for PeerSlot {
             }
         }
     }
-}
-
-/// The public listener's HTTP/1 limits (see `server::http_builder`), for the admin port.
-fn http1_builder(cfg: &Config) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(cfg.timeouts.header_read)
-        .idle_timeout(cfg.timeouts.idle)
-        .max_buf_size(usize::try_from(cfg.max_header_size + 8192).unwrap_or(usize::MAX))
-        .keep_alive(true);
-    if cfg.max_header_count != crate::server::HYPER_DEFAULT_MAX_HEADERS {
-        b.max_headers(usize::try_from(cfg.max_header_count).unwrap_or(usize::MAX));
-    }
-    b
 }
 
 /// One admin request: header policy, then the token, then the endpoint. With a token

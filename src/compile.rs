@@ -61,7 +61,7 @@ fn check(cfg: &Config, tls: bool) -> Result<(), ConfigErrors> {
             err("tls.certFile", format!("{}: {e}", cert.display()));
         } else if let Err(e) = std::fs::metadata(key) {
             err("tls.keyFile", format!("{}: {e}", key.display()));
-        } else if let Err(e) = crate::server::tls_acceptor(cert, key) {
+        } else if let Err(e) = crate::listen::tls_acceptor(cert, key) {
             // Which file: the one the message names, else the key (a mismatch is the key's).
             let msg = e.to_string();
             let (which, msg) = if msg.contains("KeyMismatch") {

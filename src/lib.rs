@@ -17,6 +17,7 @@ pub mod fuzz;
 pub mod httpc;
 pub mod limits;
 pub mod lingering;
+pub mod listen;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

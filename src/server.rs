@@ -50,8 +50,11 @@ impl Listeners {
             .await
             .map_err(|e| ServerError::Bind(public_addr, e))?;
         let https = if cfg.tls.enabled {
-            let acceptor =
-                tls_acceptor(Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file))?;
+            let acceptor = crate::listen::tls_acceptor(
+                Path::new(&cfg.tls.cert_file),
+                Path::new(&cfg.tls.key_file),
+            )
+            .map_err(|e| ServerError::Tls(e.0))?;
             let addr = SocketAddr::new(cfg.gateway_bind, cfg.tls.https_port);
             let l = TcpListener::bind(addr)
                 .await
@@ -84,32 +87,6 @@ impl Listeners {
     }
 }
 
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ServerError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| ServerError::Tls(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "{}: no certificate found",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ServerError::Tls(format!("{}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
-}
-
 /// The HTTP/1 and HTTP/2 connection settings; which one serves a connection is decided
 /// by ALPN (TLS) or by the HTTP/2 connection preface (plain, "prior knowledge").
 pub struct Builders {
@@ -119,25 +96,8 @@ pub struct Builders {
     idle: Duration,
 }
 
-/// hyper's own limit on request header fields when none is set (`DEFAULT_MAX_HEADERS`).
-pub const HYPER_DEFAULT_MAX_HEADERS: u64 = 100;
-
 fn http_builder(cfg: &Config) -> Builders {
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(cfg.timeouts.header_read)
-        .idle_timeout(cfg.timeouts.idle)
-        // The head buffer: the header fields (limited exactly by rules::headers) plus room for
-        // the request line, as nginx's 8k large_client_header_buffers.
-        .max_buf_size((cfg.max_header_size + 8192) as usize)
-        .keep_alive(true);
-    // hyper refuses more fields with 431 itself (100 unless told otherwise); the exact count and
-    // byte limits for both protocols are rules::headers, applied to every request. Set only when
-    // it differs from hyper's 100, so the default keeps hyper's inline header arrays (an explicit
-    // limit sizes them per parse, on the heap beyond 100).
-    if cfg.max_header_count != HYPER_DEFAULT_MAX_HEADERS {
-        h1.max_headers(cfg.max_header_count as usize);
-    }
+    let h1 = crate::listen::http1_builder(cfg);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
@@ -508,7 +468,7 @@ async fn serve_io<I>(
     let activity = watch.activity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        let busy = Busy::new(&activity, born);
+        let busy = Busy::new(&activity, born, h2);
         async move {
             let resp = match mode {
                 Mode::Proxy { tls } => proxy::handle(state, req, ConnInfo { peer, tls }).await,
@@ -547,15 +507,17 @@ struct Activity {
 /// Marks a request in flight on its connection until dropped: with its response body, when the
 /// body has been sent or abandoned.
 struct Busy {
-    activity: Arc<Activity>,
+    /// Set on HTTP/2 only: HTTP/1 keeps hyper's own idle timer, so its requests only mark the
+    /// connection started and skip the clock reads on every frame.
+    activity: Option<Arc<Activity>>,
     born: tokio::time::Instant,
 }
 
 impl Busy {
-    fn new(activity: &Arc<Activity>, born: tokio::time::Instant) -> Busy {
+    fn new(activity: &Arc<Activity>, born: tokio::time::Instant, h2: bool) -> Busy {
         activity.started.store(true, Ordering::Relaxed);
         let busy = Busy {
-            activity: activity.clone(),
+            activity: h2.then(|| activity.clone()),
             born,
         };
         busy.progress();
@@ -564,8 +526,10 @@ impl Busy {
 
     /// The request moved (it began, or a body frame was sent).
     fn progress(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.activity.last_done_ms.store(ms, Ordering::Relaxed);
+        if let Some(a) = &self.activity {
+            let ms = self.born.elapsed().as_millis() as u64;
+            a.last_done_ms.store(ms, Ordering::Relaxed);
+        }
     }
 }
 

@@ -67,32 +67,9 @@ pub enum PathType {
     Exact,
 }
 
-/// What to do with `%2F`, `%5C` and raw `\\` in a request path (`escapedSlashes`).
-/// `%00` is refused whatever the mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum EscapedSlashes {
-    /// 400 (the default, as Traefik's encoded-character filter).
-    #[default]
-    Reject,
-    /// Forwarded as they came (for APIs that put `%2F` in ids); never a separator for routing.
-    Keep,
-    /// Decoded to `/` before normalisation and routing, so they are separators everywhere.
-    Decode,
-}
-
-/// What to do with request header names containing `_` (`underscoreHeaders`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum UnderscoreHeaders {
-    /// Removed before the request is looked at (nginx's `underscores_in_headers off`).
-    #[default]
-    Drop,
-    /// 400.
-    Reject,
-    /// Kept and forwarded.
-    Allow,
-}
+// The policy choices live with their rules (a lower layer); the config names them.
+pub use crate::rules::headers::UnderscoreHeaders;
+pub use crate::rules::path::EscapedSlashes;
 
 /// A static backend address, `http://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]

@@ -10,7 +10,18 @@
 
 use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 
-pub use crate::config::UnderscoreHeaders;
+/// What to do with request header names containing `_` (`underscoreHeaders`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UnderscoreHeaders {
+    /// Removed before the request is looked at (nginx's `underscores_in_headers off`).
+    #[default]
+    Drop,
+    /// 400.
+    Reject,
+    /// Kept and forwarded.
+    Allow,
+}
 
 /// The limits and choices of the policy.
 #[derive(Debug, Clone, Copy)]

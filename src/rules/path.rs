@@ -12,7 +12,19 @@
 
 use std::borrow::Cow;
 
-pub use crate::config::EscapedSlashes;
+/// What to do with `%2F`, `%5C` and a raw `\` in a request path (`escapedSlashes`).
+/// `%00` is refused whatever the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EscapedSlashes {
+    /// 400 (the default, as Traefik's encoded-character filter).
+    #[default]
+    Reject,
+    /// Forwarded as they came (for APIs that put `%2F` in ids); never a separator for routing.
+    Keep,
+    /// Decoded to `/` before normalisation and routing, so they are separators everywhere.
+    Decode,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -62,16 +74,9 @@ pub fn scan(path: &str) -> Result<Escapes, PathError> {
 /// `;parameters` removed, then dot segments resolved again (`/a/..;/b` is `/b` there). None when
 /// the path has no `;`.
 pub fn without_segment_params(normalised: &str) -> Option<String> {
-    if !normalised.contains(';') {
-        return None;
-    }
-    let stripped: Vec<&str> = normalised
-        .split('/')
-        .map(|seg| seg.split(';').next().unwrap_or(""))
-        .collect();
-    let joined = stripped.join("/");
+    let stripped = strip_segment_params(normalised)?;
     // Cannot fail: the input was normal and removing text adds no escapes.
-    normalize_path(&joined).ok().map(|c| c.into_owned())
+    normalize_path(&stripped).ok().map(|c| c.into_owned())
 }
 
 /// A path with each segment's `;parameters` removed and nothing else changed (no
