@@ -4,6 +4,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
+COPY vendor ./vendor
 COPY examples ./examples
 RUN cargo build --release --locked --bin hexgate --example backend \
  && strip target/release/hexgate target/release/examples/backend

@@ -462,7 +462,7 @@ fn run_gateway_at(
         if let Some((_, banner)) = &demo {
             println!("{banner}");
         }
-        tokio::spawn(hexgate::upstream::health::run(state.clone()));
+        tokio::spawn(hexgate::health::run(state.clone()));
         tokio::spawn(hexgate::reload::watch(state.clone()));
         if let Some((client, key)) = kv {
             tokio::spawn(hexgate::discovery::kv::watch(

@@ -161,6 +161,15 @@ impl Snapshot {
         })
     }
 
+    /// The pools fed by Consul, with the watch each follows.
+    pub fn discovered_pools(
+        &self,
+    ) -> impl Iterator<Item = (&crate::discovery::WatchKey, &Arc<Pool>)> {
+        self.services
+            .iter()
+            .filter_map(|s| s.discovery.as_ref().map(|k| (k, &s.pool)))
+    }
+
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies
             .iter()

@@ -68,7 +68,7 @@ impl State {
         let limiter = crate::limits::Limiter::new(&config, metrics.clone());
         let discovery = crate::discovery::Discovery::new(consul);
         let snap = Snapshot::build(config, 1, &metrics, &backends, None)?;
-        discovery.reconcile(&snap, &backends);
+        discovery.reconcile(snap.discovered_pools(), &backends);
         metrics.record_reload(true);
         Ok(Arc::new(State {
             overrides,
@@ -98,7 +98,8 @@ impl State {
             &self.backends,
             old.auth.as_ref(),
         )?;
-        self.discovery.reconcile(&snap, &self.backends);
+        self.discovery
+            .reconcile(snap.discovered_pools(), &self.backends);
         self.snapshot.store(Arc::new(snap));
         self.metrics.record_reload(true);
         self.health_wakeup.notify_one();
@@ -134,5 +135,21 @@ fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
         Some("tls")
     } else {
         None
+    }
+}
+
+impl crate::discovery::kv::ConfigTarget for State {
+    fn apply(&self, config: Config) -> Result<u64, ConfigErrors> {
+        State::apply(self, config)
+    }
+
+    fn reload_failed(&self) {
+        self.metrics.record_reload(false);
+    }
+
+    fn consul_error(&self) {
+        self.discovery
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

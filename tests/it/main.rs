@@ -1,4 +1,6 @@
 //! The one integration-test binary: real backends, the real `hexgate` binary, real sockets.
+// A test binary: its modules share helpers, and nothing here is a library API.
+#![allow(unreachable_pub, clippy::unwrap_used)]
 
 mod admin_security;
 mod auth;

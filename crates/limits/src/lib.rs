@@ -12,15 +12,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Config, Quota, RateLimit};
-use crate::metrics::{Registry, ServiceMetrics};
 use algo::{Decision, Gcra, MemoryStore, Window};
+use hexgate_config::{Config, Quota, RateLimit};
+use hexgate_metrics::{Registry, ServiceMetrics};
 use redis::RedisStore;
 
-/// Labels of `hexgate_ratelimit_decisions_total{result}`, in counter order.
-pub const RESULTS: [&str; 4] = ["allowed", "limited", "failed_open", "failed_closed"];
-/// Labels of `hexgate_ratelimit_decisions_total{limit}`, in counter order.
-pub const LIMITS: [&str; 2] = ["rate", "quota"];
+/// Labels of `hexgate_ratelimit_decisions_total{result}` and `{limit}` (declared with the
+/// metrics).
+pub use hexgate_metrics::{LIMITS, LIMIT_RESULTS as RESULTS};
 
 /// What a limit counts by.
 #[derive(Debug, Clone, PartialEq, Eq)]

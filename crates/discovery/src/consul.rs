@@ -10,8 +10,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use crate::config::{BackendAddr, Consul as ConsulConfig};
-use crate::httpc::{Endpoint, HttpError};
+use hexgate_config::{BackendAddr, Consul as ConsulConfig};
+use hexgate_http::httpc::{Endpoint, HttpError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
@@ -38,7 +38,7 @@ pub struct Instance {
     pub weight: u32,
 }
 
-use crate::httpc::percent_encode as enc;
+use hexgate_http::httpc::percent_encode as enc;
 
 /// A KV key path: segments are encoded, slashes kept.
 fn enc_key(key: &str) -> String {

@@ -1,32 +1,11 @@
-//! Active health checks of static backends: `GET healthCheckPath` every `healthCheckInterval`.
-//! A backend that answers with any status below 500 is healthy; a refused connection, a timeout
-//! or a 5xx takes it out of rotation until a later check passes.
+//! The active health-check loop: every `healthCheckInterval`, one check
+//! (`upstream::health::check`) per distinct static backend of the current snapshot.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{Request, StatusCode};
-
-use super::Backend;
-use crate::body::Body;
 use crate::state::State;
-
-/// One check on a fresh connection (never a pooled one, so it measures the backend, not the pool).
-pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> bool {
-    let attempt = async {
-        let mut sender = backend.connect(timeout).await.ok()?;
-        let req = Request::get(path)
-            .header(http::header::HOST, backend.authority.as_str())
-            .header(http::header::USER_AGENT, "hexgate-health-check")
-            .header(http::header::CONNECTION, "close")
-            .body(Body::Empty)
-            .ok()?;
-        let resp = sender.send_request(req).await.ok()?;
-        Some(resp.status() < StatusCode::INTERNAL_SERVER_ERROR)
-    };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
-}
+use hexgate_upstream::health::check;
 
 /// Runs until the process exits, checking the backends of whatever snapshot is current.
 pub async fn run(state: Arc<State>) {

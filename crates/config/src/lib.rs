@@ -68,8 +68,8 @@ pub enum PathType {
 }
 
 // The policy choices live with their rules (a lower layer); the config names them.
-pub use crate::rules::headers::UnderscoreHeaders;
-pub use crate::rules::path::EscapedSlashes;
+pub use hexgate_http::rules::headers::UnderscoreHeaders;
+pub use hexgate_http::rules::path::EscapedSlashes;
 
 /// A static backend address, `http://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
@@ -270,7 +270,7 @@ pub struct Config {
 
 mod secs {
     use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", d.as_millis()))
     }
 }
@@ -281,7 +281,7 @@ fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
 
 fn redact_url<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match v {
-        Some(u) => s.serialize_str(&crate::httpc::redact_url(u)),
+        Some(u) => s.serialize_str(&hexgate_http::httpc::redact_url(u)),
         None => s.serialize_none(),
     }
 }
@@ -508,7 +508,7 @@ fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
 
 fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<BackendAddr> {
     // Error messages show the URL with any userinfo and query values redacted.
-    let shown = crate::httpc::redact_url(s);
+    let shown = hexgate_http::httpc::redact_url(s);
     let rest = match s.split_once("://") {
         Some(("http", rest)) => rest,
         Some((scheme, _)) => {
@@ -598,7 +598,9 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
             &f.key_path("path"),
             format!("must not contain ';' (requests are routed on paths read without their ';' parameters), found {svc_path:?}"),
         );
-    } else if crate::rules::path::normalize_path(&svc_path).as_deref() != Ok(svc_path.as_str()) {
+    } else if hexgate_http::rules::path::normalize_path(&svc_path).as_deref()
+        != Ok(svc_path.as_str())
+    {
         r.err(
             f.key_line("path"),
             &f.key_path("path"),
@@ -639,7 +641,7 @@ fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Servic
             Some(rest) => ("*.", rest),
             None => ("", h.as_str()),
         };
-        match crate::rules::host::canonical_name(name.as_bytes()) {
+        match hexgate_http::rules::host::canonical_name(name.as_bytes()) {
             Ok(c) => hosts.push(format!("{wild}{c}")),
             Err(e) => r.err(
                 line,
@@ -901,7 +903,7 @@ fn read_redis(r: &mut Reader, node: &Node) -> Redis {
                 "redis.address",
                 format!(
                     "expected host:port (credentials go in username and password), found {:?}",
-                    crate::httpc::redact_url(a)
+                    hexgate_http::httpc::redact_url(a)
                 ),
             );
         }
@@ -959,13 +961,13 @@ fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
     }
     c.advertise_address = r.string(&f, "advertiseAddress");
     if let Some(a) = &c.address {
-        if crate::httpc::Endpoint::parse(a, false, None).is_err() {
+        if hexgate_http::httpc::Endpoint::parse(a, false, None).is_err() {
             r.err(
                 f.key_line("address"),
                 "consul.address",
                 format!(
                     "expected host:port or http(s)://host:port, found {:?}",
-                    crate::httpc::redact_url(a)
+                    hexgate_http::httpc::redact_url(a)
                 ),
             );
         }

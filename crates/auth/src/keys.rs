@@ -295,7 +295,7 @@ fn b64url(v: &serde_json::Value, field: &str) -> Result<Vec<u8>, KeyError> {
 /// skipped; a document with no usable key is an error. `source` (the JWKS URL) is kept on each
 /// key with its userinfo and query values redacted, since it is there for logs.
 pub fn from_jwks(json: &[u8], source: &str) -> Result<Vec<Key>, KeyError> {
-    let source = crate::httpc::redact_url(source);
+    let source = hexgate_http::httpc::redact_url(source);
     let doc: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| KeyError::BadJwks(e.to_string()))?;
     let list = doc

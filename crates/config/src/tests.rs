@@ -265,7 +265,7 @@ fn edge_policy_keys_parse_with_secure_defaults() {
 #[test]
 fn edge_policy_key_errors_name_line_and_key() {
     let text = "adminBind: 0.0.0.0\nunderscoreHeaders: maybe\nservices:\n  - name: a\n    path: /a/\n    backends: [\"http://u:hunter2@127.0.0.1:1/x?k=v\"]\n    hosts: [\"evil@x\", \"a..b\", \"x:80\"]\n    escapedSlashes: sometimes\n    allowedUpgrades: [\"a b\"]\n";
-    if std::env::var(crate::config::ADMIN_TOKEN_ENV).is_ok() {
+    if std::env::var(crate::ADMIN_TOKEN_ENV).is_ok() {
         return; // the environment supplies a token; the adminBind rule is covered elsewhere
     }
     let errs = parse(text, "t").unwrap_err().0;

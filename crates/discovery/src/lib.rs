@@ -13,10 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 
-use crate::config::BackendAddr;
-use crate::snapshot::Snapshot;
-use crate::upstream::{BackendSet, Pool};
 use consul::{ConsulClient, Instance};
+use hexgate_config::BackendAddr;
+use hexgate_upstream::{BackendSet, Pool};
 
 /// How long a blocking query waits for a change before Consul answers anyway.
 const WAIT: Duration = Duration::from_secs(30);
@@ -104,18 +103,21 @@ impl Discovery {
         self.client.as_ref()
     }
 
-    /// Attaches every discovered pool of `snap` to its watcher (starting new watchers) and stops
+    /// Attaches every discovered pool (a snapshot's, with the key it follows) to its watcher (starting new watchers) and stops
     /// watchers no route names any more. Called before the snapshot is swapped in, so new pools
     /// start with the last known members.
-    pub fn reconcile(self: &Arc<Self>, snap: &Snapshot, backends: &Arc<BackendSet>) {
+    pub fn reconcile<'a>(
+        self: &Arc<Self>,
+        pools: impl IntoIterator<Item = (&'a WatchKey, &'a Arc<Pool>)>,
+        backends: &Arc<BackendSet>,
+    ) {
         let Some(client) = &self.client else { return };
         let mut watches = match self.watches.lock() {
             Ok(w) => w,
             Err(p) => p.into_inner(),
         };
         let mut wanted = HashSet::new();
-        for svc in &snap.services {
-            let Some(key) = &svc.discovery else { continue };
+        for (key, pool) in pools {
             wanted.insert(key.clone());
             let watch = watches
                 .entry(key.clone())
@@ -142,7 +144,7 @@ impl Discovery {
                 })
                 .clone();
             if let Ok(mut subs) = watch.subscribers.lock() {
-                subs.push(Arc::downgrade(&svc.pool));
+                subs.push(Arc::downgrade(pool));
             }
             let list: Vec<(BackendAddr, u32)> = watch
                 .instances
@@ -150,7 +152,7 @@ impl Discovery {
                 .iter()
                 .map(|i| (i.addr.clone(), i.weight))
                 .collect();
-            svc.pool.set_discovered(backends, &list);
+            pool.set_discovered(backends, &list);
         }
         watches.retain(|k, w| {
             let keep = wanted.contains(k);

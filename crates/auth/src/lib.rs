@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
-use crate::config::Authentication;
-use crate::metrics::Registry;
+use hexgate_config::Authentication;
+use hexgate_metrics::Registry;
 use jwt::{Policy, SigCheck, TokenError};
 use keys::{Alg, Key};
 
@@ -45,22 +45,8 @@ impl AuthError {
     }
 }
 
-/// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
-pub const REASONS: [&str; 13] = [
-    "missing",
-    "malformed",
-    "too_large",
-    "algorithm",
-    "unknown_kid",
-    "no_key",
-    "bad_signature",
-    "expired",
-    "missing_exp",
-    "not_yet_valid",
-    "issuer",
-    "audience",
-    "no_consumer",
-];
+/// Labels of `hexgate_auth_failures_total{reason}` (declared with the metrics).
+pub use hexgate_metrics::AUTH_REASONS as REASONS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -284,8 +270,8 @@ impl Authenticator {
         }
         *last = Some(Instant::now());
         // Logged with its userinfo and query values (api_key=...) redacted.
-        let shown = crate::httpc::redact_url(url);
-        match crate::httpc::get_url(url, Duration::from_secs(5)).await {
+        let shown = hexgate_http::httpc::redact_url(url);
+        match hexgate_http::httpc::get_url(url, Duration::from_secs(5)).await {
             Ok((body, max_age)) => match keys::from_jwks(&body, url) {
                 Ok(jwks_keys) => {
                     let old = self.keys.load();
@@ -315,8 +301,8 @@ impl Authenticator {
                 self.metrics.record_jwks_refresh(false);
                 // `HttpError::Url` carries the URL it could not use: show it redacted too.
                 let error = match e {
-                    crate::httpc::HttpError::Url(u) => {
-                        crate::httpc::HttpError::Url(crate::httpc::redact_url(&u))
+                    hexgate_http::httpc::HttpError::Url(u) => {
+                        hexgate_http::httpc::HttpError::Url(hexgate_http::httpc::redact_url(&u))
                     }
                     other => other,
                 };

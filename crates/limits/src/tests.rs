@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::config::{Quota, RateLimit};
+use hexgate_config::{Quota, RateLimit};
 
 const S: u64 = 1_000_000;
 
@@ -22,7 +22,7 @@ fn policies(cfg: &Config) -> RoutePolicies {
 }
 
 fn config() -> Config {
-    crate::config::parse("rateLimitHeaders: both\nservices: []\n", "test.yaml").expect("config")
+    hexgate_config::parse("rateLimitHeaders: both\nservices: []\n", "test.yaml").expect("config")
 }
 
 /// The issue "The embedded default does not enforce quotas": 1/s burst 3, quota 5 per hour per

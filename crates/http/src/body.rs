@@ -16,7 +16,30 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::upstream::PoolReturn;
+/// Where a connection goes back when a response body read from it has ended: the upstream
+/// crate's backend (its idle list). A trait, so this crate does not name the one above it.
+pub trait IdleSink: Send + Sync {
+    fn give_back(&self, sender: hyper::client::conn::http1::SendRequest<Body>);
+}
+
+/// A pooled connection on loan to a response body, handed back at end of stream.
+pub struct PoolReturn {
+    sink: Arc<dyn IdleSink>,
+    sender: hyper::client::conn::http1::SendRequest<Body>,
+}
+
+impl PoolReturn {
+    pub fn new(
+        sink: Arc<dyn IdleSink>,
+        sender: hyper::client::conn::http1::SendRequest<Body>,
+    ) -> Self {
+        PoolReturn { sink, sender }
+    }
+
+    pub fn give_back(self) {
+        self.sink.give_back(self.sender);
+    }
+}
 
 /// Errors a body can yield: hyper's, or the gateway's own limits.
 #[derive(Debug, thiserror::Error)]

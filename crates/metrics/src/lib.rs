@@ -7,6 +7,27 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
+pub const AUTH_REASONS: [&str; 13] = [
+    "missing",
+    "malformed",
+    "too_large",
+    "algorithm",
+    "unknown_kid",
+    "no_key",
+    "bad_signature",
+    "expired",
+    "missing_exp",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "no_consumer",
+];
+/// Labels of `hexgate_ratelimit_decisions_total{result}`, in counter order.
+pub const LIMIT_RESULTS: [&str; 4] = ["allowed", "limited", "failed_open", "failed_closed"];
+/// Labels of `hexgate_ratelimit_decisions_total{limit}`, in counter order.
+pub const LIMITS: [&str; 2] = ["rate", "quota"];
+
 pub const HTTP_REQUESTS_TOTAL: &str = "hexgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "hexgate_http_request_duration_seconds";
 pub const UPSTREAM_REQUEST_DURATION: &str = "hexgate_upstream_request_duration_seconds";
@@ -122,7 +143,7 @@ pub struct ServiceMetrics {
     pub upstream_duration: Histogram,
     pub upstream_errors: AtomicU64,
     /// Indexed like `auth::REASONS`.
-    pub auth_failures: [AtomicU64; crate::auth::REASONS.len()],
+    pub auth_failures: [AtomicU64; AUTH_REASONS.len()],
     /// [limit][result], indexed like `limits::LIMITS` and `limits::RESULTS`.
     pub limit_decisions: [[AtomicU64; 4]; 2],
 }
@@ -146,7 +167,7 @@ impl ServiceMetrics {
     }
 
     pub fn auth_failure(&self, reason: &str) {
-        if let Some(i) = crate::auth::REASONS.iter().position(|r| *r == reason) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
             self.auth_failures[i].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -274,7 +295,7 @@ impl Registry {
         let _ = writeln!(out, "# HELP {AUTH_FAILURES_TOTAL} Requests refused by JWT authentication, by service and reason.");
         let _ = writeln!(out, "# TYPE {AUTH_FAILURES_TOTAL} counter");
         for s in &services {
-            for (i, reason) in crate::auth::REASONS.iter().enumerate() {
+            for (i, reason) in AUTH_REASONS.iter().enumerate() {
                 let v = s.auth_failures[i].load(Ordering::Relaxed);
                 if v > 0 {
                     let _ = writeln!(
@@ -288,8 +309,8 @@ impl Registry {
         let _ = writeln!(out, "# HELP {RATELIMIT_DECISIONS_TOTAL} Rate-limit and quota decisions, by service, limit and result.");
         let _ = writeln!(out, "# TYPE {RATELIMIT_DECISIONS_TOTAL} counter");
         for s in &services {
-            for (li, limit) in crate::limits::LIMITS.iter().enumerate() {
-                for (ri, result) in crate::limits::RESULTS.iter().enumerate() {
+            for (li, limit) in LIMITS.iter().enumerate() {
+                for (ri, result) in LIMIT_RESULTS.iter().enumerate() {
                     let v = s.limit_decisions[li][ri].load(Ordering::Relaxed);
                     if v > 0 {
                         let _ = writeln!(

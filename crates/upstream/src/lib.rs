@@ -20,8 +20,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::Body;
-use crate::config::{BackendAddr, LoadBalancing};
+use hexgate_config::{BackendAddr, LoadBalancing};
+use hexgate_http::body::{Body, IdleSink};
 
 /// Idle connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 1024;
@@ -32,23 +32,7 @@ const EJECT_MAX: Duration = Duration::from_secs(30);
 
 pub type Sender = http1::SendRequest<Body>;
 
-/// Most worker runtimes a process runs; slot 0 is the control runtime.
-pub const MAX_WORKERS: usize = 64;
-
-thread_local! {
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the current thread as worker `id` (1-based), so it uses its own idle-connection list:
-/// a connection is driven by the runtime that opened it, so it is reused only from there.
-pub fn set_worker(id: usize) {
-    WORKER.with(|w| w.set(id.min(MAX_WORKERS)));
-}
-
-/// The current thread's worker id (0 for the control runtime).
-pub fn worker_slot() -> usize {
-    WORKER.with(|w| w.get())
-}
+pub use hexgate_http::worker::{set_worker, worker_slot, MAX_WORKERS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -209,19 +193,13 @@ impl Backend {
     }
 }
 
-/// Gives a connection back to its backend's pool when a response body has been read to the end.
-pub struct PoolReturn {
-    backend: Arc<Backend>,
-    sender: Sender,
-}
+/// Gives a connection back to its backend's pool when a response body has been read to the end
+/// (the body type lives below this crate, so it names the pool through [`IdleSink`]).
+pub type PoolReturn = hexgate_http::body::PoolReturn;
 
-impl PoolReturn {
-    pub fn new(backend: Arc<Backend>, sender: Sender) -> Self {
-        PoolReturn { backend, sender }
-    }
-
-    pub fn give_back(self) {
-        self.backend.push_idle(self.sender);
+impl IdleSink for Backend {
+    fn give_back(&self, sender: Sender) {
+        self.push_idle(sender);
     }
 }
 

@@ -15,8 +15,8 @@ use redis::Script;
 
 use super::algo::{Decision, Gcra, Window, BUCKETS};
 use super::resp::{self, RespError};
-use crate::config::Redis as RedisConfig;
-use crate::metrics::Registry;
+use hexgate_config::Redis as RedisConfig;
+use hexgate_metrics::Registry;
 
 /// ARGV: interval_us, burst[, now_us]. `now_us` is given only by a manual clock (tests); its time
 /// does not pass with Redis's, so its keys get no real-time expiry.
@@ -144,7 +144,7 @@ pub struct RedisStore {
     metrics: Arc<Registry>,
 }
 
-use crate::httpc::percent_encode as enc;
+use hexgate_http::httpc::percent_encode as enc;
 
 fn url(cfg: &RedisConfig, addr: &str) -> String {
     let scheme = if cfg.tls { "rediss" } else { "redis" };
@@ -162,10 +162,10 @@ impl RedisStore {
     /// serves (per failureMode) while Redis is away.
     pub fn start(cfg: &RedisConfig, metrics: Arc<Registry>) -> Arc<RedisStore> {
         let store = Arc::new_cyclic(|me| RedisStore {
-            conns: (0..=crate::upstream::MAX_WORKERS)
+            conns: (0..=hexgate_http::worker::MAX_WORKERS)
                 .map(|_| ArcSwapOption::empty())
                 .collect(),
-            reconnecting: (0..=crate::upstream::MAX_WORKERS)
+            reconnecting: (0..=hexgate_http::worker::MAX_WORKERS)
                 .map(|_| AtomicBool::new(true))
                 .collect(),
             me: me.clone(),
@@ -182,7 +182,7 @@ impl RedisStore {
 
     /// Opens this worker's own connection (called once inside each worker runtime).
     pub fn attach_worker(self: &Arc<Self>) {
-        let slot = crate::upstream::worker_slot();
+        let slot = hexgate_http::worker::worker_slot();
         if slot > 0 {
             self.connect_slot(slot);
         }
@@ -290,7 +290,7 @@ impl RedisStore {
 
     /// This worker's connection, else the control runtime's; with the slot it came from.
     fn conn(&self) -> Result<(usize, Arc<Conn>), StoreError> {
-        let slot = crate::upstream::worker_slot();
+        let slot = hexgate_http::worker::worker_slot();
         let (slot, conn) = match self.conns[slot].load_full() {
             Some(c) => (slot, c),
             None => (

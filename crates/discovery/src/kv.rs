@@ -2,14 +2,23 @@
 //! with blocking queries; a valid new value is applied, an invalid value or a deleted key is
 //! logged and counted and the running config stays.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::consul::ConsulClient;
 use super::{backoff, WAIT};
-use crate::config::{self, Config, ConfigErrors};
-use crate::state::State;
+use hexgate_config::{self as config, Config, ConfigErrors};
+
+/// What a KV watch drives: the gateway's state, which applies a config (building and swapping
+/// in a snapshot) and counts what failed.
+pub trait ConfigTarget: Send + Sync + 'static {
+    /// Applies a valid config; returns the new generation.
+    fn apply(&self, config: Config) -> Result<u64, ConfigErrors>;
+    /// Counts a config change that was not applied (invalid, or the key deleted).
+    fn reload_failed(&self);
+    /// Counts a failed Consul query.
+    fn consul_error(&self);
+}
 
 /// The name config errors carry for a KV key.
 pub fn source_name(key: &str) -> String {
@@ -39,7 +48,12 @@ pub async fn load(client: &ConsulClient, key: &str) -> Result<(Config, u64), KvE
 }
 
 /// Watches `key` until the process exits, applying each valid change.
-pub async fn watch(state: Arc<State>, client: ConsulClient, key: String, mut index: u64) {
+pub async fn watch<T: ConfigTarget>(
+    state: Arc<T>,
+    client: ConsulClient,
+    key: String,
+    mut index: u64,
+) {
     let mut failures = 0u32;
     let mut last_text: Option<String> = None;
     loop {
@@ -53,7 +67,7 @@ pub async fn watch(state: Arc<State>, client: ConsulClient, key: String, mut ind
                 }
                 match value {
                     None => {
-                        state.metrics.record_reload(false);
+                        state.reload_failed();
                         tracing::error!(key = %key, "config key deleted from Consul; keeping the running config");
                         last_text = None;
                     }
@@ -68,7 +82,7 @@ pub async fn watch(state: Arc<State>, client: ConsulClient, key: String, mut ind
                                 tracing::info!(key = %key, generation, "config from Consul applied");
                             }
                             Err(errors) => {
-                                state.metrics.record_reload(false);
+                                state.reload_failed();
                                 for e in &errors.0 {
                                     tracing::error!("config from Consul rejected, keeping the running config: {e}");
                                 }
@@ -79,7 +93,7 @@ pub async fn watch(state: Arc<State>, client: ConsulClient, key: String, mut ind
                 }
             }
             Err(e) => {
-                state.discovery.errors.fetch_add(1, Ordering::Relaxed);
+                state.consul_error();
                 let wait = backoff(failures);
                 if failures == 0 || failures.is_power_of_two() {
                     tracing::warn!(key = %key, error = %e, retry_in = ?wait, "Consul KV watch failed; keeping the running config");
