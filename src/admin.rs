@@ -3,7 +3,7 @@
 //!
 //! It gets the public listener's protections: the header read timeout (`timeouts.headerRead`),
 //! the keep-alive idle timeout (`timeouts.idle`), `maxHeaderSize` and `maxHeaderCount` (hyper's
-//! buffer and field limits, then the same [`HeaderPolicy`] as the public port), and at most
+//! buffer and field limits, then the same [`HeaderPolicy`](crate::rules::headers::HeaderPolicy) as the public port), and at most
 //! [`MAX_CONNECTIONS`] connections at a time: a permit is taken before `accept`, so excess
 //! connections wait in the kernel's backlog and cost no task. With an admin token (`adminToken`,
 //! `adminTokenFile` or `HEXGATE_ADMIN_TOKEN`), every path but /healthz and /readyz needs
@@ -36,7 +36,6 @@ use tokio::sync::Semaphore;
 
 use crate::body::Body;
 use crate::config::Config;
-use crate::rules::headers::HeaderPolicy;
 use crate::state::State;
 
 /// Most admin connections served at once; more wait in the listen backlog.
@@ -76,12 +75,16 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
         };
         // Built per connection from the current config, so a reload's limits apply to new
         // connections.
-        let builder = crate::listen::http1_builder(&state.snapshot.load().config);
+        let builder = crate::listen::http1_builder(&state.snapshot.load().settings.http1);
         let state = state.clone();
         tokio::spawn(async move {
+            // Boxed per request, as on the public listeners: an idle keep-alive connection
+            // then holds no request-sized future in hyper's slot.
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, req).await) }
+                let fut: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                    Box::pin(async move { Ok::<_, Infallible>(respond(&state, req).await) });
+                fut
             });
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "admin connection ended with error");
@@ -154,12 +157,7 @@ impl Drop for PeerSlot {
 async fn respond(state: &State, mut req: Request<Incoming>) -> Response<Body> {
     let snap = state.snapshot.load_full();
     let guarded = snap.admin_token.is_some();
-    let policy = HeaderPolicy {
-        max_count: usize::try_from(snap.config.max_header_count).unwrap_or(usize::MAX),
-        max_bytes: snap.config.max_header_size,
-        underscores: snap.config.underscore_headers,
-    };
-    if let Err(e) = policy.apply(req.headers_mut()) {
+    if let Err(e) = snap.settings.header_policy.apply(req.headers_mut()) {
         let status = if e.is_too_large() {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         } else {
@@ -239,7 +237,8 @@ fn token_eq(presented: &[u8], expected: &[u8]) -> bool {
 /// The config as /admin/config shows it: secrets are redacted by the config's serializer;
 /// addresses that may carry `user:pass@` or `?token=` (Consul, Redis, the JWKS URL) are shown
 /// through `redact_url` here too.
-fn shown_config(cfg: &Config) -> serde_json::Value {
+/// The config as `/admin/config` shows it: addresses that may carry credentials redacted.
+pub(crate) fn shown_config(cfg: &Config) -> serde_json::Value {
     use crate::httpc::redact_url;
     use serde_json::Value;
     fn redact_at(v: &mut Value, path: &[&str]) {
@@ -356,7 +355,7 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
         ),
         "/admin/config" => json(serde_json::json!({
             "generation": snap.generation,
-            "config": shown_config(&snap.config),
+            "config": &snap.settings.shown,
         })),
         "/admin/upstreams" => {
             let services: Vec<_> = snap

@@ -1,45 +1,105 @@
-//! The file checks of the compile step: everything `run` and a reload would refuse in the
-//! files a config names, found before anything starts, and reported at the file, line and key
-//! that named the file. `validate`, `config push`, `run` (file or Consul KV) and every reload
-//! call this same function, so `validate` accepts exactly what `run` starts with.
+//! The compile step: a config as read (`hexgate_config`, every problem at file:line:key) →
+//! everything `run` or a reload would refuse, found before anything starts → a [`Compiled`]
+//! config that a snapshot is built from without further checks (`Snapshot::build` cannot fail).
 //!
-//! Checked: every public-key file (readable, a public key of a supported type: a private key
-//! where the public key belongs is refused), the TLS certificate and key when TLS is on
-//! (readable, parseable, the key matching the certificate: the same rustls set-up the HTTPS
-//! listener uses), and `adminTokenFile`. Network checks (JWKS fetch, Redis, Consul) are not
-//! part of it: they happen after start, and a gateway serves while they are away.
+//! `validate`, `config push`, `run` (file or Consul KV) and every reload (file watch, SIGHUP,
+//! Consul KV) call [`compile`], so `validate` accepts exactly what `run` starts with. It is pure:
+//! every file it reads goes through the [`Files`] it is given ([`Disk`] in the gateway, a map
+//! in tests), and it does no network work. The JWKS fetch, Redis and Consul come after it, in
+//! the runtime (and in `validate --connect`).
+//!
+//! Checked, each problem reported at the file, line and key that named the file: every
+//! public-key file (readable, a public key of a supported type: a private key where the public
+//! key belongs is refused), the TLS certificate and key when TLS is on (parseable, the key
+//! matching the certificate: the rustls set-up the HTTPS listener then uses as compiled), and
+//! `adminTokenFile` (readable, not empty).
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::auth::Authenticator;
-use crate::config::{Config, ConfigError, ConfigErrors};
+use hexgate_auth::keys::{self, Alg, Key};
+use hexgate_config::{Config, ConfigError, ConfigErrors, ADMIN_TOKEN_ENV};
+use tokio_rustls::TlsAcceptor;
 
-/// All problems in the files `cfg` names, at once (for `validate`, `config push` and start).
-pub fn check_files(cfg: &Config) -> Result<(), ConfigErrors> {
-    check(cfg, true)
+/// Where the compile step reads the files a config names.
+pub trait Files {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    fn exists(&self, path: &Path) -> bool;
 }
 
-/// The same for a reload, which never re-applies TLS (a change of `tls` needs a restart, see
-/// `state.rs`): a certificate being rotated on disk must not hold back an unrelated change.
-pub fn check_files_for_reload(cfg: &Config) -> Result<(), ConfigErrors> {
-    check(cfg, false)
+/// The local file system.
+pub struct Disk;
+
+impl Files for Disk {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
 }
 
-fn check(cfg: &Config, tls: bool) -> Result<(), ConfigErrors> {
+/// What is being compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// A start (`run`), and what `validate` and `config push` check: everything.
+    Start,
+    /// A reload, which never re-applies TLS (a change of `tls` needs a restart, see
+    /// `state.rs`): a certificate being rotated on disk must not hold back an unrelated change.
+    Reload,
+}
+
+/// The key material of `authentication`, read and parsed.
+pub struct AuthMaterial {
+    /// The settings and key-file contents it was built from: equal fingerprints let a reload keep
+    /// the running authenticator (its JWKS and verified-token caches).
+    pub fingerprint: String,
+    pub keys: Vec<Key>,
+}
+
+/// A config that passed every check, with the contents of the files it names.
+pub struct Compiled {
+    /// The config as read (with command-line overrides applied); the snapshot takes what it
+    /// needs from it and keeps none of it.
+    pub config: Config,
+    /// Present when a route requires a token.
+    pub auth: Option<AuthMaterial>,
+    /// The HTTPS acceptor (Scope::Start with TLS on).
+    pub tls: Option<TlsAcceptor>,
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// Compiles `config`: all of its problems at once, or the compiled config.
+pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compiled, ConfigErrors> {
     let mut errors = Vec::new();
     let mut err = |key: &str, message: String| {
         errors.push(ConfigError {
-            file: cfg.file.clone(),
-            line: cfg.line_of(key),
+            file: config.file.clone(),
+            line: config.line_of(key),
             key: key.to_string(),
             message,
         })
     };
-    let auth_needed =
-        cfg.authentication.enabled || cfg.services.iter().any(|s| s.authentication == Some(true));
-    if auth_needed {
-        let a = &cfg.authentication;
-        let files = a
+    let auth_needed = config.authentication.enabled
+        || config
+            .services
+            .iter()
+            .any(|s| s.authentication == Some(true));
+    let auth = if auth_needed {
+        let a = &config.authentication;
+        for (i, name) in a.algorithms.iter().enumerate() {
+            if Alg::parse(name).is_none() {
+                err(
+                    &format!("authentication.algorithms[{i}]"),
+                    format!("unsupported algorithm {name:?}"),
+                );
+            }
+        }
+        let mut fingerprint = format!("{a:?}");
+        let mut keys = Vec::new();
+        let named = a
             .public_key_path
             .iter()
             .map(|f| ("authentication.publicKeyPath".to_string(), f))
@@ -49,44 +109,179 @@ fn check(cfg: &Config, tls: bool) -> Result<(), ConfigErrors> {
                     .enumerate()
                     .map(|(i, f)| (format!("authentication.publicKeys[{i}]"), f)),
             );
-        for (key, f) in files {
-            if let Err(e) = Authenticator::load_key_file(f, cfg.base_dir.as_deref()) {
-                err(&key, e.to_string());
+        for (key, f) in named {
+            match key_file(files, f, config.base_dir.as_deref()) {
+                Ok((text, parsed)) => {
+                    fingerprint.push_str(&text);
+                    keys.extend(parsed);
+                }
+                Err(message) => err(&key, message),
             }
         }
-    }
-    if tls && cfg.tls.enabled {
-        let (cert, key) = (Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file));
-        if let Err(e) = std::fs::metadata(cert) {
-            err("tls.certFile", format!("{}: {e}", cert.display()));
-        } else if let Err(e) = std::fs::metadata(key) {
-            err("tls.keyFile", format!("{}: {e}", key.display()));
-        } else if let Err(e) = crate::listen::tls_acceptor(cert, key) {
-            // Which file: the one the message names, else the key (a mismatch is the key's).
-            let msg = e.to_string();
-            let (which, msg) = if msg.contains("KeyMismatch") {
-                let m = format!(
-                    "{}: the private key does not match the certificate {}",
-                    key.display(),
-                    cert.display()
-                );
-                ("tls.keyFile", m)
-            } else if msg.contains(&cert.display().to_string()) {
-                ("tls.certFile", msg)
-            } else {
-                ("tls.keyFile", msg)
-            };
-            err(which, msg);
-        }
-    }
-    if cfg.admin_token_file.is_some() {
-        if let Err(e) = cfg.admin_token_value() {
-            err("adminTokenFile", e);
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
+        Some(AuthMaterial { fingerprint, keys })
     } else {
-        Err(ConfigErrors(errors))
+        None
+    };
+    let tls = if scope == Scope::Start && config.tls.enabled {
+        match tls_files(files, &config) {
+            Ok(acceptor) => Some(acceptor),
+            Err((key, message)) => {
+                err(key, message);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let admin_token = match admin_token(files, &config) {
+        Ok(t) => t.map(Arc::from),
+        Err(message) => {
+            err("adminTokenFile", message);
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Compiled {
+        config,
+        auth,
+        tls,
+        admin_token,
+    })
+}
+
+/// Finds a key file: as given (relative to the working directory, as the original gateway did),
+/// else relative to the config file's directory.
+fn resolve(files: &dyn Files, path: &str, base: Option<&Path>) -> PathBuf {
+    let p = PathBuf::from(path);
+    if p.is_absolute() || files.exists(&p) {
+        return p;
+    }
+    match base {
+        Some(b) if files.exists(&b.join(&p)) => b.join(p),
+        _ => p,
+    }
+}
+
+/// One public-key file: its text and the keys in it.
+fn key_file(files: &dyn Files, f: &str, base: Option<&Path>) -> Result<(String, Vec<Key>), String> {
+    let path = resolve(files, f, base);
+    let bytes = files
+        .read(&path)
+        .map_err(|e| format!("{}: cannot read public key: {e}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("{}: not a PEM file (not UTF-8 text)", path.display()))?;
+    let parsed = keys::from_pem(&text, f).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((text, parsed))
+}
+
+/// The HTTPS acceptor from `tls.certFile` and `tls.keyFile`; on error, the key to blame.
+fn tls_files(files: &dyn Files, cfg: &Config) -> Result<TlsAcceptor, (&'static str, String)> {
+    let (cert, key) = (Path::new(&cfg.tls.cert_file), Path::new(&cfg.tls.key_file));
+    let cert_pem = files
+        .read(cert)
+        .map_err(|e| ("tls.certFile", format!("{}: {e}", cert.display())))?;
+    let key_pem = files
+        .read(key)
+        .map_err(|e| ("tls.keyFile", format!("{}: {e}", key.display())))?;
+    crate::listen::tls_acceptor(&cert_pem, cert, &key_pem, key).map_err(|e| match e {
+        crate::listen::TlsError::Cert(m) => ("tls.certFile", m),
+        crate::listen::TlsError::Key(m) => ("tls.keyFile", m),
+    })
+}
+
+/// The admin token: `adminToken`, else the first line of `adminTokenFile` (relative to the
+/// config's directory), else the `HEXGATE_ADMIN_TOKEN` environment variable.
+fn admin_token(files: &dyn Files, cfg: &Config) -> Result<Option<String>, String> {
+    if let Some(t) = &cfg.admin_token {
+        return Ok(Some(t.clone()));
+    }
+    if let Some(file) = &cfg.admin_token_file {
+        let path = match &cfg.base_dir {
+            Some(dir) if Path::new(file).is_relative() => dir.join(file),
+            _ => PathBuf::from(file),
+        };
+        let bytes = files
+            .read(&path)
+            .map_err(|e| format!("adminTokenFile {}: {e}", path.display()))?;
+        let text = String::from_utf8_lossy(&bytes);
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        if token.is_empty() {
+            return Err(format!(
+                "adminTokenFile {}: the file is empty",
+                path.display()
+            ));
+        }
+        return Ok(Some(token));
+    }
+    Ok(std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Files in memory.
+    #[derive(Default)]
+    struct Mem(HashMap<PathBuf, Vec<u8>>);
+
+    impl Files for Mem {
+        fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+            self.0
+                .get(path)
+                .cloned()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file"))
+        }
+
+        fn exists(&self, path: &Path) -> bool {
+            self.0.contains_key(path)
+        }
+    }
+
+    fn cfg(yaml: &str) -> Config {
+        hexgate_config::parse(yaml, "gw.yaml").expect("valid config")
+    }
+
+    #[test]
+    fn every_file_problem_is_reported_at_its_key_at_once() {
+        let c = cfg("authentication:\n  enabled: true\n  publicKeyPath: /k/missing.pem\n  publicKeys:\n    - /k/garbage.pem\nadminTokenFile: /k/empty\nservices: []\n");
+        let mut files = Mem::default();
+        files
+            .0
+            .insert("/k/garbage.pem".into(), b"not a key".to_vec());
+        files.0.insert("/k/empty".into(), b"\n".to_vec());
+        let Err(errors) = compile(c, &files, Scope::Start) else {
+            panic!("accepted");
+        };
+        let keys: Vec<_> = errors.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("authentication.publicKeyPath", 3),
+                ("authentication.publicKeys[0]", 5),
+                ("adminTokenFile", 6)
+            ],
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn tls_is_checked_at_start_and_left_to_the_restart_on_reload() {
+        let c = || {
+            cfg("tls:\n  enabled: true\n  certFile: /t/cert.pem\n  keyFile: /t/key.pem\nservices: []\n")
+        };
+        let files = Mem::default();
+        let Err(errors) = compile(c(), &files, Scope::Start) else {
+            panic!("missing certificate accepted");
+        };
+        assert_eq!(errors.0[0].key, "tls.certFile");
+        assert_eq!(errors.0[0].line, 3);
+        assert!(compile(c(), &files, Scope::Reload).is_ok());
     }
 }

@@ -11,8 +11,8 @@ use hexgate_upstream::health::check;
 pub async fn run(state: Arc<State>) {
     loop {
         let snap = state.snapshot.load_full();
-        let interval = snap.config.health_check_interval;
-        let timeout = snap.config.health_check_timeout.min(interval);
+        let interval = snap.settings.health_check_interval;
+        let timeout = snap.settings.health_check_timeout.min(interval);
         let mut seen = HashSet::new();
         let mut checks = Vec::new();
         for svc in snap.services.iter() {

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use hexgate::auth::keys::Alg;
 use hexgate::auth::tools;
+use hexgate::compile::{compile, Compiled, Disk, Scope};
 use hexgate::config::{self, Config};
 use hexgate::discovery::consul::{ConsulClient, ConsulError};
 use hexgate::discovery::kv;
@@ -179,9 +180,11 @@ fn main() -> ExitCode {
             match consul_key {
                 Some(key) => report(run_from_consul(key, overrides)),
                 None => {
-                    let loaded = config::load_file(&config)
-                        .and_then(|c| hexgate::compile::check_files(&c).map(|()| c));
-                    let cfg = match loaded {
+                    let loaded = config::load_file(&config).and_then(|mut c| {
+                        overrides.apply(&mut c);
+                        compile(c, &Disk, Scope::Start)
+                    });
+                    let compiled = match loaded {
                         Ok(c) => c,
                         Err(errors) => {
                             eprintln!("{errors}");
@@ -194,7 +197,7 @@ fn main() -> ExitCode {
                         }
                     };
                     report(run_gateway_at(
-                        cfg,
+                        compiled,
                         Source::File(config),
                         None,
                         0,
@@ -227,7 +230,9 @@ fn main() -> ExitCode {
             };
             let keys_str = keys.display().to_string();
             let yaml = hexgate::demo::config_yaml(port, admin_port, ports, &keys_str);
-            let cfg = match config::parse(&yaml, "<demo>") {
+            let cfg = match config::parse(&yaml, "<demo>")
+                .and_then(|c| compile(c, &Disk, Scope::Start))
+            {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -338,8 +343,8 @@ fn token(
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {
-    match config::load_file(file).and_then(|c| hexgate::compile::check_files(&c).map(|()| c)) {
-        Ok(cfg) => {
+    match config::load_file(file).and_then(|c| compile(c, &Disk, Scope::Start)) {
+        Ok(Compiled { config: cfg, .. }) => {
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             let consul = cfg
                 .services
@@ -366,7 +371,7 @@ fn validate(file: &std::path::Path) -> ExitCode {
 }
 
 fn run_gateway(
-    cfg: Config,
+    cfg: Compiled,
     source: Source,
     demo: Option<([u16; 3], String)>,
 ) -> anyhow::Result<()> {
@@ -413,26 +418,28 @@ fn run_from_consul(key: String, overrides: Overrides) -> anyhow::Result<()> {
             other => anyhow::anyhow!("{other}"),
         })
     })?;
-    run_gateway_at(cfg, Source::ConsulKv(key), None, index, overrides)
+    let mut cfg = cfg;
+    overrides.apply(&mut cfg);
+    let compiled = compile(cfg, &Disk, Scope::Start)?;
+    run_gateway_at(compiled, Source::ConsulKv(key), None, index, overrides)
 }
 
+/// Starts a gateway from its compiled config (every start, from a file, Consul KV or the demo,
+/// goes through `compile::compile` first, TLS included, with the overrides applied).
 fn run_gateway_at(
-    cfg: Config,
+    mut compiled: Compiled,
     source: Source,
     demo: Option<([u16; 3], String)>,
     kv_index: u64,
     overrides: Overrides,
 ) -> anyhow::Result<()> {
-    let mut cfg = cfg;
-    overrides.apply(&mut cfg);
-    // Every start, from a file or Consul KV, runs the compile step's file checks (TLS included).
-    hexgate::compile::check_files(&cfg)?;
     let rt = runtime()?;
     rt.block_on(async move {
         if let Some((ports, _)) = &demo {
             hexgate::demo::start_backends(*ports).await?;
         }
-        let listeners = Listeners::bind(&cfg).await?;
+        let cfg = compiled.config.clone();
+        let listeners = Listeners::bind(&cfg, compiled.tls.take()).await?;
         let needs_consul = cfg.consul.register
             || cfg.services.iter().any(|s| s.consul_service_name.is_some())
             || matches!(source, Source::ConsulKv(_));
@@ -452,7 +459,7 @@ fn run_gateway_at(
             Source::ConsulKv(key) => consul.clone().map(|c| (c, key.clone())),
             _ => None,
         };
-        let state = State::new(cfg, source, consul, overrides)?;
+        let state = State::new(compiled, source, consul, overrides);
         tracing::info!(
             public = ?listeners.public_addr(),
             https = ?listeners.https_addr(),
@@ -475,7 +482,7 @@ fn run_gateway_at(
         if let Some(r) = &registration {
             r.register().await;
         }
-        server::serve(state, listeners, shutdown_signal()).await;
+        server::serve(state, listeners, &cfg, shutdown_signal()).await;
         if let Some(r) = &registration {
             r.deregister().await;
         }
@@ -602,7 +609,7 @@ fn config_command(action: ConfigCommand) -> ExitCode {
                 // The same checks as `validate` and `run`, files included (relative to the file).
                 let checked = config::parse(&text, &file.display().to_string()).and_then(|mut c| {
                     c.base_dir = file.parent().map(|p| p.to_path_buf());
-                    hexgate::compile::check_files(&c)
+                    compile(c, &Disk, Scope::Start)
                 });
                 if let Err(errors) = checked {
                     eprintln!("{errors}");

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,17 +43,16 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(cfg: &Config) -> Result<Listeners, ServerError> {
+    /// Binds the listeners of `cfg`; `tls` is the HTTPS acceptor the compile step built.
+    pub async fn bind(cfg: &Config, tls: Option<TlsAcceptor>) -> Result<Listeners, ServerError> {
         let public_addr = SocketAddr::new(cfg.gateway_bind, cfg.gateway_port);
         let public = TcpListener::bind(public_addr)
             .await
             .map_err(|e| ServerError::Bind(public_addr, e))?;
         let https = if cfg.tls.enabled {
-            let acceptor = crate::listen::tls_acceptor(
-                Path::new(&cfg.tls.cert_file),
-                Path::new(&cfg.tls.key_file),
-            )
-            .map_err(|e| ServerError::Tls(e.0))?;
+            let acceptor = tls.ok_or_else(|| {
+                ServerError::Tls("no certificate compiled for tls.enabled".into())
+            })?;
             let addr = SocketAddr::new(cfg.gateway_bind, cfg.tls.https_port);
             let l = TcpListener::bind(addr)
                 .await
@@ -97,7 +95,7 @@ pub struct Builders {
 }
 
 fn http_builder(cfg: &Config) -> Builders {
-    let h1 = crate::listen::http1_builder(cfg);
+    let h1 = crate::listen::http1_builder(&crate::listen::Http1Limits::of(cfg));
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
@@ -190,14 +188,19 @@ struct Drain {
 /// own registration of the shared listening socket and keeping its own upstream connections (see
 /// `upstream::set_worker`): no work stealing, no cross-thread wake-ups on the request path. The
 /// calling runtime keeps the control plane: admin listener, health checks, reloads, discovery.
-pub async fn serve(state: Arc<State>, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-    let cfg = state.snapshot.load().config.clone();
+/// `cfg` is the config the listeners were bound with (their settings change only on restart).
+pub async fn serve(
+    state: Arc<State>,
+    listeners: Listeners,
+    cfg: &Config,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain = Arc::new(Drain {
         tx: watch::channel(false).0,
     });
     let limit = Arc::new(Semaphore::new(cfg.max_connections as usize));
-    let builder = Arc::new(http_builder(&cfg));
+    let builder = Arc::new(http_builder(cfg));
     let public_mode = if cfg.tls.enabled {
         Mode::RedirectToHttps {
             https_port: cfg.tls.https_port,
@@ -445,6 +448,11 @@ async fn serve_conn(
     }
 }
 
+/// A request's future on the public listeners, boxed per request (see `serve_io`).
+type ServiceFuture = std::pin::Pin<
+    Box<dyn Future<Output = Result<Response<Tracked>, std::convert::Infallible>> + Send>,
+>;
+
 /// Serves one connection; `born` is when its first request's `headerRead` budget started.
 #[allow(clippy::too_many_arguments)]
 async fn serve_io<I>(
@@ -466,17 +474,20 @@ async fn serve_io<I>(
         idle: h2.then_some(builder.idle),
     };
     let activity = watch.activity.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
+    // The request's future is boxed: hyper keeps the service future's slot for the whole
+    // connection, so this way an idle keep-alive connection holds a null pointer instead of a
+    // request-sized future, and the future's memory goes with its response.
+    let svc = service_fn(move |req: Request<Incoming>| -> ServiceFuture {
         let state = state.clone();
         let busy = Busy::new(&activity, born, h2);
-        async move {
+        Box::pin(async move {
             let resp = match mode {
                 Mode::Proxy { tls } => proxy::handle(state, req, ConnInfo { peer, tls }).await,
                 Mode::RedirectToHttps { https_port } => Ok(redirect(&req, https_port)),
             };
             // The request stays in flight until its response body has been sent (or dropped).
             resp.map(|r| r.map(|inner| Tracked { inner, busy }))
-        }
+        })
     });
     if h2 {
         // Boxed: HTTP/2 connections are few and long-lived; inline, their larger state would

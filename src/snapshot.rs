@@ -1,5 +1,6 @@
-//! The immutable runtime view built from a validated `Config`: routes, pools, metric handles.
-//! Requests load one snapshot and use it to the end; a reload builds a new one and swaps it in.
+//! The immutable runtime view built from a compiled config (`compile`): routes, pools, metric
+//! handles, the settings requests read. It keeps no raw config. Requests load one snapshot and
+//! use it to the end; a reload builds a new one and swaps it in.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -7,9 +8,11 @@ use std::sync::Arc;
 use http::HeaderName;
 
 use crate::auth::{Authenticator, X_CONSUMER_ID};
-use crate::config::{parse_cidr, Config, ConfigError, ConfigErrors, PathType, Timeouts};
+use crate::compile::Compiled;
+use crate::config::{parse_cidr, Config, PathType, Timeouts};
 use crate::metrics::{Registry, ServiceMetrics, UNMATCHED};
 use crate::proxy::route::{Route, Router};
+use crate::rules::headers::HeaderPolicy;
 use crate::upstream::{BackendSet, Pool};
 
 /// One service as the request path sees it.
@@ -35,9 +38,64 @@ pub struct ServiceRt {
     pub allowed_upgrades: Vec<String>,
 }
 
+/// What a live reload cannot change (listeners are bound once, the limit store connected once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fixed {
+    gateway: (std::net::IpAddr, u16),
+    admin: (std::net::IpAddr, u16),
+    /// The Redis settings, as shown (credentials never appear in them).
+    redis: String,
+    tls: (bool, u16, String, String),
+}
+
+impl Fixed {
+    pub fn of(c: &Config) -> Fixed {
+        Fixed {
+            gateway: (c.gateway_bind, c.gateway_port),
+            admin: (c.admin_bind, c.admin_port),
+            redis: serde_json::to_string(&c.redis).unwrap_or_default(),
+            tls: (
+                c.tls.enabled,
+                c.tls.https_port,
+                c.tls.cert_file.clone(),
+                c.tls.key_file.clone(),
+            ),
+        }
+    }
+
+    /// The first setting that differs, named as in config.yaml.
+    pub fn restart_needed(&self, new: &Fixed) -> Option<&'static str> {
+        if self.gateway != new.gateway {
+            Some("gatewayPort/gatewayBind")
+        } else if self.admin != new.admin {
+            Some("adminPort/adminBind")
+        } else if self.redis != new.redis {
+            Some("redis")
+        } else if self.tls != new.tls {
+            Some("tls")
+        } else {
+            None
+        }
+    }
+}
+
+/// The settings requests and the control plane read from the snapshot.
+pub struct Settings {
+    pub access_log: bool,
+    /// The header-field policy (`rules::headers`) every request goes through.
+    pub header_policy: HeaderPolicy,
+    /// The HTTP/1 limits of the admin listener's new connections.
+    pub http1: crate::listen::Http1Limits,
+    pub health_check_interval: std::time::Duration,
+    pub health_check_timeout: std::time::Duration,
+    /// The config as `/admin/config` shows it (addresses with credentials redacted).
+    pub shown: serde_json::Value,
+    pub fixed: Fixed,
+}
+
 pub struct Snapshot {
     pub generation: u64,
-    pub config: Arc<Config>,
+    pub settings: Settings,
     pub services: Vec<Arc<ServiceRt>>,
     pub router: Router,
     pub unmatched: Arc<ServiceMetrics>,
@@ -50,37 +108,31 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot. `prev_auth` is reused when the authentication config and key files are
-    /// unchanged, so the JWKS cache and verified-token cache survive a reload.
+    /// Builds a snapshot from a compiled config (nothing left to refuse). `prev_auth` is reused
+    /// when the authentication settings and key files are unchanged, so the JWKS cache and
+    /// verified-token cache survive a reload.
     pub fn build(
-        config: Config,
+        compiled: Compiled,
         generation: u64,
         metrics: &Arc<Registry>,
         backends: &BackendSet,
         prev_auth: Option<&Arc<Authenticator>>,
-    ) -> Result<Snapshot, ConfigErrors> {
-        // The compile step's file checks, as `validate` runs them (TLS aside: a snapshot never
-        // changes the listeners); problems with file:line:key.
-        crate::compile::check_files_for_reload(&config)?;
-        let auth_needed = config.authentication.enabled
-            || config
-                .services
-                .iter()
-                .any(|s| s.authentication == Some(true));
-        let auth = if auth_needed {
-            let (fingerprint, keys) =
-                Authenticator::prepare(&config.authentication, config.base_dir.as_deref())
-                    .map_err(|e| auth_error(&config, e.to_string()))?;
-            match prev_auth {
-                Some(a) if a.fingerprint == fingerprint => Some(a.clone()),
-                _ => Some(
-                    Authenticator::new(&config.authentication, fingerprint, keys, metrics.clone())
-                        .map_err(|e| auth_error(&config, e.to_string()))?,
-                ),
-            }
-        } else {
-            None
-        };
+    ) -> Snapshot {
+        let Compiled {
+            config,
+            auth: material,
+            tls: _,
+            admin_token,
+        } = compiled;
+        let auth = material.map(|m| match prev_auth {
+            Some(a) if a.fingerprint == m.fingerprint => a.clone(),
+            _ => Authenticator::new(
+                &config.authentication,
+                m.fingerprint,
+                m.keys,
+                metrics.clone(),
+            ),
+        });
         let identity_headers = match &auth {
             Some(a) => a.identity_headers(),
             None => vec![X_CONSUMER_ID],
@@ -136,16 +188,22 @@ impl Snapshot {
             });
             services.push(rt);
         }
-        let admin_token = config.admin_token_value().map_err(|message| {
-            ConfigErrors(vec![ConfigError {
-                file: config.file.clone(),
-                line: 0,
-                key: "adminTokenFile".into(),
-                message,
-            }])
-        })?;
-        Ok(Snapshot {
-            admin_token: admin_token.map(Arc::from),
+        let settings = Settings {
+            access_log: config.access_log,
+            header_policy: HeaderPolicy {
+                max_count: usize::try_from(config.max_header_count).unwrap_or(usize::MAX),
+                max_bytes: config.max_header_size,
+                underscores: config.underscore_headers,
+            },
+            http1: crate::listen::Http1Limits::of(&config),
+            health_check_interval: config.health_check_interval,
+            health_check_timeout: config.health_check_timeout,
+            shown: crate::admin::shown_config(&config),
+            fixed: Fixed::of(&config),
+        };
+        Snapshot {
+            admin_token,
+            settings,
             generation,
             auth,
             identity_headers,
@@ -154,11 +212,10 @@ impl Snapshot {
                 .iter()
                 .filter_map(|p| parse_cidr(p))
                 .collect(),
-            config: Arc::new(config),
             services,
             router: Router::new(routes),
             unmatched: metrics.service(UNMATCHED),
-        })
+        }
     }
 
     /// The pools fed by Consul, with the watch each follows.
@@ -186,15 +243,6 @@ impl Snapshot {
         }
         out
     }
-}
-
-fn auth_error(config: &Config, message: String) -> ConfigErrors {
-    ConfigErrors(vec![ConfigError {
-        file: config.file.clone(),
-        line: 0,
-        key: "authentication".into(),
-        message,
-    }])
 }
 
 fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {

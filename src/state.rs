@@ -8,9 +8,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
+use crate::compile::{compile, Compiled, Disk, Scope};
 use crate::config::{self, Config, ConfigErrors};
 use crate::metrics::Registry;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Fixed, Snapshot};
 use crate::upstream::BackendSet;
 
 /// Where the configuration comes from.
@@ -56,21 +57,21 @@ pub struct State {
 }
 
 impl State {
+    /// The state of a starting gateway, from its compiled config (overrides already applied).
     pub fn new(
-        mut config: Config,
+        compiled: Compiled,
         source: Source,
         consul: Option<crate::discovery::consul::ConsulClient>,
         overrides: Overrides,
-    ) -> Result<Arc<State>, ConfigErrors> {
-        overrides.apply(&mut config);
+    ) -> Arc<State> {
         let metrics = Arc::new(Registry::default());
         let backends = Arc::new(BackendSet::default());
-        let limiter = crate::limits::Limiter::new(&config, metrics.clone());
+        let limiter = crate::limits::Limiter::new(&compiled.config, metrics.clone());
         let discovery = crate::discovery::Discovery::new(consul);
-        let snap = Snapshot::build(config, 1, &metrics, &backends, None)?;
+        let snap = Snapshot::build(compiled, 1, &metrics, &backends, None);
         discovery.reconcile(snap.discovered_pools(), &backends);
         metrics.record_reload(true);
-        Ok(Arc::new(State {
+        Arc::new(State {
             overrides,
             limiter,
             snapshot: ArcSwap::from_pointee(snap),
@@ -80,24 +81,27 @@ impl State {
             health_wakeup: Notify::new(),
             source,
             generation: AtomicU64::new(1),
-        }))
+        })
     }
 
-    /// Builds a snapshot from `config` and swaps it in; in-flight requests keep the old one.
+    /// Compiles `config` (as every reload does: `compile::Scope::Reload`), builds a snapshot
+    /// from it and swaps it in; in-flight requests keep the old one.
     pub fn apply(&self, mut config: Config) -> Result<u64, ConfigErrors> {
         self.overrides.apply(&mut config);
-        if let Some(reason) = restart_needed(&self.snapshot.load().config, &config) {
+        let compiled = compile(config, &Disk, Scope::Reload)?;
+        let old = self.snapshot.load_full();
+        let fixed = Fixed::of(&compiled.config);
+        if let Some(reason) = old.settings.fixed.restart_needed(&fixed) {
             tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
         }
-        let old = self.snapshot.load_full();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let snap = Snapshot::build(
-            config,
+            compiled,
             generation,
             &self.metrics,
             &self.backends,
             old.auth.as_ref(),
-        )?;
+        );
         self.discovery
             .reconcile(snap.discovered_pools(), &self.backends);
         self.snapshot.store(Arc::new(snap));
@@ -116,25 +120,6 @@ impl State {
             self.metrics.record_reload(false);
         }
         result
-    }
-}
-
-/// Settings a live reload cannot change (listeners are bound once).
-fn restart_needed(old: &Config, new: &Config) -> Option<&'static str> {
-    if old.gateway_port != new.gateway_port || old.gateway_bind != new.gateway_bind {
-        Some("gatewayPort/gatewayBind")
-    } else if old.admin_port != new.admin_port || old.admin_bind != new.admin_bind {
-        Some("adminPort/adminBind")
-    } else if format!("{:?}", old.redis) != format!("{:?}", new.redis) {
-        Some("redis")
-    } else if old.tls.enabled != new.tls.enabled
-        || old.tls.https_port != new.tls.https_port
-        || old.tls.cert_file != new.tls.cert_file
-        || old.tls.key_file != new.tls.key_file
-    {
-        Some("tls")
-    } else {
-        None
     }
 }
 

@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use crate::body::Body;
 use crate::config::EscapedSlashes;
 use crate::error::GatewayError;
-use crate::rules::headers::HeaderPolicy;
 use crate::rules::host::{self, Authority, HostError};
 use crate::rules::path::{self, PathError};
 use crate::snapshot::Snapshot;
@@ -42,13 +41,13 @@ pub async fn handle(
     let request_id = request_id(&req);
     let method = req.method().clone();
     let access = snap
-        .config
+        .settings
         .access_log
         .then(|| (req.uri().path().to_string(), format!("{:?}", req.version())));
 
     let mut limit_headers = Vec::new();
     let mut retry_after = None;
-    let routed = header_policy(&snap).apply(req.headers_mut());
+    let routed = snap.settings.header_policy.apply(req.headers_mut());
     let routed = match routed {
         Ok(()) => route_request(&snap, &req, conn.tls),
         Err(e) => Err(e.into()),
@@ -106,15 +105,6 @@ pub async fn handle(
         );
     }
     Ok(resp)
-}
-
-/// Step 0: the header-field policy (`rules::headers`) from the snapshot's settings.
-fn header_policy(snap: &Snapshot) -> HeaderPolicy {
-    HeaderPolicy {
-        max_count: snap.config.max_header_count as usize,
-        max_bytes: snap.config.max_header_size,
-        underscores: snap.config.underscore_headers,
-    }
 }
 
 /// Steps 3 to 6 for a routed request: authenticate, apply limits, forward.

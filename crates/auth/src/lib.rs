@@ -6,7 +6,6 @@ pub mod jwt;
 pub mod keys;
 pub mod tools;
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -48,14 +47,6 @@ impl AuthError {
 /// Labels of `hexgate_auth_failures_total{reason}` (declared with the metrics).
 pub use hexgate_metrics::AUTH_REASONS as REASONS;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error("{path}: {msg}")]
-    KeyFile { path: String, msg: String },
-    #[error("algorithm {0} is not supported")]
-    Algorithm(String),
-}
-
 /// Who the request is from, and the headers that say so upstream.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -91,61 +82,21 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Finds a key file: as given (relative to the working directory, as the original gateway did),
-/// else relative to the config file's directory.
-pub fn resolve(path: &str, base: Option<&Path>) -> PathBuf {
-    let p = PathBuf::from(path);
-    if p.is_absolute() || p.exists() {
-        return p;
-    }
-    match base {
-        Some(b) if b.join(&p).exists() => b.join(p),
-        _ => p,
-    }
-}
-
 impl Authenticator {
-    /// Reads the key files and builds the fingerprint; cheap enough to run on every reload.
-    pub fn prepare(
-        cfg: &Authentication,
-        base: Option<&Path>,
-    ) -> Result<(String, Vec<Key>), SetupError> {
-        let mut fingerprint = format!("{cfg:?}");
-        let mut keys = Vec::new();
-        let files = cfg.public_key_path.iter().chain(cfg.public_keys.iter());
-        for f in files {
-            let (text, parsed) = Self::load_key_file(f, base)?;
-            fingerprint.push_str(&text);
-            keys.extend(parsed);
-        }
-        Ok((fingerprint, keys))
-    }
-
-    /// One public-key file: its text and the keys in it (what `prepare` reads, one file at a
-    /// time, so the compile step can name the key that named a bad file).
-    pub fn load_key_file(f: &str, base: Option<&Path>) -> Result<(String, Vec<Key>), SetupError> {
-        let path = resolve(f, base);
-        let text = std::fs::read_to_string(&path).map_err(|e| SetupError::KeyFile {
-            path: path.display().to_string(),
-            msg: format!("cannot read public key: {e}"),
-        })?;
-        let parsed = keys::from_pem(&text, f).map_err(|e| SetupError::KeyFile {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        })?;
-        Ok((text, parsed))
-    }
-
+    /// The authenticator for `cfg` with the keys the compile step read from its key files
+    /// (`fingerprint`: those settings and file contents). Algorithm names were checked there; a
+    /// JWKS URL starts its refresh task on the current runtime.
     pub fn new(
         cfg: &Authentication,
         fingerprint: String,
         pem_keys: Vec<Key>,
         metrics: Arc<Registry>,
-    ) -> Result<Arc<Authenticator>, SetupError> {
-        let mut algorithms = Vec::new();
-        for a in &cfg.algorithms {
-            algorithms.push(Alg::parse(a).ok_or_else(|| SetupError::Algorithm(a.clone()))?);
-        }
+    ) -> Arc<Authenticator> {
+        let algorithms = cfg
+            .algorithms
+            .iter()
+            .filter_map(|a| Alg::parse(a))
+            .collect();
         let forward_claims = cfg
             .forward_claims
             .iter()
@@ -183,7 +134,7 @@ impl Authenticator {
                 handle.spawn(refresh_loop(Arc::downgrade(&auth)));
             }
         }
-        Ok(auth)
+        auth
     }
 
     /// Header names that only the gateway may set upstream.

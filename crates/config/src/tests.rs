@@ -10,14 +10,15 @@ fn errs(yaml: &str) -> Vec<ConfigError> {
 #[test]
 fn seed_configs_load_unchanged() {
     for f in ["config/config.yaml", "config/config-static-backends.yaml"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(f);
         let cfg = load_file(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(cfg.gateway_port, 8000);
         assert_eq!(cfg.health_check_interval, Duration::from_secs(5));
         assert_eq!(cfg.services[0].name, "user-service");
         assert_eq!(cfg.services[0].path, "/users/");
     }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/config.yaml");
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .join("config/config.yaml");
     let cfg = load_file(&path).unwrap();
     let q = cfg.services[0].quota.as_ref().unwrap();
     assert!(q.enabled);
@@ -36,7 +37,7 @@ fn seed_configs_load_unchanged() {
     assert!(!cfg.tls.enabled);
     assert_eq!(cfg.tls.https_port, 8443);
     let static_cfg = load_file(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        &std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
             .join("config/config-static-backends.yaml"),
     )
     .unwrap();
