@@ -1,7 +1,8 @@
 //! One mapping from gateway errors to status codes, with the side that failed
-//! (client, upstream or gateway) for logs and metrics.
+//! (client, upstream or gateway) for logs and metrics; and [`Reject`], the refusal a pipeline
+//! phase returns: the error and the response headers that go with it.
 
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::auth::AuthError;
 use crate::body::Body;
@@ -134,20 +135,39 @@ impl GatewayError {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let GatewayError::Unauthorized(e) = self {
-            // RFC 6750 section 3: no error code when the request carried no token at all.
-            let challenge = match e {
-                AuthError::Missing => "Bearer realm=\"hexgate\"".to_string(),
-                other => format!(
-                    "Bearer realm=\"hexgate\", error=\"invalid_token\", error_description=\"{}\"",
-                    other.to_string().replace(['"', '\\'], "'")
-                ),
-            };
-            if let Ok(v) = HeaderValue::from_str(&challenge) {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-            }
+        resp
+    }
+}
+
+/// A phase's refusal: the error (status, body, whether the connection closes) and the headers
+/// the answer carries (WWW-Authenticate, Retry-After, RateLimit fields, ...).
+#[derive(Debug)]
+pub struct Reject {
+    pub error: GatewayError,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Reject {
+    pub fn new(error: GatewayError, headers: Vec<(HeaderName, HeaderValue)>) -> Self {
+        Reject { error, headers }
+    }
+
+    /// The answer to the client.
+    pub fn to_response(self, request_id: &str) -> Response<Body> {
+        let mut resp = self.error.to_response(request_id);
+        for (name, value) in self.headers {
+            resp.headers_mut().insert(name, value);
         }
         resp
+    }
+}
+
+impl<E: Into<GatewayError>> From<E> for Reject {
+    fn from(e: E) -> Self {
+        Reject {
+            error: e.into(),
+            headers: Vec::new(),
+        }
     }
 }
 

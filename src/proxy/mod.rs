@@ -1,8 +1,26 @@
-//! The request pipeline, one fixed sequence over one snapshot:
-//! load snapshot → normalise path and route → (auth, limits: later phases) → pick backend →
-//! forward with retries → metrics and access log.
+//! The request pipeline: the life of a request on the public listeners, top to bottom, over
+//! one snapshot. Each phase lives in its own module and returns what it produced or a
+//! [`Reject`] carrying its status and headers; what phases produce for later ones (the route,
+//! the identity, response headers) travels in the [`Context`].
+//!
+//! 1. framing, host, path (`edge`, `rules`): header-field policy, framing, canonical host
+//! 2. route (`route`): normalised path, `escapedSlashes`, ambiguous readings
+//! 3. size limits (`edge::declared_size`): 413 before anything is spent
+//! 4. authenticate (`authn`)
+//! 5. authorise: nothing yet (scopes, API keys and plans plug in here)
+//! 6. limits (`limits`): rate limit and quota
+//! 7. the request upstream (`outgoing`): headers, path, body
+//! 8. pick upstream and forward (`forward`): retries, one failure recorder
+//! 9. response policy (`forward::respond`), then response headers, metrics and access log
+//!    ([`finish`])
+//!
+//! Adding a phase is one call in [`run`] and its module.
 
+pub mod authn;
+pub mod edge;
 pub mod forward;
+pub mod limits;
+pub mod outgoing;
 pub mod route;
 
 use std::convert::Infallible;
@@ -10,16 +28,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::Body;
-use crate::config::EscapedSlashes;
-use crate::error::GatewayError;
-use crate::rules::host::{self, Authority, HostError};
-use crate::rules::path::{self, PathError};
+use crate::error::{Reject, Side};
+use crate::metrics::ServiceMetrics;
 use crate::snapshot::Snapshot;
 use crate::state::State;
+
+pub use edge::request_host;
 
 pub const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
@@ -30,340 +48,134 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// What the phases of one request share: the snapshot it runs on, who sent it, and what the
+/// phases produced for the ones after them.
+pub struct Context {
+    pub start: Instant,
+    pub snap: Arc<Snapshot>,
+    pub conn: ConnInfo,
+    pub request_id: String,
+    pub method: Method,
+    /// Path and version for the access log, when it is on.
+    access: Option<(String, &'static str)>,
+    /// The routed service's metrics (the unmatched ones until routing finds a service).
+    pub metrics: Arc<ServiceMetrics>,
+    /// Headers the response carries, whatever it is (the RateLimit fields of an allowed request).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
 /// Entry point for every request on the public listeners.
 pub async fn handle(
     state: Arc<State>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<Response<Body>, Infallible> {
-    let start = Instant::now();
     let snap = state.snapshot.load_full();
-    let request_id = request_id(&req);
-    let method = req.method().clone();
-    let access = snap
-        .settings
-        .access_log
-        .then(|| (req.uri().path().to_string(), format!("{:?}", req.version())));
-
-    let mut limit_headers = Vec::new();
-    let mut retry_after = None;
-    let routed = snap.settings.header_policy.apply(req.headers_mut());
-    let routed = match routed {
-        Ok(()) => route_request(&snap, &req, conn.tls),
-        Err(e) => Err(e.into()),
+    let mut cx = Context {
+        start: Instant::now(),
+        request_id: edge::request_id(&req),
+        method: req.method().clone(),
+        access: snap
+            .settings
+            .access_log
+            .then(|| (req.uri().path().to_string(), version_name(req.version()))),
+        metrics: snap.unmatched.clone(),
+        response_headers: Vec::new(),
+        conn,
+        snap,
     };
-    let (metrics, result) = match routed {
-        Ok(routed) => {
-            let metrics = routed.service.metrics.clone();
-            let res = pipeline(
-                &state,
-                &snap,
-                routed,
-                req,
-                conn,
-                &request_id,
-                &mut limit_headers,
-                &mut retry_after,
-            )
-            .await;
-            (metrics, res)
-        }
-        Err(e) => (snap.unmatched.clone(), Err(e)),
-    };
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            if e.side() != crate::error::Side::Client {
-                tracing::warn!(request_id = %request_id, service = %metrics.name, error = %e, "request failed");
+    let resp = match run(&state, &mut cx, req).await {
+        Ok(resp) => resp,
+        Err(reject) => {
+            if reject.error.side() != Side::Client {
+                tracing::warn!(request_id = %cx.request_id, service = %cx.metrics.name, error = %reject.error, "request failed");
             }
-            e.to_response(&request_id)
+            reject.to_response(&cx.request_id)
         }
     };
-    for (name, value) in limit_headers {
+    Ok(finish(cx, resp))
+}
+
+/// The phases, in order.
+async fn run(
+    state: &State,
+    cx: &mut Context,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Reject> {
+    // 1. Framing, host and path: the rules every request meets, HTTP/1 and HTTP/2 alike.
+    cx.snap.settings.header_policy.apply(req.headers_mut())?;
+    let host = edge::check_framing(&req, cx.conn.tls)?;
+    // 2. Route.
+    let routed = route::route_request(&cx.snap, &req, host)?;
+    let svc = routed.service.clone();
+    cx.metrics = svc.metrics.clone();
+    // 3. Size limits, before anything is spent on the request.
+    edge::declared_size(&req, &svc)?;
+    // 4. Authenticate.
+    let identity = authn::authenticate(&cx.snap, &svc, &req).await?;
+    // 5. Authorise: nothing yet.
+    // 6. Limits.
+    if let Some(policies) = &svc.limits {
+        cx.response_headers = limits::check(
+            state,
+            &cx.snap,
+            &svc,
+            policies,
+            cx.conn,
+            identity.as_deref(),
+            &req,
+        )
+        .await?;
+    }
+    // 7. The request as its backend gets it.
+    let out = outgoing::prepare(
+        &cx.snap,
+        routed,
+        req,
+        identity.as_deref(),
+        cx.conn,
+        &cx.request_id,
+    )?;
+    // 8 and 9. Pick a backend, forward (retries), response policy.
+    Ok(forward::forward(&cx.snap, out).await?)
+}
+
+/// The end of every request, answered or refused: the headers phases left for the response, the
+/// request id, metrics and the access log.
+fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
+    for (name, value) in cx.response_headers {
         resp.headers_mut().insert(name, value);
     }
-    if let Some(secs) = retry_after {
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    let elapsed = start.elapsed();
-    metrics.record(&method, resp.status().as_u16(), elapsed);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    let elapsed = cx.start.elapsed();
+    cx.metrics
+        .record(&cx.method, resp.status().as_u16(), elapsed);
+    if let Ok(v) = HeaderValue::from_str(&cx.request_id) {
         resp.headers_mut().insert(X_REQUEST_ID, v);
     }
-    if let Some((path, version)) = access {
+    if let Some((path, version)) = cx.access {
         println!(
             "{} \"{} {} {}\" {} {:.3}ms service={} request_id={}",
-            conn.peer.ip(),
-            method,
+            cx.conn.peer.ip(),
+            cx.method,
             path,
             version,
             resp.status().as_u16(),
             elapsed.as_secs_f64() * 1000.0,
-            metrics.name,
-            request_id
+            cx.metrics.name,
+            cx.request_id
         );
     }
-    Ok(resp)
+    resp
 }
 
-/// Steps 3 to 6 for a routed request: authenticate, apply limits, forward.
-#[allow(clippy::too_many_arguments)]
-async fn pipeline(
-    state: &State,
-    snap: &Snapshot,
-    routed: Routed,
-    req: Request<Incoming>,
-    conn: ConnInfo,
-    request_id: &str,
-    limit_headers: &mut Vec<(http::HeaderName, HeaderValue)>,
-    retry_after: &mut Option<u64>,
-) -> Result<Response<Body>, GatewayError> {
-    let svc = &routed.service;
-    // A declared body over the route's limit is refused before anything is spent on it (no
-    // token verification, no limit charged).
-    if let Some(max) = svc.max_body_size {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max) {
-            return Err(GatewayError::BodyTooLarge(max));
-        }
+/// The version as the access log writes it.
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
     }
-    let identity = authenticate(snap, svc, &req).await?;
-    if let Some(policies) = &svc.limits {
-        let ip = client_ip(snap, conn.peer.ip(), req.headers());
-        // Boxed, so a route without limits does not carry the limiter's state in its future.
-        let verdict = Box::pin(state.limiter.check(
-            policies,
-            &svc.metrics,
-            ip,
-            identity.as_ref().map(|i| &*i.consumer),
-            req.headers(),
-        ))
-        .await;
-        if verdict.unavailable {
-            return Err(GatewayError::LimitsUnavailable);
-        }
-        *limit_headers = verdict.headers;
-        if verdict.retry_after.is_some() {
-            *retry_after = verdict.retry_after;
-            return Err(GatewayError::TooManyRequests);
-        }
-    }
-    forward::forward(snap, routed, req, identity, conn, request_id).await
-}
-
-/// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
-/// address in X-Forwarded-For that is not itself a trusted proxy.
-pub fn client_ip(
-    snap: &Snapshot,
-    peer: std::net::IpAddr,
-    headers: &http::HeaderMap,
-) -> std::net::IpAddr {
-    if !snap.is_trusted_proxy(peer) {
-        return peer;
-    }
-    let mut ip = peer;
-    let hops = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect::<Vec<_>>();
-    for hop in hops.iter().rev() {
-        match hop.parse::<std::net::IpAddr>() {
-            Ok(addr) => {
-                ip = addr;
-                if !snap.is_trusted_proxy(addr) {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    ip
-}
-
-/// Step 3: the consumer identity when the route requires a token.
-async fn authenticate(
-    snap: &Snapshot,
-    svc: &crate::snapshot::ServiceRt,
-    req: &Request<Incoming>,
-) -> Result<Option<Arc<crate::auth::Identity>>, GatewayError> {
-    if !svc.auth {
-        return Ok(None);
-    }
-    let Some(auth) = &snap.auth else {
-        return Err(GatewayError::Internal(
-            "authentication not configured".into(),
-        ));
-    };
-    match auth.authenticate(req.headers()).await {
-        Ok(identity) => Ok(Some(identity)),
-        Err(e) => {
-            svc.metrics.auth_failure(e.label());
-            Err(GatewayError::Unauthorized(e))
-        }
-    }
-}
-
-/// What routing found out about a request, reused by the later steps.
-pub struct Routed {
-    pub service: Arc<crate::snapshot::ServiceRt>,
-    /// The normalised path, when it differs from the request's.
-    pub normalized: Option<String>,
-    /// The request's canonical authority (`rules::host`), sent upstream as Host and
-    /// X-Forwarded-Host.
-    pub host: Option<Authority>,
-}
-
-/// Step 2: the route for a request. Host and path go through `rules` first, so HTTP/1 and
-/// HTTP/2 requests are matched on the same canonical values.
-fn route_request(
-    snap: &Snapshot,
-    req: &Request<Incoming>,
-    tls: bool,
-) -> Result<Routed, GatewayError> {
-    let host = check_framing(req, tls)?;
-    let raw_path = req.uri().path();
-    let escapes = path::scan(raw_path)?;
-    let norm = path::normalize_path(raw_path)?;
-    let host_name = host.as_ref().map(Authority::host);
-    let route = snap
-        .router
-        .find(host_name, req.method(), &norm)
-        .ok_or(GatewayError::NoRoute)?;
-    let (route, norm) = if !escapes.separators {
-        (route, norm)
-    } else {
-        match route.service.escaped_slashes {
-            EscapedSlashes::Keep => (route, norm),
-            EscapedSlashes::Reject => return Err(PathError::EncodedSeparator.into()),
-            EscapedSlashes::Decode => {
-                // Separators count as separators: route again on the decoded path, and only a
-                // route that also decodes may take it.
-                let decoded = path::normalize_path_decoding_separators(raw_path)?;
-                let route = snap
-                    .router
-                    .find(host_name, req.method(), &decoded)
-                    .ok_or(GatewayError::NoRoute)?;
-                if route.service.escaped_slashes != EscapedSlashes::Decode {
-                    return Err(PathError::EncodedSeparator.into());
-                }
-                (route, std::borrow::Cow::Owned(decoded.into_owned()))
-            }
-        }
-    };
-    // The same request must route the same however the backend reads the path: with `;`
-    // segment parameters removed (servlet containers), and, on a `keep` route, with its escaped
-    // separators decoded. A reading that reaches another route is refused.
-    // (A reading that reaches no route reaches only this route's backend, under this route's
-    // checks: not ambiguous.)
-    let ambiguous = |alt: &str| {
-        snap.router
-            .find(host_name, req.method(), alt)
-            .is_some_and(|r| !Arc::ptr_eq(r, route))
-    };
-    if let Some(alt) = path::without_segment_params(&norm) {
-        if ambiguous(&alt) {
-            return Err(PathError::Ambiguous.into());
-        }
-    }
-    if escapes.separators && route.service.escaped_slashes == EscapedSlashes::Keep {
-        // Both orders a backend may take, from the path that goes upstream: parameters removed
-        // then separators decoded (Tomcat), and decoded then parameters removed.
-        let params_first = path::strip_segment_params(&norm)
-            .map(|p| path::normalize_path_decoding_separators(&p).map(|c| c.into_owned()))
-            .transpose()?;
-        let decoded = path::normalize_path_decoding_separators(&norm)?;
-        let decode_first =
-            path::without_segment_params(&decoded).unwrap_or_else(|| decoded.into_owned());
-        if params_first.iter().any(|p| ambiguous(p)) || ambiguous(&decode_first) {
-            return Err(PathError::Ambiguous.into());
-        }
-    }
-    let changed = match norm {
-        std::borrow::Cow::Owned(p) => Some(p),
-        std::borrow::Cow::Borrowed(_) => None,
-    };
-    Ok(Routed {
-        service: route.service.clone(),
-        normalized: changed,
-        host,
-    })
-}
-
-/// Step 1: refuse requests that two HTTP parsers could read differently, and find the
-/// request's canonical authority. hyper (patched, see vendor/README.md) already refuses
-/// Content-Length with Transfer-Encoding, repeated Content-Length, obs-fold and bad lengths;
-/// this adds the checks on parsed headers, the same for HTTP/1 and HTTP/2:
-/// one Host at most (required in HTTP/1.1); a Host that is a valid `host[:port]`; when the
-/// request target carries an authority (HTTP/1 absolute form, HTTP/2 `:authority`) and a
-/// Host is present too, both canonicalise to the same value; CONNECT is refused (405).
-fn check_framing<B>(req: &Request<B>, tls: bool) -> Result<Option<Authority>, GatewayError> {
-    if req.method() == http::Method::CONNECT {
-        return Err(GatewayError::MethodNotAllowed("CONNECT"));
-    }
-    let headers = req.headers();
-    let mut hosts = headers.get_all(header::HOST).iter();
-    let host_header = hosts.next();
-    if hosts.next().is_some() {
-        return Err(GatewayError::BadRequest("more than one Host header"));
-    }
-    if host_header.is_none() && req.version() == http::Version::HTTP_11 {
-        return Err(GatewayError::BadRequest(
-            "HTTP/1.1 request without a Host header",
-        ));
-    }
-    let port = host::default_port(tls);
-    let from_header = host_header
-        .map(|h| host::canonicalize(h.as_bytes(), port))
-        .transpose()?;
-    let from_target = req
-        .uri()
-        .authority()
-        .map(|a| host::canonicalize(a.as_str().as_bytes(), port))
-        .transpose()?;
-    let host = match (from_header, from_target) {
-        (Some(h), Some(t)) if h != t => return Err(HostError::Mismatch.into()),
-        (Some(h), _) => Some(h),
-        (None, t) => t,
-    };
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(te) = codings.next() {
-        if !te.as_bytes().eq_ignore_ascii_case(b"chunked") || codings.next().is_some() {
-            return Err(GatewayError::UnsupportedTransferCoding);
-        }
-    }
-    Ok(host)
-}
-
-/// The request's canonical host without port (Host header, or the HTTP/2 authority); None
-/// when absent or invalid.
-pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    check_framing(req, false)
-        .ok()
-        .flatten()
-        .map(|a| a.host().to_string())
-}
-
-/// The client's X-Request-Id if it is sane (1-128 of `[A-Za-z0-9._:-]`), else a new random one.
-fn request_id<B>(req: &Request<B>) -> String {
-    if let Some(v) = req.headers().get(X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
-        {
-            if let Ok(s) = v.to_str() {
-                return s.to_string();
-            }
-        }
-    }
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }

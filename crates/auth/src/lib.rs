@@ -8,12 +8,13 @@ pub mod tools;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 
 use hexgate_config::Authentication;
+use hexgate_http::clock::Clock;
 use hexgate_metrics::Registry;
 use jwt::{Policy, SigCheck, TokenError};
 use keys::{Alg, Key};
@@ -73,14 +74,10 @@ pub struct Authenticator {
     metrics: Arc<Registry>,
     /// Seconds until the next scheduled JWKS refresh (from Cache-Control max-age).
     refresh_after_secs: AtomicU64,
+    /// The time tokens are checked against (`exp`, `nbf`, the verified-token cache).
+    clock: Clock,
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 impl Authenticator {
     /// The authenticator for `cfg` with the keys the compile step read from its key files
@@ -128,6 +125,7 @@ impl Authenticator {
             strip_authorization: cfg.strip_authorization,
             metrics,
             refresh_after_secs: AtomicU64::new(DEFAULT_JWKS_MAX_AGE.as_secs()),
+            clock: Clock::System,
         });
         if auth.jwks_url.is_some() {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -135,6 +133,15 @@ impl Authenticator {
             }
         }
         auth
+    }
+
+    /// The same authenticator checking tokens against `clock` (tests: a manual clock, so token
+    /// expiry is tested without sleeping). Call before the authenticator is shared.
+    pub fn with_clock(mut self: Arc<Self>, clock: Clock) -> Arc<Self> {
+        if let Some(a) = Arc::get_mut(&mut self) {
+            a.clock = clock;
+        }
+        self
     }
 
     /// Header names that only the gateway may set upstream.
@@ -155,7 +162,7 @@ impl Authenticator {
         if token.len() > jwt::MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge.into());
         }
-        let now = now_unix();
+        let now = self.clock.now_secs();
         let key_generation = self.keys.load().generation;
         if let Some(hit) = self
             .cache

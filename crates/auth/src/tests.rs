@@ -22,3 +22,45 @@ fn cache_respects_exp_and_generation() {
         "expired entry removed"
     );
 }
+
+/// Token expiry on an injected clock: verified and cached, then refused once the clock passes
+/// `exp`, with no sleeping.
+#[tokio::test]
+async fn expiry_follows_the_injected_clock() {
+    let (private, public) = tools::generate(Alg::EdDSA).unwrap();
+    let signing = tools::SigningKey::from_pem(&private).unwrap();
+    let keys = keys::from_pem(&public, "t").unwrap();
+    let cfg = Authentication {
+        enabled: true,
+        algorithms: vec!["EdDSA".into()],
+        consumer_claim: "sub".into(),
+        require_exp: true,
+        ..Default::default()
+    };
+    let clock = hexgate_http::clock::ManualClock::new(1_800_000_000 * 1_000_000);
+    let auth = Authenticator::new(&cfg, String::new(), keys, Arc::new(Registry::default()))
+        .with_clock(Clock::Manual(clock.clone()));
+    let token = tools::sign_token(
+        &signing,
+        Alg::EdDSA,
+        None,
+        &serde_json::json!({"sub": "alice", "exp": 1_800_000_100u64}),
+    )
+    .unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    assert_eq!(&*auth.authenticate(&headers).await.unwrap().consumer, "alice");
+    clock.advance_us(99 * 1_000_000);
+    assert!(auth.authenticate(&headers).await.is_ok(), "cached, still valid");
+    clock.advance_us(1_000_000);
+    assert!(
+        matches!(
+            auth.authenticate(&headers).await,
+            Err(AuthError::Token(TokenError::Expired))
+        ),
+        "expired at exp, from the cache"
+    );
+}
