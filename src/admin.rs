@@ -35,7 +35,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body::Body;
-use crate::config::Config;
 use crate::state::State;
 
 /// Most admin connections served at once; more wait in the listen backlog.
@@ -232,38 +231,6 @@ fn token_eq(presented: &[u8], expected: &[u8]) -> bool {
         .zip(b.as_ref())
         .fold(0u8, |acc, (x, y)| acc | (x ^ y))
         == 0
-}
-
-/// The config as /admin/config shows it: secrets are redacted by the config's serializer;
-/// addresses that may carry `user:pass@` or `?token=` (Consul, Redis, the JWKS URL) are shown
-/// through `redact_url` here too.
-/// The config as `/admin/config` shows it: addresses that may carry credentials redacted.
-pub(crate) fn shown_config(cfg: &Config) -> serde_json::Value {
-    use crate::httpc::redact_url;
-    use serde_json::Value;
-    fn redact_at(v: &mut Value, path: &[&str]) {
-        match v.pointer_mut(&format!("/{}", path.join("/"))) {
-            Some(Value::String(s)) => *s = redact_url(s),
-            Some(Value::Array(items)) => {
-                for item in items {
-                    if let Value::String(s) = item {
-                        *s = redact_url(s);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut v = serde_json::to_value(cfg).unwrap_or(Value::Null);
-    for path in [
-        &["authentication", "jwksUrl"][..],
-        &["consul", "address"],
-        &["redis", "address"],
-        &["redis", "cluster"],
-    ] {
-        redact_at(&mut v, path);
-    }
-    v
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {

@@ -25,6 +25,7 @@ pub mod lingering;
 pub mod listen;
 pub mod proxy;
 pub mod reload;
+pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod state;

@@ -11,7 +11,7 @@ use crate::auth::{Authenticator, X_CONSUMER_ID};
 use crate::compile::Compiled;
 use crate::config::{parse_cidr, Config, PathType, Timeouts};
 use crate::metrics::{Registry, ServiceMetrics, UNMATCHED};
-use crate::proxy::route::{Route, Router};
+use crate::router::{Route, Router};
 use crate::rules::headers::HeaderPolicy;
 use crate::upstream::{BackendSet, Pool};
 
@@ -97,7 +97,7 @@ pub struct Snapshot {
     pub generation: u64,
     pub settings: Settings,
     pub services: Vec<Arc<ServiceRt>>,
-    pub router: Router,
+    pub router: Router<ServiceRt>,
     pub unmatched: Arc<ServiceMetrics>,
     pub trusted_proxies: Vec<(IpAddr, u8)>,
     pub auth: Option<Arc<Authenticator>>,
@@ -198,7 +198,7 @@ impl Snapshot {
             http1: crate::listen::Http1Limits::of(&config),
             health_check_interval: config.health_check_interval,
             health_check_timeout: config.health_check_timeout,
-            shown: crate::admin::shown_config(&config),
+            shown: shown_config(&config),
             fixed: Fixed::of(&config),
         };
         Snapshot {
@@ -243,6 +243,37 @@ impl Snapshot {
         }
         out
     }
+}
+
+/// The config as /admin/config shows it: secrets are redacted by the config's serializer;
+/// addresses that may carry `user:pass@` or `?token=` (Consul, Redis, the JWKS URL) are shown
+/// through `redact_url` here too.
+fn shown_config(cfg: &Config) -> serde_json::Value {
+    use crate::httpc::redact_url;
+    use serde_json::Value;
+    fn redact_at(v: &mut Value, path: &[&str]) {
+        match v.pointer_mut(&format!("/{}", path.join("/"))) {
+            Some(Value::String(s)) => *s = redact_url(s),
+            Some(Value::Array(items)) => {
+                for item in items {
+                    if let Value::String(s) = item {
+                        *s = redact_url(s);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(cfg).unwrap_or(Value::Null);
+    for path in [
+        &["authentication", "jwksUrl"][..],
+        &["consul", "address"],
+        &["redis", "address"],
+        &["redis", "cluster"],
+    ] {
+        redact_at(&mut v, path);
+    }
+    v
 }
 
 fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {

@@ -1,100 +1,14 @@
-//! Step 2 of the pipeline: the compiled route matcher and the routing of a request. Matching runs on the normalised path (`rules::path`) and the
-//! canonical host (`rules::host`); the same normalised path goes upstream, so a path or host
-//! trick cannot reach one route through another's prefix or host condition.
+//! Step 2 of the pipeline: the route for a request (the matcher itself is `router`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::Request;
 
-use crate::config::{EscapedSlashes, PathType};
+use crate::config::EscapedSlashes;
 use crate::error::GatewayError;
-use crate::rules::host::{host_matches, Authority};
+use crate::rules::host::Authority;
 use crate::rules::path::{self, PathError};
 use crate::snapshot::{ServiceRt, Snapshot};
-
-/// One route: a path (prefix or exact), optional hosts and methods, and its service.
-pub struct Route {
-    pub path: String,
-    pub path_type: PathType,
-    pub hosts: Vec<String>,
-    pub methods: Vec<http::Method>,
-    pub service: Arc<ServiceRt>,
-}
-
-impl Route {
-    fn accepts(&self, host: Option<&str>, method: &http::Method) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method))
-            && (self.hosts.is_empty()
-                || host.is_some_and(|h| self.hosts.iter().any(|x| host_matches(x, h))))
-    }
-
-    /// Routes with host or method conditions are tried before catch-alls on the same path.
-    fn specificity(&self) -> u8 {
-        u8::from(!self.hosts.is_empty()) * 2 + u8::from(!self.methods.is_empty())
-    }
-}
-
-/// Longest-prefix matcher: one hash lookup per distinct prefix length, longest first, so the cost
-/// grows with the number of distinct lengths, not the number of routes.
-#[derive(Default)]
-pub struct Router {
-    exact: HashMap<String, Vec<Arc<Route>>>,
-    /// (prefix length, prefixes of that length), longest first.
-    prefixes: Vec<(usize, HashMap<String, Vec<Arc<Route>>>)>,
-}
-
-impl Router {
-    pub fn new(routes: Vec<Route>) -> Self {
-        let mut r = Router::default();
-        let mut by_len: HashMap<usize, HashMap<String, Vec<Arc<Route>>>> = HashMap::new();
-        for route in routes {
-            let route = Arc::new(route);
-            let list = match route.path_type {
-                PathType::Exact => r.exact.entry(route.path.clone()).or_default(),
-                PathType::Prefix => by_len
-                    .entry(route.path.len())
-                    .or_default()
-                    .entry(route.path.clone())
-                    .or_default(),
-            };
-            list.push(route);
-            list.sort_by_key(|r| std::cmp::Reverse(r.specificity()));
-        }
-        r.prefixes = by_len.into_iter().collect();
-        r.prefixes.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
-        r
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.prefixes.is_empty()
-    }
-
-    /// The best route for a normalised path, or None (404).
-    pub fn find(
-        &self,
-        host: Option<&str>,
-        method: &http::Method,
-        path: &str,
-    ) -> Option<&Arc<Route>> {
-        if let Some(list) = self.exact.get(path) {
-            if let Some(r) = list.iter().find(|r| r.accepts(host, method)) {
-                return Some(r);
-            }
-        }
-        for (len, map) in &self.prefixes {
-            if *len > path.len() || !path.is_char_boundary(*len) {
-                continue;
-            }
-            if let Some(list) = map.get(&path[..*len]) {
-                if let Some(r) = list.iter().find(|r| r.accepts(host, method)) {
-                    return Some(r);
-                }
-            }
-        }
-        None
-    }
-}
 
 /// What routing found out about a request, reused by the later steps.
 pub struct Routed {
