@@ -37,4 +37,13 @@ done
 bash "$(dirname "$0")/install-consul.sh"
 
 have cargo || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
+# `make lint` (run by CI after the tests) needs rustfmt and clippy.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  if have rustup; then
+    rustup component add rustfmt clippy
+  else
+    echo "setup: cargo fmt or cargo clippy missing and no rustup to add them" >&2
+    exit 1
+  fi
+fi
 echo "setup: ok"
