@@ -13,6 +13,7 @@ pub use hexgate_upstream as upstream;
 pub mod admin;
 pub mod alloc;
 pub mod compile;
+pub mod connect;
 pub mod demo;
 pub mod error;
 /// Fuzz targets' properties, for `cargo test` and the cargo-fuzz crate in `fuzz/` (built with

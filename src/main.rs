@@ -51,6 +51,9 @@ enum ConfigCommand {
         key: String,
         file: PathBuf,
     },
+    /// Print a JSON Schema of the config file, for editors
+    /// (`# yaml-language-server: $schema=hexgate.schema.json`).
+    Schema,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +83,10 @@ enum Command {
     Validate {
         /// Path to the config file.
         file: PathBuf,
+        /// After the offline checks pass, try what needs the network (the JWKS URL, Redis,
+        /// Consul): one line each, non-zero exit if any failed.
+        #[arg(long)]
+        connect: bool,
     },
     /// Write a key pair for signing test tokens: DIR/private.pem (0600) and DIR/public.pem.
     Keygen {
@@ -145,7 +152,7 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { file } => validate(&file),
+        Command::Validate { file, connect } => validate(&file, connect),
         Command::Keygen { out, alg, force } => keygen(&out, &alg, force),
         Command::Token {
             key,
@@ -206,6 +213,9 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Config {
+            action: ConfigCommand::Schema,
+        } => print_schema(),
         Command::Config { action } => config_command(action),
         Command::Demo {
             port,
@@ -342,7 +352,7 @@ fn token(
     Ok(tools::sign_token(&signing, alg, kid.as_deref(), &body)?)
 }
 
-fn validate(file: &std::path::Path) -> ExitCode {
+fn validate(file: &std::path::Path, connect: bool) -> ExitCode {
     match config::load_file(file).and_then(|c| compile(c, &Disk, Scope::Start)) {
         Ok(Compiled { config: cfg, .. }) => {
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
@@ -360,6 +370,9 @@ fn validate(file: &std::path::Path) -> ExitCode {
                 cfg.gateway_port,
                 cfg.admin_port
             );
+            if connect && !connect_checks(&cfg) {
+                return ExitCode::from(1);
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -368,6 +381,46 @@ fn validate(file: &std::path::Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn print_schema() -> ExitCode {
+    match serde_json::to_string_pretty(&config::schema::schema()) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hexgate config schema: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `validate --connect`: tries what the config needs the network for (`hexgate::connect`), one
+/// line per check; false when any failed.
+fn connect_checks(cfg: &Config) -> bool {
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return false;
+        }
+    };
+    let checks = rt.block_on(hexgate::connect::checks(cfg));
+    if checks.is_empty() {
+        println!("nothing to connect to (no authentication.jwksUrl, redis or Consul)");
+    }
+    let mut ok = true;
+    for (what, result) in checks {
+        match result {
+            Ok(detail) => println!("{what}: OK: {detail}"),
+            Err(e) => {
+                ok = false;
+                eprintln!("{what}: FAILED: {e}");
+            }
+        }
+    }
+    ok
 }
 
 fn run_gateway(
@@ -575,6 +628,7 @@ fn config_command(action: ConfigCommand) -> ExitCode {
     let result: anyhow::Result<ExitCode> = rt.block_on(async {
         let client = consul_client(&hexgate::config::Consul::default())?;
         match action {
+            ConfigCommand::Schema => Ok(print_schema()),
             ConfigCommand::Get { key } => match client.kv_get(&key, 0, std::time::Duration::from_secs(1)).await? {
                 (Some((text, _)), _) => {
                     print!("{text}");

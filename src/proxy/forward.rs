@@ -178,7 +178,10 @@ impl<'a> Attempts<'a> {
     /// An upstream error that is no evidence against the backend (a stale pooled connection,
     /// a backend that gave up on a slow client): counted for the service only.
     fn errored(&self) {
-        self.svc.metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        self.svc
+            .metrics
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -74,4 +74,3 @@ pub fn client_ip(snap: &Snapshot, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     }
     ip
 }
-

@@ -5,6 +5,7 @@
 mod admin_security;
 mod auth;
 mod cli;
+mod compile_diff;
 mod consul;
 mod demo;
 mod edge;
@@ -17,3 +18,4 @@ mod stack;
 mod support;
 mod tls;
 mod upstream_faults;
+mod validate_connect;

@@ -78,7 +78,6 @@ pub struct Authenticator {
     clock: Clock,
 }
 
-
 impl Authenticator {
     /// The authenticator for `cfg` with the keys the compile step read from its key files
     /// (`fingerprint`: those settings and file contents). Algorithm names were checked there; a

@@ -52,9 +52,15 @@ async fn expiry_follows_the_injected_clock() {
         AUTHORIZATION,
         HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
     );
-    assert_eq!(&*auth.authenticate(&headers).await.unwrap().consumer, "alice");
+    assert_eq!(
+        &*auth.authenticate(&headers).await.unwrap().consumer,
+        "alice"
+    );
     clock.advance_us(99 * 1_000_000);
-    assert!(auth.authenticate(&headers).await.is_ok(), "cached, still valid");
+    assert!(
+        auth.authenticate(&headers).await.is_ok(),
+        "cached, still valid"
+    );
     clock.advance_us(1_000_000);
     assert!(
         matches!(

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::keys::{self, KeyDecl};
 use super::yaml::{Kind, Node};
 use super::{duration, ConfigError};
 
@@ -12,11 +13,12 @@ pub struct Reader {
     pub errors: Vec<ConfigError>,
 }
 
-/// A mapping whose keys have been checked against the allowed set.
+/// A mapping whose keys have been checked against their declarations.
 pub struct Fields<'n> {
     pub path: String,
     pub line: usize,
     entries: &'n [(String, usize, Node)],
+    decls: &'static [KeyDecl],
 }
 
 impl<'n> Fields<'n> {
@@ -35,6 +37,18 @@ impl<'n> Fields<'n> {
         join(&self.path, key)
     }
 
+    /// The declared kind of `key`. A key read without a declaration is a bug (debug builds
+    /// panic); release builds read it as text.
+    pub fn kind(&self, key: &str) -> keys::Kind {
+        match keys::find(self.decls, key) {
+            Some(d) => d.kind,
+            None => {
+                debug_assert!(false, "{} is not declared", self.key_path(key));
+                keys::Kind::String
+            }
+        }
+    }
+
     pub fn key_line(&self, key: &str) -> usize {
         self.entries
             .iter()
@@ -44,13 +58,7 @@ impl<'n> Fields<'n> {
     }
 }
 
-pub fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
+pub use crate::keys::join;
 
 impl Reader {
     pub fn new(file: &str) -> Self {
@@ -69,8 +77,14 @@ impl Reader {
         });
     }
 
-    /// Checks that `node` is a mapping with only `allowed` keys and no duplicates.
-    pub fn fields<'n>(&mut self, node: &'n Node, path: &str, allowed: &[&str]) -> Fields<'n> {
+    /// Checks that `node` is a mapping with only the declared keys and no duplicates.
+    pub fn fields<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        decls: &'static [KeyDecl],
+    ) -> Fields<'n> {
+        let allowed = keys::names(decls);
         let Kind::Map(entries) = &node.kind else {
             if !node.is_null() {
                 self.err(
@@ -83,11 +97,12 @@ impl Reader {
                 path: path.to_string(),
                 line: node.line,
                 entries: &[],
+                decls,
             };
         };
         for (i, (k, line, _)) in entries.iter().enumerate() {
             if !allowed.contains(&k.as_str()) {
-                let hint = match suggest(k, allowed) {
+                let hint = match suggest(k, &allowed) {
                     Some(s) => format!(" (did you mean \"{s}\"?)"),
                     None => format!(" (allowed keys: {})", allowed.join(", ")),
                 };
@@ -100,6 +115,7 @@ impl Reader {
             path: path.to_string(),
             line: node.line,
             entries,
+            decls,
         }
     }
 
@@ -142,8 +158,17 @@ impl Reader {
         }
     }
 
-    /// An unsigned integer; quoted digits are accepted too (the seed quotes ports).
-    pub fn uint(&mut self, f: &Fields, key: &str, min: u64, max: u64) -> Option<u64> {
+    /// An unsigned integer in its declared range; quoted digits are accepted too (the seed
+    /// quotes ports).
+    pub fn uint(&mut self, f: &Fields, key: &str) -> Option<u64> {
+        let (min, max) = match f.kind(key) {
+            keys::Kind::Int { min, max } => (min, max),
+            keys::Kind::Port => (0, 65535),
+            other => {
+                debug_assert!(false, "{} is declared {other:?}", f.key_path(key));
+                (0, u64::MAX)
+            }
+        };
         let node = f.get(key)?;
         let path = f.key_path(key);
         let (s, _) = self.scalar(node, &path, "a whole number")?;
@@ -168,7 +193,15 @@ impl Reader {
         }
     }
 
-    pub fn float(&mut self, f: &Fields, key: &str, min_exclusive: f64) -> Option<f64> {
+    /// A number above its declared minimum.
+    pub fn float(&mut self, f: &Fields, key: &str) -> Option<f64> {
+        let min_exclusive = match f.kind(key) {
+            keys::Kind::Number { min_exclusive } => min_exclusive,
+            other => {
+                debug_assert!(false, "{} is declared {other:?}", f.key_path(key));
+                f64::MIN
+            }
+        };
         let node = f.get(key)?;
         let path = f.key_path(key);
         let (s, _) = self.scalar(node, &path, "a number")?;
@@ -191,7 +224,7 @@ impl Reader {
 
     /// A port given as "8000" or 8000.
     pub fn port(&mut self, f: &Fields, key: &str) -> Option<u16> {
-        self.uint(f, key, 0, 65535).map(|v| v as u16)
+        self.uint(f, key).map(|v| v as u16)
     }
 
     /// A duration: a Go duration string, or a bare integer meaning seconds.
@@ -277,8 +310,15 @@ impl Reader {
         Some(out)
     }
 
-    /// One of a fixed set of words.
-    pub fn choice(&mut self, f: &Fields, key: &str, options: &[&str]) -> Option<String> {
+    /// One of the words declared for `key`.
+    pub fn choice(&mut self, f: &Fields, key: &str) -> Option<String> {
+        let options = match f.kind(key) {
+            keys::Kind::Enum(words) => words,
+            other => {
+                debug_assert!(false, "{} is declared {other:?}", f.key_path(key));
+                &[]
+            }
+        };
         let node = f.get(key)?;
         let s = self.string(f, key)?;
         if options.contains(&s.as_str()) {

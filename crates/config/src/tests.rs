@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 fn errs(yaml: &str) -> Vec<ConfigError> {

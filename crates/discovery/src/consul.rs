@@ -249,4 +249,14 @@ impl ConsulClient {
             .await?;
         ensure_ok(status, &body)
     }
+
+    /// The cluster's Raft leader (`GET /v1/status/leader`), e.g. "10.0.0.1:8300"; empty when the
+    /// cluster has none. For `hexgate validate --connect`.
+    pub async fn leader(&self, timeout: Duration) -> Result<String, ConsulError> {
+        let (status, _, body) = self
+            .call(Method::GET, "/v1/status/leader", None, timeout)
+            .await?;
+        ensure_ok(status, &body)?;
+        serde_json::from_slice::<String>(&body).map_err(|e| ConsulError::Decode(e.to_string()))
+    }
 }

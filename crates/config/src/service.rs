@@ -1,0 +1,366 @@
+//! Reading one `services[]` entry and the blocks it shares with the top level (timeouts, rate
+//! limits, quotas, the edge policies).
+
+use std::time::Duration;
+
+use crate::keys;
+use crate::read::{Fields, Reader};
+use crate::yaml::Node;
+use crate::{
+    BackendAddr, Config, EscapedSlashes, LoadBalancing, PathType, Quota, RateLimit, Service,
+    Timeouts,
+};
+
+pub(crate) fn read_timeouts(
+    r: &mut Reader,
+    node: Option<&Node>,
+    path: &str,
+    decls: &'static [keys::KeyDecl],
+    base: &Timeouts,
+) -> Timeouts {
+    let mut t = base.clone();
+    if let Some(node) = node {
+        let f = r.fields(node, path, decls);
+        for (key, slot) in [
+            ("connect", &mut t.connect),
+            ("request", &mut t.request),
+            ("idle", &mut t.idle),
+            ("headerRead", &mut t.header_read),
+        ] {
+            if let Some(d) = r.duration(&f, key) {
+                if d.is_zero() {
+                    r.err(f.key_line(key), &f.key_path(key), "must be greater than 0");
+                } else {
+                    *slot = d;
+                }
+            }
+        }
+    }
+    t
+}
+
+pub(crate) fn read_rate_limit(r: &mut Reader, node: &Node, path: &str) -> RateLimit {
+    let f = r.fields(node, path, keys::RATE_LIMIT);
+    let enabled = r.bool(&f, "enabled").unwrap_or(false);
+    let rate = r.float(&f, "ratePerSecond");
+    let burst = r.uint(&f, "burst");
+    if enabled && rate.is_none() && !f.has("ratePerSecond") {
+        r.err(
+            f.line,
+            &f.key_path("ratePerSecond"),
+            "required when enabled",
+        );
+    }
+    let key = read_limit_key(r, &f, "ip");
+    RateLimit {
+        enabled,
+        rate_per_second: rate.unwrap_or(1.0),
+        burst: burst.unwrap_or(1),
+        key,
+    }
+}
+
+fn read_limit_key(r: &mut Reader, f: &Fields, default: &str) -> String {
+    let Some(k) = r.string(f, "key") else {
+        return default.to_string();
+    };
+    let ok = k == "ip"
+        || k == "consumer"
+        || k.strip_prefix("header:")
+            .is_some_and(|h| !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok());
+    if !ok {
+        r.err(
+            f.key_line("key"),
+            &f.key_path("key"),
+            format!("must be ip, consumer or header:NAME, found {k:?}"),
+        );
+    }
+    k
+}
+
+fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
+    let f = r.fields(node, path, keys::QUOTA);
+    let enabled = r.bool(&f, "enabled").unwrap_or(false);
+    let limit = r.uint(&f, "limit");
+    let period = r.duration(&f, "period");
+    if enabled {
+        for k in ["limit", "period"] {
+            if !f.has(k) {
+                r.err(f.line, &f.key_path(k), "required when enabled");
+            }
+        }
+    }
+    if let Some(p) = period {
+        if p < Duration::from_secs(1) {
+            r.err(
+                f.key_line("period"),
+                &f.key_path("period"),
+                "must be at least 1s",
+            );
+        }
+    }
+    let key = read_limit_key(r, &f, "consumer");
+    Quota {
+        enabled,
+        limit: limit.unwrap_or(1),
+        period: period.unwrap_or(Duration::from_secs(60)),
+        key,
+    }
+}
+
+fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<BackendAddr> {
+    // Error messages show the URL with any userinfo and query values redacted.
+    let shown = hexgate_http::httpc::redact_url(s);
+    let rest = match s.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => {
+            r.err(
+                line,
+                path,
+                format!(
+                    "unsupported scheme {scheme:?} in {shown:?} (backends are http://host:port)"
+                ),
+            );
+            return None;
+        }
+        None => s,
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.contains('/') || authority.contains('?') || authority.contains('@') {
+        r.err(
+            line,
+            path,
+            format!("backend {shown:?} must be http://host:port with no path"),
+        );
+        return None;
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) => (h.to_string(), p.strip_prefix(':').unwrap_or("")),
+            None => {
+                r.err(line, path, format!("bad IPv6 address in {shown:?}"));
+                return None;
+            }
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (authority.to_string(), ""),
+        }
+    };
+    let port = if port.is_empty() {
+        80
+    } else {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                r.err(line, path, format!("bad port in backend {shown:?}"));
+                return None;
+            }
+        }
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
+    {
+        r.err(line, path, format!("bad host in backend {shown:?}"));
+        return None;
+    }
+    Some(BackendAddr { host, port })
+}
+
+pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Service {
+    let f = r.fields(node, path, keys::SERVICE);
+    let name = r.string(&f, "name").unwrap_or_default();
+    if name.is_empty() {
+        r.err(f.line, &f.key_path("name"), "required");
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        r.err(
+            f.key_line("name"),
+            &f.key_path("name"),
+            "use letters, digits, '-', '_' or '.'",
+        );
+    }
+    let svc_path = r.string(&f, "path").unwrap_or_default();
+    if svc_path.is_empty() {
+        r.err(f.line, &f.key_path("path"), "required (e.g. \"/users/\")");
+    } else if !svc_path.starts_with('/') {
+        r.err(
+            f.key_line("path"),
+            &f.key_path("path"),
+            format!("must start with '/', found {svc_path:?}"),
+        );
+    } else if svc_path.contains(';') {
+        r.err(
+            f.key_line("path"),
+            &f.key_path("path"),
+            format!("must not contain ';' (requests are routed on paths read without their ';' parameters), found {svc_path:?}"),
+        );
+    } else if hexgate_http::rules::path::normalize_path(&svc_path).as_deref()
+        != Ok(svc_path.as_str())
+    {
+        r.err(
+            f.key_line("path"),
+            &f.key_path("path"),
+            format!(
+                "must be a normalized path (no dot segments, '//' or needless %-escapes), found {svc_path:?}"
+            ),
+        );
+    }
+    let path_type = match r.choice(&f, "pathType").as_deref() {
+        Some("exact") => PathType::Exact,
+        _ => PathType::Prefix,
+    };
+    let mut backends = Vec::new();
+    if let Some(list) = r.string_list(&f, "backends") {
+        for (i, (b, line)) in list.iter().enumerate() {
+            let p = format!("{}[{i}]", f.key_path("backends"));
+            if let Some(addr) = read_backend(r, b, *line, &p) {
+                if backends.contains(&addr) {
+                    r.err(*line, &p, format!("duplicate backend {b:?}"));
+                } else {
+                    backends.push(addr);
+                }
+            }
+        }
+    }
+    let consul_service_name = r.string(&f, "consulServiceName").filter(|s| !s.is_empty());
+    if backends.is_empty() && consul_service_name.is_none() {
+        r.err(
+            f.line,
+            path,
+            format!("service {name:?} needs backends or consulServiceName (or both)"),
+        );
+    }
+    let mut hosts = Vec::new();
+    for (h, line) in r.string_list(&f, "hosts").unwrap_or_default() {
+        // The same canonical form requests are matched in (rules::host); `*.` may lead.
+        let (wild, name) = match h.strip_prefix("*.") {
+            Some(rest) => ("*.", rest),
+            None => ("", h.as_str()),
+        };
+        match hexgate_http::rules::host::canonical_name(name.as_bytes()) {
+            Ok(c) => hosts.push(format!("{wild}{c}")),
+            Err(e) => r.err(
+                line,
+                &f.key_path("hosts"),
+                format!("{h:?}: {e} (expected a host name such as api.example.com or *.example.com, no port)"),
+            ),
+        }
+    }
+    let mut methods = Vec::new();
+    for (m, line) in r.string_list(&f, "methods").unwrap_or_default() {
+        let up = m.to_ascii_uppercase();
+        if keys::words(f.kind("methods")).contains(&up.as_str()) {
+            methods.push(up);
+        } else {
+            r.err(
+                line,
+                &f.key_path("methods"),
+                format!("unknown HTTP method {m:?}"),
+            );
+        }
+    }
+    let load_balancing = read_lb(r, &f).unwrap_or(LoadBalancing::RoundRobin);
+    let timeouts = read_timeouts(
+        r,
+        f.get("timeouts"),
+        &f.key_path("timeouts"),
+        keys::SERVICE_TIMEOUTS,
+        &top.timeouts,
+    );
+    let authentication = match f.get("authentication") {
+        Some(n) => {
+            let af = r.fields(
+                n,
+                &f.key_path("authentication"),
+                keys::SERVICE_AUTHENTICATION,
+            );
+            r.bool(&af, "enabled")
+        }
+        None => None,
+    };
+    let rate_limiting = f
+        .get("rateLimiting")
+        .map(|n| read_rate_limit(r, n, &f.key_path("rateLimiting")));
+    let quota = f
+        .get("quota")
+        .map(|n| read_quota(r, n, &f.key_path("quota")));
+    let escaped_slashes = read_escaped_slashes(r, &f).unwrap_or(top.escaped_slashes);
+    let allowed_upgrades = read_upgrades(r, &f).unwrap_or_else(|| top.allowed_upgrades.clone());
+    Service {
+        escaped_slashes,
+        allowed_upgrades,
+        line: f.line,
+        path: svc_path,
+        path_type,
+        strip_path: r.bool(&f, "stripPath").unwrap_or(false),
+        hosts,
+        methods,
+        backends,
+        consul_service_name,
+        consul_tags: r
+            .string_list(&f, "consulTags")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect(),
+        consul_datacenter: r.string(&f, "consulDatacenter"),
+        load_balancing,
+        timeouts,
+        retries: r
+            .uint(&f, "retries")
+            .map(|v| v as u32)
+            .unwrap_or(top.retries),
+        health_check_path: r
+            .string(&f, "healthCheckPath")
+            .unwrap_or_else(|| top.health_check_path.clone()),
+        max_body_size: r.size(&f, "maxBodySize").or(top.max_body_size),
+        authentication,
+        rate_limiting,
+        quota,
+        name,
+    }
+}
+
+pub(crate) fn read_escaped_slashes(r: &mut Reader, f: &Fields) -> Option<EscapedSlashes> {
+    match r.choice(f, "escapedSlashes").as_deref() {
+        Some("keep") => Some(EscapedSlashes::Keep),
+        Some("decode") => Some(EscapedSlashes::Decode),
+        Some(_) => Some(EscapedSlashes::Reject),
+        None => None,
+    }
+}
+
+/// `allowedUpgrades`: protocol tokens (RFC 9110 `token`, compared case-insensitively).
+pub(crate) fn read_upgrades(r: &mut Reader, f: &Fields) -> Option<Vec<String>> {
+    let list = r.string_list(f, "allowedUpgrades")?;
+    let mut out = Vec::new();
+    for (t, line) in list {
+        let ok = !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+        if ok {
+            out.push(t.to_ascii_lowercase());
+        } else {
+            r.err(
+                line,
+                &f.key_path("allowedUpgrades"),
+                format!("{t:?} is not a protocol token (e.g. websocket)"),
+            );
+        }
+    }
+    Some(out)
+}
+
+pub(crate) fn read_lb(r: &mut Reader, f: &Fields) -> Option<LoadBalancing> {
+    match r.choice(f, "loadBalancing").as_deref() {
+        Some("leastRequest") => Some(LoadBalancing::LeastRequest),
+        Some(_) => Some(LoadBalancing::RoundRobin),
+        None => None,
+    }
+}

@@ -1,0 +1,424 @@
+//! Reading the top level of a config, and the checks across keys.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::keys;
+use crate::read::{Fields, Reader};
+use crate::service::{
+    read_escaped_slashes, read_lb, read_rate_limit, read_service, read_timeouts, read_upgrades,
+};
+use crate::yaml::{self, Node};
+use crate::{
+    parse_cidr, Authentication, Config, Consul, LoadBalancing, Redis, Timeouts, Tls,
+    UnderscoreHeaders, ADMIN_TOKEN_ENV,
+};
+
+fn read_ip(r: &mut Reader, f: &Fields, key: &str, default: IpAddr) -> IpAddr {
+    match r.string(f, key) {
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => {
+                r.err(
+                    f.key_line(key),
+                    &f.key_path(key),
+                    format!("expected an IP address, found {s:?}"),
+                );
+                default
+            }
+        },
+        None => default,
+    }
+}
+
+fn read_auth(r: &mut Reader, node: Option<&Node>) -> Authentication {
+    let mut a = Authentication {
+        algorithms: vec!["RS256".into()],
+        leeway: Duration::from_secs(30),
+        require_exp: true,
+        consumer_claim: "sub".into(),
+        ..Default::default()
+    };
+    let Some(node) = node else { return a };
+    let f = r.fields(node, "authentication", keys::AUTHENTICATION);
+    a.enabled = r.bool(&f, "enabled").unwrap_or(false);
+    a.public_key_path = r.string(&f, "publicKeyPath").filter(|s| !s.is_empty());
+    a.public_keys = r
+        .string_list(&f, "publicKeys")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    a.jwks_url = r.string(&f, "jwksUrl").filter(|s| !s.is_empty());
+    if let Some(u) = &a.jwks_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            r.err(
+                f.key_line("jwksUrl"),
+                "authentication.jwksUrl",
+                "must be an http:// or https:// URL",
+            );
+        }
+    }
+    if let Some(algs) = r.string_list(&f, "algorithms") {
+        let allowed = keys::words(f.kind("algorithms"));
+        a.algorithms.clear();
+        for (alg, line) in algs {
+            if allowed.contains(&alg.as_str()) {
+                a.algorithms.push(alg);
+            } else {
+                r.err(
+                    line,
+                    "authentication.algorithms",
+                    format!(
+                        "algorithm {alg:?} is not allowed (asymmetric only: {})",
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+        if a.algorithms.is_empty() {
+            r.err(
+                f.key_line("algorithms"),
+                "authentication.algorithms",
+                "must list at least one algorithm",
+            );
+        }
+    }
+    a.issuer = r.string(&f, "issuer");
+    a.audience = r.string(&f, "audience");
+    if let Some(l) = r.duration(&f, "leeway") {
+        a.leeway = l;
+    }
+    a.require_exp = r.bool(&f, "requireExp").unwrap_or(true);
+    if let Some(c) = r.string(&f, "consumerClaim") {
+        a.consumer_claim = c;
+    }
+    a.forward_claims = r.string_map(&f, "forwardClaims").unwrap_or_default();
+    for (claim, header) in &a.forward_claims {
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            r.err(
+                f.key_line("forwardClaims"),
+                &format!("authentication.forwardClaims.{claim}"),
+                format!("{header:?} is not a valid header name"),
+            );
+        }
+    }
+    a.strip_authorization = r.bool(&f, "stripAuthorization").unwrap_or(false);
+    if a.enabled && a.public_key_path.is_none() && a.public_keys.is_empty() && a.jwks_url.is_none()
+    {
+        r.err(
+            f.line,
+            "authentication",
+            "enabled but no key: set publicKeyPath, publicKeys or jwksUrl",
+        );
+    }
+    a
+}
+
+fn read_redis(r: &mut Reader, node: &Node) -> Redis {
+    let f = r.fields(node, "redis", keys::REDIS);
+    let address = r.string(&f, "address").filter(|s| !s.is_empty());
+    if let Some(a) = &address {
+        if !a.contains(':') || a.contains('@') || a.contains('/') {
+            r.err(
+                f.key_line("address"),
+                "redis.address",
+                format!(
+                    "expected host:port (credentials go in username and password), found {:?}",
+                    hexgate_http::httpc::redact_url(a)
+                ),
+            );
+        }
+    }
+    Redis {
+        address,
+        cluster: r
+            .string_list(&f, "cluster")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect(),
+        username: r.string(&f, "username").filter(|s| !s.is_empty()),
+        password: r.string(&f, "password").unwrap_or_default(),
+        db: r.uint(&f, "db").unwrap_or(0),
+        tls: r.bool(&f, "tls").unwrap_or(false),
+        timeout: r
+            .duration(&f, "timeout")
+            .unwrap_or(Duration::from_millis(50)),
+        failure_mode: r.choice(&f, "failureMode").unwrap_or_else(|| "open".into()),
+        key_prefix: r
+            .string(&f, "keyPrefix")
+            .unwrap_or_else(|| "hexgate:".into()),
+    }
+}
+
+fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
+    let mut c = Consul {
+        service_name: "hexgate".into(),
+        ..Default::default()
+    };
+    let Some(node) = node else { return c };
+    let f = r.fields(node, "consul", keys::CONSUL);
+    c.address = r.string(&f, "address");
+    c.token = r.string(&f, "token");
+    c.ca_cert = r.string(&f, "caCert");
+    c.datacenter = r.string(&f, "datacenter");
+    c.register = r.bool(&f, "register").unwrap_or(false);
+    if let Some(n) = r.string(&f, "serviceName") {
+        c.service_name = n;
+    }
+    c.advertise_address = r.string(&f, "advertiseAddress");
+    if let Some(a) = &c.address {
+        if hexgate_http::httpc::Endpoint::parse(a, false, None).is_err() {
+            r.err(
+                f.key_line("address"),
+                "consul.address",
+                format!(
+                    "expected host:port or http(s)://host:port, found {:?}",
+                    hexgate_http::httpc::redact_url(a)
+                ),
+            );
+        }
+    }
+    c
+}
+
+pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
+    let f = r.fields(root, "", keys::TOP);
+    let mut cfg = Config {
+        gateway_bind: read_ip(r, &f, "gatewayBind", IpAddr::from([0, 0, 0, 0])),
+        gateway_port: r.port(&f, "gatewayPort").unwrap_or(8000),
+        admin_bind: read_ip(r, &f, "adminBind", IpAddr::from([127, 0, 0, 1])),
+        admin_port: r.port(&f, "adminPort").unwrap_or(9901),
+        health_check_interval: r
+            .duration(&f, "healthCheckInterval")
+            .unwrap_or(Duration::from_secs(5)),
+        health_check_path: r
+            .string(&f, "healthCheckPath")
+            .unwrap_or_else(|| "/health".into()),
+        health_check_timeout: r
+            .duration(&f, "healthCheckTimeout")
+            .unwrap_or(Duration::from_secs(2)),
+        services: Vec::new(),
+        rate_limiting: None,
+        rate_limit_headers: r
+            .choice(&f, "rateLimitHeaders")
+            .unwrap_or_else(|| "draft".into()),
+        authentication: Authentication::default(),
+        tls: Tls {
+            enabled: false,
+            https_port: 8443,
+            cert_file: "./config/cert.pem".into(),
+            key_file: "./config/key.pem".into(),
+        },
+        redis: None,
+        consul: Consul::default(),
+        timeouts: Timeouts {
+            connect: Duration::from_secs(2),
+            request: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+            header_read: Duration::from_secs(10),
+        },
+        retries: r.uint(&f, "retries").map(|v| v as u32).unwrap_or(2),
+        max_header_size: r.size(&f, "maxHeaderSize").unwrap_or(64 * 1024),
+        max_body_size: r.size(&f, "maxBodySize"),
+        max_connections: r.uint(&f, "maxConnections").unwrap_or(20_000),
+        access_log: r.bool(&f, "accessLog").unwrap_or(false),
+        shutdown_timeout: r
+            .duration(&f, "shutdownTimeout")
+            .unwrap_or(Duration::from_secs(30)),
+        trusted_proxies: Vec::new(),
+        max_header_count: r.uint(&f, "maxHeaderCount").unwrap_or(100),
+        underscore_headers: match r.choice(&f, "underscoreHeaders").as_deref() {
+            Some("reject") => UnderscoreHeaders::Reject,
+            Some("allow") => UnderscoreHeaders::Allow,
+            _ => UnderscoreHeaders::Drop,
+        },
+        escaped_slashes: read_escaped_slashes(r, &f).unwrap_or_default(),
+        allowed_upgrades: read_upgrades(r, &f).unwrap_or_else(|| vec!["websocket".into()]),
+        admin_token: r.string(&f, "adminToken").filter(|s| !s.is_empty()),
+        admin_token_file: r.string(&f, "adminTokenFile").filter(|s| !s.is_empty()),
+        file_key_lines: file_key_lines(root),
+        base_dir: None,
+        file: r.file.clone(),
+    };
+    if cfg.health_check_interval.is_zero() {
+        r.err(
+            f.key_line("healthCheckInterval"),
+            "healthCheckInterval",
+            "must be greater than 0",
+        );
+    }
+    if cfg.max_header_size < 1024 {
+        r.err(
+            f.key_line("maxHeaderSize"),
+            "maxHeaderSize",
+            "must be at least 1k",
+        );
+    }
+    let default_lb = read_lb(r, &f).unwrap_or(LoadBalancing::RoundRobin);
+    cfg.timeouts = read_timeouts(
+        r,
+        f.get("timeouts"),
+        "timeouts",
+        keys::TIMEOUTS,
+        &cfg.timeouts,
+    );
+    for (p, line) in r.string_list(&f, "trustedProxies").unwrap_or_default() {
+        if parse_cidr(&p).is_none() {
+            r.err(
+                line,
+                "trustedProxies",
+                format!("expected an IP address or CIDR, found {p:?}"),
+            );
+        }
+        cfg.trusted_proxies.push(p);
+    }
+    cfg.rate_limiting = f
+        .get("rateLimiting")
+        .map(|n| read_rate_limit(r, n, "rateLimiting"));
+    cfg.authentication = read_auth(r, f.get("authentication"));
+    if let Some(n) = f.get("tls") {
+        let tf = r.fields(n, "tls", keys::TLS);
+        cfg.tls.enabled = r.bool(&tf, "enabled").unwrap_or(false);
+        if let Some(p) = r.port(&tf, "httpsPort") {
+            cfg.tls.https_port = p;
+        }
+        if let Some(c) = r.string(&tf, "certFile") {
+            cfg.tls.cert_file = c;
+        }
+        if let Some(k) = r.string(&tf, "keyFile") {
+            cfg.tls.key_file = k;
+        }
+    }
+    cfg.redis = f.get("redis").map(|n| read_redis(r, n));
+    cfg.consul = read_consul(r, f.get("consul"));
+    if let Some(items) = r.list(&f, "services") {
+        let mut names = HashSet::new();
+        let mut routes = HashSet::new();
+        for (i, n) in items.iter().enumerate() {
+            let path = format!("services[{i}]");
+            let mut svc = read_service(r, n, &path, &cfg);
+            if !svc_has_key(n, "loadBalancing") {
+                svc.load_balancing = default_lb;
+            }
+            if !svc.name.is_empty() && !names.insert(svc.name.clone()) {
+                r.err(
+                    svc.line,
+                    &format!("{path}.name"),
+                    format!("duplicate service name {:?}", svc.name),
+                );
+            }
+            let route_key = (
+                svc.path.clone(),
+                svc.path_type,
+                svc.hosts.clone(),
+                svc.methods.clone(),
+            );
+            if !svc.path.is_empty() && !routes.insert(route_key) {
+                r.err(
+                    svc.line,
+                    &format!("{path}.path"),
+                    format!(
+                        "another service already routes {:?} with the same hosts and methods",
+                        svc.path
+                    ),
+                );
+            }
+            let auth_on = svc.authentication.unwrap_or(cfg.authentication.enabled);
+            if let Some(q) = &svc.quota {
+                if q.enabled && q.key == "consumer" && !auth_on {
+                    r.err(
+                        svc.line,
+                        &format!("{path}.quota"),
+                        format!(
+                            "service {:?}: a quota keyed by consumer needs authentication on this route",
+                            svc.name
+                        ),
+                    );
+                }
+            }
+            let rl = svc.rate_limiting.as_ref().or(cfg.rate_limiting.as_ref());
+            if let Some(rl) = rl {
+                if rl.enabled && rl.key == "consumer" && !auth_on {
+                    r.err(
+                        svc.line,
+                        &format!("{path}.rateLimiting"),
+                        format!(
+                            "service {:?}: a rate limit keyed by consumer needs authentication on this route",
+                            svc.name
+                        ),
+                    );
+                }
+            }
+            cfg.services.push(svc);
+        }
+    }
+    if cfg.tls.enabled && cfg.tls.https_port == cfg.gateway_port {
+        r.err(
+            f.key_line("tls"),
+            "tls.httpsPort",
+            "must differ from gatewayPort",
+        );
+    }
+    if cfg.admin_token.is_some() && cfg.admin_token_file.is_some() {
+        r.err(
+            f.key_line("adminTokenFile"),
+            "adminTokenFile",
+            "set adminToken or adminTokenFile, not both",
+        );
+    }
+    if !cfg.admin_bind.is_loopback() && !cfg.has_admin_token_source() {
+        r.err(
+            f.key_line("adminBind"),
+            "adminBind",
+            format!(
+                "the admin listener on {} (not a loopback address) needs a token: set adminToken, adminTokenFile or the {ADMIN_TOKEN_ENV} environment variable",
+                cfg.admin_bind
+            ),
+        );
+    }
+    if cfg.admin_port == cfg.gateway_port && cfg.admin_port != 0 {
+        r.err(
+            f.key_line("adminPort"),
+            "adminPort",
+            "must differ from gatewayPort (the admin listener is never served on the public port)",
+        );
+    }
+    cfg
+}
+
+/// Lines of the keys that name files, from the YAML tree (defaults have none: their problems
+/// are reported at the line of the enclosing block, or line 1).
+fn file_key_lines(root: &Node) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    let yaml::Kind::Map(top) = &root.kind else {
+        return out;
+    };
+    for (k, line, v) in top {
+        match (k.as_str(), &v.kind) {
+            ("adminTokenFile", _) => {
+                out.insert(k.clone(), *line);
+            }
+            ("tls" | "authentication", yaml::Kind::Map(m)) => {
+                out.insert(k.clone(), *line);
+                for (k2, l2, v2) in m {
+                    let key = format!("{k}.{k2}");
+                    if let yaml::Kind::Seq(items) = &v2.kind {
+                        for (i, item) in items.iter().enumerate() {
+                            out.insert(format!("{key}[{i}]"), item.line);
+                        }
+                    }
+                    out.insert(key, *l2);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn svc_has_key(n: &Node, key: &str) -> bool {
+    matches!(&n.kind, yaml::Kind::Map(m) if m.iter().any(|(k, _, v)| k == key && !v.is_null()))
+}

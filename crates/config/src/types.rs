@@ -1,0 +1,298 @@
+//! The validated config's types, with their defaults applied by the reader.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancing {
+    RoundRobin,
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathType {
+    Prefix,
+    Exact,
+}
+
+// The policy choices live with their rules (a lower layer); the config names them.
+pub use hexgate_http::rules::headers::UnderscoreHeaders;
+pub use hexgate_http::rules::path::EscapedSlashes;
+
+/// A static backend address, `http://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BackendAddr {
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority())
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    #[serde(with = "secs")]
+    pub connect: Duration,
+    #[serde(with = "secs")]
+    pub request: Duration,
+    #[serde(with = "secs")]
+    pub idle: Duration,
+    #[serde(with = "secs")]
+    pub header_read: Duration,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub enabled: bool,
+    pub rate_per_second: f64,
+    pub burst: u64,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quota {
+    pub enabled: bool,
+    pub limit: u64,
+    #[serde(with = "secs")]
+    pub period: Duration,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    pub enabled: bool,
+    pub public_key_path: Option<String>,
+    pub public_keys: Vec<String>,
+    #[serde(serialize_with = "redact_url")]
+    pub jwks_url: Option<String>,
+    pub algorithms: Vec<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(with = "secs")]
+    pub leeway: Duration,
+    pub require_exp: bool,
+    pub consumer_claim: String,
+    pub forward_claims: Vec<(String, String)>,
+    pub strip_authorization: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tls {
+    pub enabled: bool,
+    pub https_port: u16,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redis {
+    pub address: Option<String>,
+    pub cluster: Vec<String>,
+    pub username: Option<String>,
+    #[serde(serialize_with = "redact")]
+    pub password: String,
+    pub db: u64,
+    pub tls: bool,
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    pub failure_mode: String,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Consul {
+    #[serde(serialize_with = "redact_url")]
+    pub address: Option<String>,
+    #[serde(serialize_with = "redact_opt")]
+    pub token: Option<String>,
+    pub ca_cert: Option<String>,
+    pub datacenter: Option<String>,
+    pub register: bool,
+    pub service_name: String,
+    /// Address registered for this instance (default: adminBind, or when that is 0.0.0.0 the
+    /// local address used to reach Consul).
+    pub advertise_address: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    #[serde(skip)]
+    pub line: usize,
+    pub path: String,
+    pub path_type: PathType,
+    pub strip_path: bool,
+    pub hosts: Vec<String>,
+    pub methods: Vec<String>,
+    pub backends: Vec<BackendAddr>,
+    pub consul_service_name: Option<String>,
+    pub consul_tags: Vec<String>,
+    pub consul_datacenter: Option<String>,
+    pub load_balancing: LoadBalancing,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub health_check_path: String,
+    pub max_body_size: Option<u64>,
+    pub authentication: Option<bool>,
+    pub rate_limiting: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    /// `escapedSlashes` for this route (default: the top-level value).
+    pub escaped_slashes: EscapedSlashes,
+    /// `allowedUpgrades`: the `Upgrade` tokens tunnelled on this route, lower-case.
+    pub allowed_upgrades: Vec<String>,
+}
+
+/// A validated configuration, defaults applied. Produced by [`crate::parse`].
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    pub gateway_bind: IpAddr,
+    pub gateway_port: u16,
+    pub admin_bind: IpAddr,
+    pub admin_port: u16,
+    #[serde(with = "secs")]
+    pub health_check_interval: Duration,
+    pub health_check_path: String,
+    #[serde(with = "secs")]
+    pub health_check_timeout: Duration,
+    pub services: Vec<Service>,
+    pub rate_limiting: Option<RateLimit>,
+    pub rate_limit_headers: String,
+    pub authentication: Authentication,
+    pub tls: Tls,
+    pub redis: Option<Redis>,
+    pub consul: Consul,
+    pub timeouts: Timeouts,
+    pub retries: u32,
+    pub max_header_size: u64,
+    pub max_body_size: Option<u64>,
+    pub max_connections: u64,
+    pub access_log: bool,
+    #[serde(with = "secs")]
+    pub shutdown_timeout: Duration,
+    pub trusted_proxies: Vec<String>,
+    /// Most request header fields accepted (431 beyond).
+    pub max_header_count: u64,
+    pub underscore_headers: UnderscoreHeaders,
+    /// Default `escapedSlashes` for every service.
+    pub escaped_slashes: EscapedSlashes,
+    /// Default `allowedUpgrades` for every service.
+    pub allowed_upgrades: Vec<String>,
+    /// Bearer token for the admin listener (`adminToken`); see [`Config::admin_token_source`].
+    #[serde(serialize_with = "redact_opt")]
+    pub admin_token: Option<String>,
+    /// `adminTokenFile`: a file holding the admin token.
+    pub admin_token_file: Option<String>,
+    /// The line of each key that names a file (`tls.certFile`, `authentication.publicKeys[1]`,
+    /// ...), so a problem found in the file is reported where the file was named.
+    #[serde(skip)]
+    pub file_key_lines: std::collections::BTreeMap<String, usize>,
+    /// Directory of the config file, for resolving relative key paths.
+    #[serde(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
+    /// The file name used in error messages.
+    #[serde(skip)]
+    pub file: String,
+}
+
+mod secs {
+    use std::time::Duration;
+    pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "" } else { "<redacted>" })
+}
+
+fn redact_url<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(u) => s.serialize_str(&hexgate_http::httpc::redact_url(u)),
+        None => s.serialize_none(),
+    }
+}
+
+fn redact_opt<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Config {
+    /// The line of a file-naming key, else of its block, else 1.
+    pub fn line_of(&self, key: &str) -> usize {
+        let block = key.split('.').next().unwrap_or(key);
+        self.file_key_lines
+            .get(key)
+            .or_else(|| self.file_key_lines.get(block))
+            .copied()
+            .unwrap_or(1)
+    }
+}
+
+/// The environment variable read for the admin token when the config names none.
+pub const ADMIN_TOKEN_ENV: &str = "HEXGATE_ADMIN_TOKEN";
+
+impl Config {
+    /// Whether an admin token is configured: `adminToken`, `adminTokenFile`, or the environment.
+    pub fn has_admin_token_source(&self) -> bool {
+        self.admin_token.is_some()
+            || self.admin_token_file.is_some()
+            || std::env::var(ADMIN_TOKEN_ENV).is_ok_and(|v| !v.trim().is_empty())
+    }
+
+    /// The admin token: `adminToken`, else the first line of `adminTokenFile` (relative to the
+    /// config's directory), else `$HEXGATE_ADMIN_TOKEN`; None when none is set.
+    pub fn admin_token_value(&self) -> Result<Option<String>, String> {
+        if let Some(t) = &self.admin_token {
+            return Ok(Some(t.clone()));
+        }
+        if let Some(file) = &self.admin_token_file {
+            let path = match &self.base_dir {
+                Some(dir) if Path::new(file).is_relative() => dir.join(file),
+                _ => std::path::PathBuf::from(file),
+            };
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("adminTokenFile {}: {e}", path.display()))?;
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.is_empty() {
+                return Err(format!(
+                    "adminTokenFile {}: the file is empty",
+                    path.display()
+                ));
+            }
+            return Ok(Some(token));
+        }
+        Ok(std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty()))
+    }
+}

@@ -1,0 +1,141 @@
+//! `hexgate validate --connect`: after the compile step, what a config needs the network for
+//! (the JWKS URL, each Redis node, Consul), tried once each within a few seconds.
+
+use std::time::Duration;
+
+use crate::config::{Config, Redis};
+use crate::discovery::consul::{ConsulClient, ConsulError};
+
+const WAIT: Duration = Duration::from_secs(3);
+
+/// One check: what was tried, and its outcome (a detail, or why it failed).
+pub type Check = (String, Result<String, String>);
+
+async fn within<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {}s", WAIT.as_secs())))
+}
+
+/// A Consul client whose address appears only redacted.
+fn consul_client(cfg: &crate::config::Consul) -> Result<ConsulClient, String> {
+    let mut c = ConsulClient::new(cfg).map_err(|e| match e {
+        ConsulError::Http(addr, _) => format!("bad address {}", crate::httpc::redact_url(&addr)),
+        other => other.to_string(),
+    })?;
+    c.addr = crate::httpc::redact_url(&c.addr);
+    Ok(c)
+}
+
+/// Every check `cfg` calls for, in order: JWKS, Redis nodes, Consul.
+pub async fn checks(cfg: &Config) -> Vec<Check> {
+    let mut checks: Vec<Check> = Vec::new();
+    if let Some(url) = &cfg.authentication.jwks_url {
+        let fetch = async {
+            let (body, _) = crate::httpc::get_url(url, WAIT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let keys = crate::auth::keys::from_jwks(&body, url).map_err(|e| e.to_string())?;
+            Ok(format!("a JWK set with {} usable key(s)", keys.len()))
+        };
+        let name = format!("JWKS {}", crate::httpc::redact_url(url));
+        checks.push((name, within(fetch).await));
+    }
+    if let Some(r) = &cfg.redis {
+        let nodes: Vec<&String> = match &r.address {
+            _ if !r.cluster.is_empty() => r.cluster.iter().collect(),
+            Some(a) => vec![a],
+            None => Vec::new(),
+        };
+        for node in nodes {
+            checks.push((format!("Redis {node}"), within(redis_ping(node, r)).await));
+        }
+    }
+    let consul = cfg.consul.address.is_some()
+        || cfg.consul.register
+        || cfg.services.iter().any(|s| s.consul_service_name.is_some());
+    if consul {
+        match consul_client(&cfg.consul) {
+            Ok(c) => {
+                let leader = async {
+                    let leader = c.leader(WAIT).await.map_err(|e| match e {
+                        ConsulError::Http(_, e) => e.to_string(),
+                        other => other.to_string(),
+                    })?;
+                    match leader {
+                        l if l.is_empty() => Err("answers, but has no leader".to_string()),
+                        l => Ok(format!("leader {l}")),
+                    }
+                };
+                checks.push((format!("Consul {}", c.addr), within(leader).await));
+            }
+            Err(e) => checks.push(("Consul".into(), Err(e.to_string()))),
+        }
+    }
+    checks
+}
+
+/// Connects to one Redis node as the limiter would (TLS with the system roots when `redis.tls`),
+/// logs in (AUTH, SELECT) and sends PING.
+async fn redis_ping(addr: &str, r: &Redis) -> Result<String, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.tls {
+        return redis_hello(tcp, r).await;
+    }
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name =
+        rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let tls = crate::httpc::tls_with_roots(None).map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    redis_hello(stream, r).await
+}
+
+async fn redis_hello<S>(stream: S, r: &Redis) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    fn command(out: &mut Vec<u8>, args: &[&str]) {
+        out.extend(format!("*{}\r\n", args.len()).bytes());
+        for a in args {
+            out.extend(format!("${}\r\n{a}\r\n", a.len()).bytes());
+        }
+    }
+    let mut out = Vec::new();
+    let mut replies = 1;
+    if !r.password.is_empty() {
+        match &r.username {
+            Some(u) => command(&mut out, &["AUTH", u, &r.password]),
+            None => command(&mut out, &["AUTH", &r.password]),
+        }
+        replies += 1;
+    }
+    if r.db != 0 && r.cluster.is_empty() {
+        command(&mut out, &["SELECT", &r.db.to_string()]);
+        replies += 1;
+    }
+    command(&mut out, &["PING"]);
+    let mut stream = tokio::io::BufReader::new(stream);
+    let io = |e: std::io::Error| e.to_string();
+    stream.get_mut().write_all(&out).await.map_err(io)?;
+    let mut line = String::new();
+    for _ in 0..replies {
+        line.clear();
+        if stream.read_line(&mut line).await.map_err(io)? == 0 {
+            return Err("the connection was closed".into());
+        }
+        if let Some(e) = line.strip_prefix('-') {
+            return Err(format!("Redis refused: {}", e.trim_end()));
+        }
+    }
+    match line.trim_end() {
+        "+PONG" => Ok("PONG".into()),
+        other => Err(format!("unexpected answer {other:?} to PING")),
+    }
+}
