@@ -8,8 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::Request;
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -52,16 +51,9 @@ async fn call(
     auth: Option<&str>,
     extra: &[(&str, &str)],
 ) -> (u16, http::HeaderMap, String) {
-    let mut b = Request::get(path).header("host", "localhost");
-    if let Some(a) = auth {
-        b = b.header("authorization", a);
-    }
-    for (k, v) in extra {
-        b = b.header(*k, *v);
-    }
-    request(port, b.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap()
+    let mut fields: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+    fields.extend_from_slice(extra);
+    get_with(port, path, &fields).await.unwrap()
 }
 
 fn gateway_yaml(backend: &TestBackend, keys_dir: &std::path::Path) -> String {
@@ -287,16 +279,7 @@ async fn tokens_from_the_cli_and_from_openssl_are_accepted() {
     let b = TestBackend::start(Behaviour::Hello).await;
     let dir = temp_dir("authcli");
     // Keys and token from the hexgate binary, exactly as the README shows.
-    let out = Command::new(bin())
-        .args(["keygen", "--out"])
-        .arg(dir.join("keys"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hexgate_keygen(&dir.join("keys"));
     let again = Command::new(bin())
         .args(["keygen", "--out"])
         .arg(dir.join("keys"))

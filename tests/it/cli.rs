@@ -2,24 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::{bin, temp_dir};
-
-fn validate(yaml: &str) -> (i32, String, String) {
-    let dir = temp_dir("validate");
-    let f = dir.join("config.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = Command::new(bin())
-        .arg("validate")
-        .arg(&f)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::{bin, hexgate_keygen, temp_dir, validate_yaml};
 
 /// The seed's configs validate unchanged. config.yaml names `./config/public.pem`, which the
 /// walkthrough creates with `hexgate keygen --out config` first: validate checks the file as run
@@ -27,12 +10,7 @@ fn validate(yaml: &str) -> (i32, String, String) {
 #[test]
 fn seed_config_validates_unchanged() {
     let work = temp_dir("seed");
-    let keygen = Command::new(bin())
-        .args(["keygen", "--out"])
-        .arg(work.join("config"))
-        .output()
-        .unwrap();
-    assert!(keygen.status.success());
+    hexgate_keygen(&work.join("config"));
     let seed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/config.yaml");
     let empty = temp_dir("seed-nokey");
     let out = Command::new(bin())
@@ -76,8 +54,9 @@ fn seed_config_validates_unchanged() {
 
 #[test]
 fn bad_config_lists_every_problem_with_file_line_and_key() {
-    let (code, _, err) = validate(
+    let (code, _, err) = validate_yaml(
         "gatewayPort: \"8000\"\nservices:\n  - name: users\n    path: /users/\n    backend: [\"http://127.0.0.1:1\"]\n    loadBalancing: random\nhealthCheckInterval: 5q\n",
+        &[],
     );
     assert_eq!(code, 2);
     assert!(
@@ -163,12 +142,7 @@ fn run_with_bad_config_exits_non_zero() {
 fn validate_refuses_exactly_what_run_refuses() {
     crate::support::require_tool("openssl");
     let dir = temp_dir("compile");
-    let keygen = Command::new(bin())
-        .args(["keygen", "--out"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(keygen.status.success());
+    hexgate_keygen(&dir);
     for n in ["a-", "b-"] {
         crate::support::self_signed_cert(&dir, n);
     }
@@ -207,7 +181,7 @@ fn validate_refuses_exactly_what_run_refuses() {
         ),
     ];
     for (yaml, at, what) in &cases {
-        let (code, out, err) = validate(yaml);
+        let (code, out, err) = validate_yaml(yaml, &[]);
         assert_eq!(code, 2, "validate accepted:\n{yaml}\n{out}{err}");
         assert!(
             err.contains(at) && err.contains(what),
@@ -229,7 +203,7 @@ fn validate_refuses_exactly_what_run_refuses() {
     }
     // And the same files, right, are accepted by both (validate only: run would serve).
     let good = format!("{head}authentication:\n  enabled: true\n  publicKeyPath: \"{d}/public.pem\"\ntls:\n  enabled: true\n  httpsPort: \"1\"\n  certFile: \"{d}/a-cert.pem\"\n  keyFile: \"{d}/a-key.pem\"\n");
-    let (code, out, err) = validate(&good);
+    let (code, out, err) = validate_yaml(&good, &[]);
     assert_eq!(code, 0, "{out}{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -195,6 +195,12 @@ async fn config_from_kv_push_get_diff_and_bad_values() {
     std::fs::write(&f1, cfg("/one/")).unwrap();
     std::fs::write(&f2, cfg("/two/")).unwrap();
     std::fs::write(&bad, "services:\n  - name: s\n    pth: /x/\n").unwrap();
+    // `hexgate config push --key hexgate/config ARGS`
+    let push = |args: &[&str]| {
+        let mut all: Vec<&str> = vec!["config", "push", "--key", "hexgate/config"];
+        all.extend_from_slice(args);
+        hexgate_cli(&addr, &all)
+    };
 
     // Missing key at start: a clear error and a non-zero exit.
     let (code, _, err) = hexgate_cli(&addr, &["run", "--consul-key", "hexgate/config"]);
@@ -205,31 +211,13 @@ async fn config_from_kv_push_get_diff_and_bad_values() {
     );
 
     // An invalid file is refused by push.
-    let (code, _, err) = hexgate_cli(
-        &addr,
-        &[
-            "config",
-            "push",
-            "--key",
-            "hexgate/config",
-            bad.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = push(&[bad.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(
         err.contains("bad.yaml:3: services[0].pth: unknown key"),
         "{err}"
     );
-    let (code, out, _) = hexgate_cli(
-        &addr,
-        &[
-            "config",
-            "push",
-            "--key",
-            "hexgate/config",
-            f1.to_str().unwrap(),
-        ],
-    );
+    let (code, out, _) = push(&[f1.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     let (_, out, _) = hexgate_cli(&addr, &["config", "get", "--key", "hexgate/config"]);
     assert_eq!(out, cfg("/one/"));
@@ -252,16 +240,7 @@ async fn config_from_kv_push_get_diff_and_bad_values() {
     assert_eq!(get(port, "/one/x").await.unwrap().0, 200);
 
     // A push goes live within about a second.
-    let (code, _, _) = hexgate_cli(
-        &addr,
-        &[
-            "config",
-            "push",
-            "--key",
-            "hexgate/config",
-            f2.to_str().unwrap(),
-        ],
-    );
+    let (code, _, _) = push(&[f2.to_str().unwrap()]);
     assert_eq!(code, 0);
     let took = until("pushed config live", Duration::from_secs(5), async || {
         get(port, "/two/x").await.map(|r| r.0) == Ok(200)
@@ -271,18 +250,7 @@ async fn config_from_kv_push_get_diff_and_bad_values() {
     assert_eq!(get(port, "/one/x").await.unwrap().0, 404);
 
     // A stale check-and-set index is refused: nothing is overwritten.
-    let (code, _, err) = hexgate_cli(
-        &addr,
-        &[
-            "config",
-            "push",
-            "--key",
-            "hexgate/config",
-            "--cas",
-            "1",
-            f1.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = push(&["--cas", "1", f1.to_str().unwrap()]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("changed since"), "{err}");
     let (_, out, _) = hexgate_cli(&addr, &["config", "get", "--key", "hexgate/config"]);
@@ -291,35 +259,11 @@ async fn config_from_kv_push_get_diff_and_bad_values() {
     // An invalid value written behind push's back, then a deleted key: the running config stays.
     let (code, _) = consul.http("PUT", "/v1/kv/hexgate/config", Some("services: [oops"));
     assert_eq!(code, 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gw
-        .metrics()
-        .await
-        .contains("hexgate_config_reloads_total{result=\"failure\"} 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "invalid KV value not counted: {}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.wait_failed_reloads(1).await;
     assert_eq!(get(port, "/two/x").await.unwrap().0, 200);
     let (code, _) = consul.http("DELETE", "/v1/kv/hexgate/config", None);
     assert_eq!(code, 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gw
-        .metrics()
-        .await
-        .contains("hexgate_config_reloads_total{result=\"failure\"} 2")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "deleted key not counted: {}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.wait_failed_reloads(2).await;
     assert_eq!(
         get(port, "/two/x").await.unwrap().0,
         200,

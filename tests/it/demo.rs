@@ -4,10 +4,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Empty;
-
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,12 +52,14 @@ async fn demo_shows_routing_balancing_auth_and_429() {
         "{banner}"
     );
     let gw = ports[0];
+    let bearer = format!("Bearer {token}");
     let get_auth = |path: &'static str, auth: bool| {
-        let mut b = Request::get(path).header("host", "localhost");
-        if auth {
-            b = b.header("authorization", format!("Bearer {token}"));
-        }
-        request(gw, b.body(Empty::<Bytes>::new()).unwrap())
+        let fields = if auth {
+            vec![("authorization", bearer.as_str())]
+        } else {
+            vec![]
+        };
+        async move { get_with(gw, path, &fields).await }
     };
     let (s, _, body) = get_auth("/products/abc", false).await.unwrap();
     assert_eq!(

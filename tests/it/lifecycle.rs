@@ -82,15 +82,7 @@ async fn invalid_reload_keeps_running_config_and_sighup_reloads() {
     let a = TestBackend::start(Behaviour::Hello).await;
     let gw = Gateway::start(&config(&[&a], false)).await;
     gw.rewrite_config("services:\n  - name: broken\n    pathh: /x/\n");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gw
-        .metrics()
-        .await
-        .contains("hexgate_config_reloads_total{result=\"failure\"} 1")
-    {
-        assert!(Instant::now() < deadline, "failed reload not counted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.wait_failed_reloads(1).await;
     assert!(
         gw.log().contains("pathh"),
         "the log names the bad key:\n{}",

@@ -6,20 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::Empty;
-
 use crate::support::*;
 
 async fn call(port: u16, path: &str, key: Option<&str>) -> (u16, http::HeaderMap) {
-    let mut b = Request::get(path).header("host", "localhost");
-    if let Some(k) = key {
-        b = b.header("x-api-key", k);
-    }
-    let (s, h, _) = request(port, b.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
+    let fields: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+    let (s, h, _) = get_with(port, path, &fields).await.unwrap();
     (s, h)
 }
 

@@ -9,6 +9,7 @@ use http_body_util::{Empty, StreamBody};
 use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::raw::{read_head, send};
 use crate::support::*;
 
 fn header() -> String {
@@ -31,40 +32,16 @@ async fn longest_prefix_strip_path_and_404() {
     );
     let gw = Gateway::start(&yaml).await;
 
-    let (s, h, _) = request(
-        gw.port,
-        Request::get("/users/admin/x")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, _) = get_with(gw.port, "/users/admin/x", &[]).await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(h["x-backend-port"], admin.addr.port().to_string().as_str());
 
-    let (s, h, _) = request(
-        gw.port,
-        Request::get("/users/1?q=2")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, _) = get_with(gw.port, "/users/1?q=2", &[]).await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(h["x-backend-port"], users.addr.port().to_string().as_str());
     assert_eq!(h["x-path"], "/users/1?q=2");
 
-    let (s, h, _) = request(
-        gw.port,
-        Request::get("/api/v1/items/7?x=1")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, _) = get_with(gw.port, "/api/v1/items/7?x=1", &[]).await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(
         h["x-backend-port"],
@@ -72,15 +49,7 @@ async fn longest_prefix_strip_path_and_404() {
     );
     assert_eq!(h["x-path"], "/items/7?x=1", "stripPath removes the prefix");
 
-    let (s, h, _) = request(
-        gw.port,
-        Request::get("/status")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, _) = get_with(gw.port, "/status", &[]).await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(h["x-backend-port"], exact.addr.port().to_string().as_str());
     assert_eq!(
@@ -90,40 +59,18 @@ async fn longest_prefix_strip_path_and_404() {
     );
 
     // Path tricks route on the normalised path, and that same path goes upstream.
-    let (s, h, _) = request(
-        gw.port,
-        Request::get("/api/v1/../../users/admin/%2e%2e/me")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, _) = get_with(gw.port, "/api/v1/../../users/admin/%2e%2e/me", &[])
+        .await
+        .unwrap();
     assert_eq!(s, 200);
     assert_eq!(h["x-backend-port"], users.addr.port().to_string().as_str());
     assert_eq!(h["x-path"], "/users/me");
-    let (s, h, _) = request(
-        gw.port,
-        Request::get("/%75sers/admin/z")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, _) = get_with(gw.port, "/%75sers/admin/z", &[]).await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(h["x-backend-port"], admin.addr.port().to_string().as_str());
     assert_eq!(get(gw.port, "/users/%zz").await.unwrap().0, 400);
 
-    let (s, h, body) = request(
-        gw.port,
-        Request::get("/nothing/here")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (s, h, body) = get_with(gw.port, "/nothing/here", &[]).await.unwrap();
     assert_eq!(s, 404);
     let rid = h["x-request-id"].to_str().unwrap();
     assert!(
@@ -166,12 +113,9 @@ async fn forwarded_headers_request_id_and_host() {
         "headers named in Connection are hop-by-hop"
     );
 
-    let bad_id = Request::get("/x")
-        .header("host", "localhost")
-        .header("x-request-id", "bad id with spaces")
-        .body(Empty::<Bytes>::new())
+    let (_, h, _) = get_with(gw.port, "/x", &[("x-request-id", "bad id with spaces")])
+        .await
         .unwrap();
-    let (_, h, _) = request(gw.port, bad_id).await.unwrap();
     let id = h["x-request-id"].to_str().unwrap();
     assert_eq!(id.len(), 32, "a generated id replaces an unsafe one: {id}");
     assert_eq!(h["x-seen-x-request-id"], id);
@@ -319,21 +263,8 @@ async fn websocket_upgrade_passes_through() {
         ws.url()
     );
     let gw = Gateway::start(&yaml).await;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before the 101");
-        got.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let mut s = send(gw.port, b"GET /ws/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
+    let (head, _) = read_head(&mut s, Duration::from_secs(5)).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     // A masked WebSocket text frame "hello", echoed byte for byte through both hops.
@@ -497,13 +428,7 @@ async fn half_open_connections_do_not_starve_real_requests() {
     // 300 slowloris-style connections: a request line and one header, then nothing.
     let mut idle = Vec::new();
     for _ in 0..300 {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-            .await
-            .unwrap();
-        s.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n")
-            .await
-            .unwrap();
-        idle.push(s);
+        idle.push(send(gw.port, b"GET /x HTTP/1.1\r\nHost: localhost\r\n").await);
     }
     let t = Instant::now();
     let (s, _) = get(gw.port, "/real").await.unwrap();

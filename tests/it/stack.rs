@@ -416,12 +416,7 @@ fn docker_compose_file_is_accepted() {
     // The Compose stack's gateway config is valid too, with the files it names (mounted into
     // the containers there) at temporary paths here: validate checks them as run does.
     let files = temp_dir("compose-config");
-    let keygen = Command::new(bin())
-        .args(["keygen", "--out"])
-        .arg(&files)
-        .output()
-        .unwrap();
-    assert!(keygen.status.success());
+    hexgate_keygen(&files);
     std::fs::write(files.join("admin-token"), "t0ken\n").unwrap();
     let text = std::fs::read_to_string(root.join("deploy/docker/config.yaml"))
         .unwrap()

@@ -1,5 +1,6 @@
 //! Shared fixtures: real backends on loopback ports, the real `hexgate` binary as a child process,
 //! and small HTTP clients. Every server binds 127.0.0.1 and is stopped when its handle drops.
+//! Raw-socket clients are in `raw`, redis-server and Consul in `daemons` (re-exported here).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +17,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
+
+pub use crate::daemons::{ConsulAgent, RedisServer};
 
 /// A loopback port for a server a test starts later (nginx, consul, a gateway).
 pub fn free_port() -> u16 {
@@ -196,18 +199,11 @@ async fn answer(
         Behaviour::UpgradeEcho => {
             // A real WebSocket server's answer: the accept for the client's key (RFC 6455 4.2.2),
             // which the gateway checks before it opens a tunnel.
-            let key = req
-                .headers()
-                .get("sec-websocket-key")
-                .map(|k| k.as_bytes().to_vec())
-                .unwrap_or_default();
-            let mut sha1 = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-            sha1.update(&key);
-            sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-            let accept = {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD.encode(sha1.finish())
-            };
+            let accept = websocket_accept(
+                req.headers()
+                    .get("sec-websocket-key")
+                    .map_or(&b""[..], |k| k.as_bytes()),
+            );
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(up) = on.await {
@@ -225,6 +221,15 @@ async fn answer(
                 .unwrap()
         }
     }
+}
+
+/// The `Sec-WebSocket-Accept` that answers the client's `Sec-WebSocket-Key` (RFC 6455 4.2.2).
+pub fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut sha1 = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    sha1.update(key);
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1.finish())
 }
 
 /// A `hexgate run` child process with its config file; killed on drop.
@@ -258,6 +263,59 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hexgate")
 }
 
+/// A gateway config on loopback (`{port}` and `{admin}` filled in at start): `top` lines, then
+/// `services` (items from `service`).
+pub fn loopback_config(top: &str, services: &str) -> String {
+    format!(
+        "gatewayPort: \"{{port}}\"\ngatewayBind: 127.0.0.1\nadminPort: \"{{admin}}\"\n{top}services:\n{services}"
+    )
+}
+
+/// One item of a config's `services` list: `extra` lines follow `backends`.
+pub fn service(name: &str, path: &str, backends: &[&str], extra: &str) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("  - name: {name}\n    path: {path}\n    backends: [{list}]\n{extra}")
+}
+
+/// `hexgate keygen --out DIR`: DIR/private.pem and DIR/public.pem.
+pub fn hexgate_keygen(dir: &std::path::Path) {
+    let out = Command::new(bin())
+        .args(["keygen", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `hexgate validate` on `yaml` (written to a temporary file) with `env` and no
+/// HEXGATE_ADMIN_TOKEN unless `env` gives one: (exit code, stdout, stderr).
+pub fn validate_yaml(yaml: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = temp_dir("validate");
+    let f = dir.join("config.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let out = Command::new(bin())
+        .arg("validate")
+        .arg(&f)
+        .env_remove("HEXGATE_ADMIN_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 impl Gateway {
     /// Writes `yaml` (with `{port}` and `{admin}` replaced) and starts the gateway on it.
     pub async fn start(yaml: &str) -> Gateway {
@@ -274,19 +332,38 @@ impl Gateway {
         let port = free_port();
         let admin_port = free_port();
         let config = dir.join("config.yaml");
-        let text = yaml
-            .replace("{port}", &port.to_string())
-            .replace("{admin}", &admin_port.to_string())
-            .replace("{dir}", &dir.display().to_string());
-        std::fs::write(&config, text).unwrap();
-        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        std::fs::write(&config, fill(yaml, port, admin_port, &dir)).unwrap();
         let stdout = std::fs::File::create(dir.join("stdout.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["run", "--config"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--config"])
             .arg(&config)
             .envs(env.iter().copied())
+            .stdout(stdout);
+        Self::launch(cmd, port, admin_port, dir, config).await
+    }
+
+    /// `hexgate run --consul-key KEY` with the ports the stored config names.
+    pub async fn start_consul_key(consul: &str, key: &str, port: u16, admin_port: u16) -> Gateway {
+        let dir = temp_dir("gwkv");
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--consul-key", key])
+            .env("CONSUL_HTTP_ADDR", consul)
+            .stdout(Stdio::null());
+        let config = dir.join("none");
+        Self::launch(cmd, port, admin_port, dir, config).await
+    }
+
+    /// Spawns `cmd` (logging at info to DIR/gateway.log) and waits until it is ready.
+    async fn launch(
+        mut cmd: Command,
+        port: u16,
+        admin_port: u16,
+        dir: PathBuf,
+        config: PathBuf,
+    ) -> Gateway {
+        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        let child = cmd
             .env("HEXGATE_LOG", "info")
-            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("spawn hexgate");
@@ -296,29 +373,6 @@ impl Gateway {
             admin_port,
             dir,
             config,
-        };
-        gw.wait_ready().await;
-        gw
-    }
-
-    /// `hexgate run --consul-key KEY` with the ports the stored config names.
-    pub async fn start_consul_key(consul: &str, key: &str, port: u16, admin_port: u16) -> Gateway {
-        let dir = temp_dir("gwkv");
-        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["run", "--consul-key", key])
-            .env("CONSUL_HTTP_ADDR", consul)
-            .env("HEXGATE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn hexgate");
-        let gw = Gateway {
-            child,
-            port,
-            admin_port,
-            config: dir.join("none"),
-            dir,
         };
         gw.wait_ready().await;
         gw
@@ -371,10 +425,7 @@ impl Gateway {
     }
 
     pub fn rewrite_config(&self, yaml: &str) {
-        let text = yaml
-            .replace("{port}", &self.port.to_string())
-            .replace("{admin}", &self.admin_port.to_string())
-            .replace("{dir}", &self.dir.display().to_string());
+        let text = fill(yaml, self.port, self.admin_port, &self.dir);
         let tmp = self.dir.join("config.yaml.tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, &self.config).unwrap();
@@ -386,15 +437,24 @@ impl Gateway {
 
     /// Waits until the reload counter reaches `n` successes.
     pub async fn wait_reloads(&self, n: u64) {
+        self.wait_reload_count("success", n).await;
+    }
+
+    /// Waits until the reload counter reaches `n` failures (refused configs).
+    pub async fn wait_failed_reloads(&self, n: u64) {
+        self.wait_reload_count("failure", n).await;
+    }
+
+    async fn wait_reload_count(&self, result: &str, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let want = format!("hexgate_config_reloads_total{{result=\"success\"}} {n}");
+        let want = format!("hexgate_config_reloads_total{{result=\"{result}\"}} {n}");
         while Instant::now() < deadline {
             if self.metrics().await.contains(&want) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("reload {n} not seen; log:\n{}", self.log());
+        panic!("reload {result} {n} not seen; log:\n{}", self.log());
     }
 
     /// Waits for the process to exit, up to `limit`, returning its exit code.
@@ -410,6 +470,13 @@ impl Gateway {
     }
 }
 
+/// `yaml` with `{port}`, `{admin}` and `{dir}` replaced.
+fn fill(yaml: &str, port: u16, admin_port: u16, dir: &std::path::Path) -> String {
+    yaml.replace("{port}", &port.to_string())
+        .replace("{admin}", &admin_port.to_string())
+        .replace("{dir}", &dir.display().to_string())
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -422,15 +489,21 @@ pub type Resp = (u16, String);
 
 /// One GET over a fresh HTTP/1.1 connection.
 pub async fn get(port: u16, path: &str) -> Result<Resp, String> {
-    request(
-        port,
-        Request::get(path)
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .unwrap(),
-    )
-    .await
-    .map(|r| (r.0, r.2))
+    get_with(port, path, &[]).await.map(|r| (r.0, r.2))
+}
+
+/// One GET with `Host: localhost` and the `fields` given, over a fresh HTTP/1.1 connection:
+/// (status, headers, body).
+pub async fn get_with(
+    port: u16,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> Result<(u16, http::HeaderMap, String), String> {
+    let mut b = Request::get(path).header("host", "localhost");
+    for (name, value) in fields {
+        b = b.header(*name, *value);
+    }
+    request(port, b.body(Empty::<Bytes>::new()).unwrap()).await
 }
 
 /// One request over a fresh HTTP/1.1 connection: (status, headers, body).
@@ -443,14 +516,30 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let mut sender = http1(port).await?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    read_all(resp).await
+}
+
+/// An HTTP/1.1 client connection to 127.0.0.1:`port`, its driver spawned.
+async fn http1<B>(port: u16) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(sender)
+}
+
+/// A response's status, headers and whole body (as text).
+async fn read_all(resp: Response<Incoming>) -> Result<(u16, http::HeaderMap, String), String> {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp
@@ -475,14 +564,7 @@ impl KeepAlive {
 
     pub async fn get(&mut self, path: &str) -> Result<Resp, String> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .map_err(|e| e.to_string())?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            self.sender = Some(sender);
+            self.sender = Some(http1(self.port).await?);
         }
         let sender = self.sender.as_mut().unwrap();
         sender.ready().await.map_err(|e| e.to_string())?;
@@ -497,14 +579,7 @@ impl KeepAlive {
                 return Err(e.to_string());
             }
         };
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        read_all(resp).await.map(|r| (r.0, r.2))
     }
 }
 
@@ -522,15 +597,9 @@ pub async fn get_h2c(port: u16, path: &str) -> Result<(u16, http::Version, Strin
         .body(Empty::<Bytes>::new())
         .unwrap();
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
     let version = resp.version();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, version, String::from_utf8_lossy(&body).into_owned()))
+    let (status, _, body) = read_all(resp).await?;
+    Ok((status, version, body))
 }
 
 /// A self-signed certificate for localhost and 127.0.0.1, one day long: `DIR/STEMcert.pem`
@@ -573,213 +642,6 @@ pub fn require_tool(name: &str) {
         found,
         "`{name}` is not installed: run `make setup` (scripts/setup.sh) first"
     );
-}
-
-/// A real redis-server on a free loopback port, stopped by pid on drop.
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-    pub dir: PathBuf,
-    extra: Vec<String>,
-}
-
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        Self::start_with(&[])
-    }
-
-    pub fn start_with(extra: &[&str]) -> RedisServer {
-        require_tool("redis-server");
-        let port = free_port();
-        let dir = temp_dir("redis");
-        let mut r = RedisServer {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        r.restart();
-        r
-    }
-
-    /// Starts (again) on the same port, with empty data.
-    pub fn restart(&mut self) {
-        self.kill();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--dir"])
-            .arg(&self.dir)
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.cli(&["PING"]).trim() == "PONG" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(30));
-        }
-        panic!("redis-server on {} did not start", self.port);
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Runs redis-cli against this server and returns its stdout.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Calls of `cmd` from INFO commandstats.
-    pub fn calls(&self, cmd: &str) -> u64 {
-        let info = self.cli(&["INFO", "commandstats"]);
-        let prefix = format!("cmdstat_{cmd}:calls=");
-        info.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A real `consul agent -dev` on free loopback ports (DNS and gRPC off), stopped by pid on drop.
-pub struct ConsulAgent {
-    pub http_port: u16,
-    ports: [u16; 4],
-    child: Option<Child>,
-    pub dir: PathBuf,
-}
-
-impl ConsulAgent {
-    pub fn start() -> ConsulAgent {
-        require_tool("consul");
-        let mut a = ConsulAgent {
-            http_port: free_port(),
-            ports: [free_port(), free_port(), free_port(), 0],
-            child: None,
-            dir: temp_dir("consul"),
-        };
-        a.ports[3] = a.http_port;
-        a.restart();
-        a
-    }
-
-    pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
-    }
-
-    /// Starts a fresh dev agent (empty catalog and KV) on the same ports.
-    pub fn restart(&mut self) {
-        self.kill();
-        let log = std::fs::File::create(self.dir.join("consul.log")).unwrap();
-        let child = Command::new("consul")
-            .args([
-                "agent",
-                "-dev",
-                "-bind=127.0.0.1",
-                "-client=127.0.0.1",
-                "-dns-port=-1",
-                "-grpc-port=-1",
-            ])
-            .arg(format!("-http-port={}", self.http_port))
-            .arg(format!("-serf-lan-port={}", self.ports[0]))
-            .arg(format!("-serf-wan-port={}", self.ports[1]))
-            .arg(format!("-server-port={}", self.ports[2]))
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start consul");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            let out = Command::new("curl")
-                .args([
-                    "-s",
-                    "-m",
-                    "1",
-                    &format!("{}/v1/status/leader", self.addr()),
-                ])
-                .output();
-            if let Ok(o) = out {
-                let s = String::from_utf8_lossy(&o.stdout);
-                if s.contains("127.0.0.1:") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("consul did not elect itself leader");
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// A raw HTTP call to the agent with curl: (status, body).
-    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-m", "5", "-X", method, "-w", "\n%{http_code}"]);
-        if let Some(b) = body {
-            cmd.args(["--data-binary", b]);
-        }
-        cmd.arg(format!("{}{}", self.addr(), path));
-        let out = cmd.output().expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
-    /// Registers a backend with an HTTP check on its /health every second.
-    pub fn register(&self, id: &str, service: &str, port: u16) {
-        let def = format!(
-            r#"{{"ID":"{id}","Name":"{service}","Address":"127.0.0.1","Port":{port},"Check":{{"HTTP":"http://127.0.0.1:{port}/health","Interval":"1s","Timeout":"1s"}}}}"#
-        );
-        let (code, body) = self.http("PUT", "/v1/agent/service/register", Some(&def));
-        assert_eq!(code, 200, "register {id}: {body}");
-    }
-
-    pub fn deregister(&self, id: &str) {
-        let (code, body) = self.http("PUT", &format!("/v1/agent/service/deregister/{id}"), None);
-        assert_eq!(code, 200, "deregister {id}: {body}");
-    }
-}
-
-impl Drop for ConsulAgent {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Runs `hexgate` with args and CONSUL_HTTP_ADDR set: (exit code, stdout, stderr).
