@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hexgate_auth::keys::{self, Alg, Key};
+use hexgate_auth::Fingerprint;
 use hexgate_config::{Config, ConfigError, ConfigErrors, ADMIN_TOKEN_ENV};
 use tokio_rustls::TlsAcceptor;
 
@@ -55,7 +56,7 @@ pub enum Scope {
 pub struct AuthMaterial {
     /// The settings and key-file contents it was built from: equal fingerprints let a reload keep
     /// the running authenticator (its JWKS and verified-token caches).
-    pub fingerprint: String,
+    pub fingerprint: Fingerprint,
     pub keys: Vec<Key>,
 }
 
@@ -97,7 +98,10 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
                 );
             }
         }
-        let mut fingerprint = format!("{a:?}");
+        let mut fingerprint = Fingerprint {
+            settings: a.clone(),
+            key_files: Vec::new(),
+        };
         let mut keys = Vec::new();
         let named = a
             .public_key_path
@@ -112,7 +116,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         for (key, f) in named {
             match key_file(files, f, config.base_dir.as_deref()) {
                 Ok((text, parsed)) => {
-                    fingerprint.push_str(&text);
+                    fingerprint.key_files.push(text);
                     keys.extend(parsed);
                 }
                 Err(message) => err(&key, message),

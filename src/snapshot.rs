@@ -43,9 +43,8 @@ pub struct ServiceRt {
 pub struct Fixed {
     gateway: (std::net::IpAddr, u16),
     admin: (std::net::IpAddr, u16),
-    /// The Redis settings, as shown (credentials never appear in them).
-    redis: String,
-    tls: (bool, u16, String, String),
+    redis: Option<crate::config::Redis>,
+    tls: crate::config::Tls,
 }
 
 impl Fixed {
@@ -53,13 +52,8 @@ impl Fixed {
         Fixed {
             gateway: (c.gateway_bind, c.gateway_port),
             admin: (c.admin_bind, c.admin_port),
-            redis: serde_json::to_string(&c.redis).unwrap_or_default(),
-            tls: (
-                c.tls.enabled,
-                c.tls.https_port,
-                c.tls.cert_file.clone(),
-                c.tls.key_file.clone(),
-            ),
+            redis: c.redis.clone(),
+            tls: c.tls.clone(),
         }
     }
 
@@ -301,6 +295,30 @@ fn cidr_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_needs_a_restart_is_compared_by_value() {
+        let cfg = |extra: &str| {
+            crate::config::parse(
+                &format!("{extra}services: []\n"),
+                "gw.yaml",
+            )
+            .expect("valid")
+        };
+        let base = Fixed::of(&cfg("redis:\n  address: 127.0.0.1:6379\n"));
+        assert_eq!(
+            base.restart_needed(&Fixed::of(&cfg("redis:\n  address: 127.0.0.1:6379\n"))),
+            None
+        );
+        // A credential is part of the comparison, though it is never shown.
+        let secret = cfg("redis:\n  address: 127.0.0.1:6379\n  password: other\n");
+        assert_eq!(base.restart_needed(&Fixed::of(&secret)), Some("redis"));
+        let moved = cfg("gatewayPort: 8001\nredis:\n  address: 127.0.0.1:6379\n");
+        assert_eq!(
+            base.restart_needed(&Fixed::of(&moved)),
+            Some("gatewayPort/gatewayBind")
+        );
+    }
 
     #[test]
     fn cidrs() {

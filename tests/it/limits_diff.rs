@@ -48,7 +48,7 @@ fn rate(rate_per_second: f64, burst: u64, key: &str) -> RateLimit {
         enabled: true,
         rate_per_second,
         burst,
-        key: key.into(),
+        key: hexgate::config::LimitKey::parse(key).expect("a limit key"),
     }
 }
 
@@ -57,7 +57,7 @@ fn quota(limit: u64, period: Duration, key: &str) -> Quota {
         enabled: true,
         limit,
         period,
-        key: key.into(),
+        key: hexgate::config::LimitKey::parse(key).expect("a limit key"),
     }
 }
 

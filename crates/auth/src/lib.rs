@@ -60,9 +60,17 @@ pub struct KeySet {
     pub generation: u64,
 }
 
+/// What an authenticator is built from: the settings and the contents of the key files. A reload
+/// with an equal fingerprint keeps the running authenticator (its JWKS and token caches).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub settings: Authentication,
+    pub key_files: Vec<String>,
+}
+
 pub struct Authenticator {
     /// Config and key-file contents this was built from; equal fingerprints reuse the instance.
-    pub fingerprint: String,
+    pub fingerprint: Fingerprint,
     policy: Policy,
     pem_keys: Vec<Key>,
     keys: ArcSwap<KeySet>,
@@ -84,7 +92,7 @@ impl Authenticator {
     /// JWKS URL starts its refresh task on the current runtime.
     pub fn new(
         cfg: &Authentication,
-        fingerprint: String,
+        fingerprint: Fingerprint,
         pem_keys: Vec<Key>,
         metrics: Arc<Registry>,
     ) -> Arc<Authenticator> {

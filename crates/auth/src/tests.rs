@@ -38,8 +38,13 @@ async fn expiry_follows_the_injected_clock() {
         ..Default::default()
     };
     let clock = hexgate_http::clock::ManualClock::new(1_800_000_000 * 1_000_000);
-    let auth = Authenticator::new(&cfg, String::new(), keys, Arc::new(Registry::default()))
-        .with_clock(Clock::Manual(clock.clone()));
+    let auth = Authenticator::new(
+        &cfg,
+        Fingerprint::default(),
+        keys,
+        Arc::new(Registry::default()),
+    )
+    .with_clock(Clock::Manual(clock.clone()));
     let token = tools::sign_token(
         &signing,
         Alg::EdDSA,

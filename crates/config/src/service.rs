@@ -7,8 +7,8 @@ use crate::keys;
 use crate::read::{Fields, Reader};
 use crate::yaml::Node;
 use crate::{
-    BackendAddr, Config, EscapedSlashes, LoadBalancing, PathType, Quota, RateLimit, Service,
-    Timeouts,
+    BackendAddr, Config, EscapedSlashes, LimitKey, LoadBalancing, PathType, Quota, RateLimit,
+    Service, Timeouts,
 };
 
 pub(crate) fn read_timeouts(
@@ -51,7 +51,7 @@ pub(crate) fn read_rate_limit(r: &mut Reader, node: &Node, path: &str) -> RateLi
             "required when enabled",
         );
     }
-    let key = read_limit_key(r, &f, "ip");
+    let key = read_limit_key(r, &f, LimitKey::Ip);
     RateLimit {
         enabled,
         rate_per_second: rate.unwrap_or(1.0),
@@ -60,22 +60,21 @@ pub(crate) fn read_rate_limit(r: &mut Reader, node: &Node, path: &str) -> RateLi
     }
 }
 
-fn read_limit_key(r: &mut Reader, f: &Fields, default: &str) -> String {
+fn read_limit_key(r: &mut Reader, f: &Fields, default: LimitKey) -> LimitKey {
     let Some(k) = r.string(f, "key") else {
-        return default.to_string();
+        return default;
     };
-    let ok = k == "ip"
-        || k == "consumer"
-        || k.strip_prefix("header:")
-            .is_some_and(|h| !h.is_empty() && http::HeaderName::from_bytes(h.as_bytes()).is_ok());
-    if !ok {
-        r.err(
-            f.key_line("key"),
-            &f.key_path("key"),
-            format!("must be ip, consumer or header:NAME, found {k:?}"),
-        );
+    match LimitKey::parse(&k) {
+        Some(key) => key,
+        None => {
+            r.err(
+                f.key_line("key"),
+                &f.key_path("key"),
+                format!("must be ip, consumer or header:NAME, found {k:?}"),
+            );
+            default
+        }
     }
-    k
 }
 
 fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
@@ -99,7 +98,7 @@ fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
             );
         }
     }
-    let key = read_limit_key(r, &f, "consumer");
+    let key = read_limit_key(r, &f, LimitKey::Consumer);
     Quota {
         enabled,
         limit: limit.unwrap_or(1),

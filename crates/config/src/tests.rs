@@ -26,7 +26,7 @@ fn seed_configs_load_unchanged() {
     assert!(q.enabled);
     assert_eq!(q.limit, 5);
     assert_eq!(q.period, Duration::from_secs(60));
-    assert_eq!(q.key, "consumer");
+    assert_eq!(q.key, LimitKey::Consumer);
     assert!(cfg.authentication.enabled);
     assert_eq!(
         cfg.authentication.public_key_path.as_deref(),
@@ -47,7 +47,7 @@ fn seed_configs_load_unchanged() {
     assert!(rl.enabled);
     assert_eq!(rl.rate_per_second, 1.0);
     assert_eq!(rl.burst, 3);
-    assert_eq!(rl.key, "ip");
+    assert_eq!(rl.key, LimitKey::Ip);
     assert_eq!(static_cfg.services[0].backends.len(), 2);
     assert_eq!(static_cfg.services[0].backends[0].host, "localhost");
     assert_eq!(static_cfg.services[0].backends[0].port, 8081);

@@ -11,8 +11,8 @@ use crate::service::{
 };
 use crate::yaml::{self, Node};
 use crate::{
-    parse_cidr, Authentication, Config, Consul, LoadBalancing, Redis, Timeouts, Tls,
-    UnderscoreHeaders, ADMIN_TOKEN_ENV,
+    parse_cidr, Authentication, Config, Consul, FailureMode, LimitKey, LoadBalancing,
+    RateLimitHeaders, Redis, Timeouts, Tls, UnderscoreHeaders, ADMIN_TOKEN_ENV,
 };
 
 fn read_ip(r: &mut Reader, f: &Fields, key: &str, default: IpAddr) -> IpAddr {
@@ -146,7 +146,10 @@ fn read_redis(r: &mut Reader, node: &Node) -> Redis {
         timeout: r
             .duration(&f, "timeout")
             .unwrap_or(Duration::from_millis(50)),
-        failure_mode: r.choice(&f, "failureMode").unwrap_or_else(|| "open".into()),
+        failure_mode: match r.choice(&f, "failureMode").as_deref() {
+            Some("closed") => FailureMode::Closed,
+            _ => FailureMode::Open,
+        },
         key_prefix: r
             .string(&f, "keyPrefix")
             .unwrap_or_else(|| "hexgate:".into()),
@@ -202,9 +205,12 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             .unwrap_or(Duration::from_secs(2)),
         services: Vec::new(),
         rate_limiting: None,
-        rate_limit_headers: r
-            .choice(&f, "rateLimitHeaders")
-            .unwrap_or_else(|| "draft".into()),
+        rate_limit_headers: match r.choice(&f, "rateLimitHeaders").as_deref() {
+            Some("legacy") => RateLimitHeaders::Legacy,
+            Some("both") => RateLimitHeaders::Both,
+            Some("none") => RateLimitHeaders::None,
+            _ => RateLimitHeaders::Draft,
+        },
         authentication: Authentication::default(),
         tls: Tls {
             enabled: false,
@@ -328,7 +334,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             }
             let auth_on = svc.authentication.unwrap_or(cfg.authentication.enabled);
             if let Some(q) = &svc.quota {
-                if q.enabled && q.key == "consumer" && !auth_on {
+                if q.enabled && q.key == LimitKey::Consumer && !auth_on {
                     r.err(
                         svc.line,
                         &format!("{path}.quota"),
@@ -341,7 +347,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             }
             let rl = svc.rate_limiting.as_ref().or(cfg.rate_limiting.as_ref());
             if let Some(rl) = rl {
-                if rl.enabled && rl.key == "consumer" && !auth_on {
+                if rl.enabled && rl.key == LimitKey::Consumer && !auth_on {
                     r.err(
                         svc.line,
                         &format!("{path}.rateLimiting"),

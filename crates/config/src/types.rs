@@ -59,13 +59,71 @@ pub struct Timeouts {
     pub header_read: Duration,
 }
 
+/// What a limit counts by (`key`): `ip`, `consumer` or `header:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    Ip,
+    Consumer,
+    Header(http::HeaderName),
+}
+
+impl LimitKey {
+    /// The key as written in config.yaml; None when it is none of the three forms.
+    pub fn parse(s: &str) -> Option<LimitKey> {
+        match s {
+            "ip" => Some(LimitKey::Ip),
+            "consumer" => Some(LimitKey::Consumer),
+            _ => {
+                let h = s.strip_prefix("header:").filter(|h| !h.is_empty())?;
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(LimitKey::Header)
+            }
+        }
+    }
+}
+
+impl serde::Serialize for LimitKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LimitKey::Ip => s.serialize_str("ip"),
+            LimitKey::Consumer => s.serialize_str("consumer"),
+            LimitKey::Header(h) => s.serialize_str(&format!("header:{h}")),
+        }
+    }
+}
+
+/// `redis.failureMode`: what a limit check does when Redis fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Fall back to this instance's in-memory limiter and keep serving.
+    #[default]
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+/// `rateLimitHeaders`: which RateLimit response fields are sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitHeaders {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+    #[default]
+    Draft,
+    /// `RateLimit-Limit`, `-Remaining`, `-Reset`.
+    Legacy,
+    Both,
+    None,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
     pub enabled: bool,
     pub rate_per_second: f64,
     pub burst: u64,
-    pub key: String,
+    pub key: LimitKey,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -75,10 +133,10 @@ pub struct Quota {
     pub limit: u64,
     #[serde(with = "secs")]
     pub period: Duration,
-    pub key: String,
+    pub key: LimitKey,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Authentication {
     pub enabled: bool,
@@ -97,7 +155,7 @@ pub struct Authentication {
     pub strip_authorization: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Tls {
     pub enabled: bool,
@@ -106,7 +164,7 @@ pub struct Tls {
     pub key_file: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Redis {
     pub address: Option<String>,
@@ -118,7 +176,7 @@ pub struct Redis {
     pub tls: bool,
     #[serde(with = "secs")]
     pub timeout: Duration,
-    pub failure_mode: String,
+    pub failure_mode: FailureMode,
     pub key_prefix: String,
 }
 
@@ -182,7 +240,7 @@ pub struct Config {
     pub health_check_timeout: Duration,
     pub services: Vec<Service>,
     pub rate_limiting: Option<RateLimit>,
-    pub rate_limit_headers: String,
+    pub rate_limit_headers: RateLimitHeaders,
     pub authentication: Authentication,
     pub tls: Tls,
     pub redis: Option<Redis>,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use algo::{Decision, Gcra, MemoryStore, Window};
-use hexgate_config::{Config, Quota, RateLimit};
+use hexgate_config::{Config, Quota, RateLimit, RateLimitHeaders};
 use hexgate_metrics::{Registry, ServiceMetrics};
 use redis::RedisStore;
 
@@ -20,28 +20,8 @@ use redis::RedisStore;
 /// metrics).
 pub use hexgate_metrics::{LIMITS, LIMIT_RESULTS as RESULTS};
 
-/// What a limit counts by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyKind {
-    Ip,
-    Consumer,
-    Header(HeaderName),
-}
-
-impl KeyKind {
-    fn parse(s: &str) -> KeyKind {
-        match s {
-            "consumer" => KeyKind::Consumer,
-            s => match s
-                .strip_prefix("header:")
-                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-            {
-                Some(h) => KeyKind::Header(h),
-                None => KeyKind::Ip,
-            },
-        }
-    }
-}
+/// What a limit counts by (the config's `key`).
+pub use hexgate_config::LimitKey as KeyKind;
 
 #[derive(Debug, Clone)]
 pub struct RatePolicy {
@@ -98,25 +78,25 @@ impl RoutePolicies {
         .map(|(scope, r)| RatePolicy {
             scope,
             gcra: Gcra::new(r.rate_per_second, r.burst),
-            key: KeyKind::parse(&r.key),
+            key: r.key.clone(),
             burst: r.burst,
             window_secs: ((r.burst as f64 / r.rate_per_second).ceil() as u64).max(1),
         });
         let quota = quota.filter(|q| q.enabled).map(|q| QuotaPolicy {
             scope: service.to_string(),
             window: Window::new(q.limit, q.period),
-            key: KeyKind::parse(&q.key),
+            key: q.key.clone(),
             limit: q.limit,
             period_secs: q.period.as_secs().max(1),
         });
         if rate.is_none() && quota.is_none() {
             return None;
         }
-        let headers = match cfg.rate_limit_headers.as_str() {
-            "legacy" => HeaderMode::Legacy,
-            "both" => HeaderMode::Both,
-            "none" => HeaderMode::None,
-            _ => HeaderMode::Draft,
+        let headers = match cfg.rate_limit_headers {
+            RateLimitHeaders::Legacy => HeaderMode::Legacy,
+            RateLimitHeaders::Both => HeaderMode::Both,
+            RateLimitHeaders::None => HeaderMode::None,
+            RateLimitHeaders::Draft => HeaderMode::Draft,
         };
         let mut policy = Vec::new();
         if let Some(r) = &rate {
@@ -144,11 +124,8 @@ pub struct Verdict {
     pub unavailable: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureMode {
-    Open,
-    Closed,
-}
+/// What a check does when Redis fails (the config's `redis.failureMode`).
+pub use hexgate_config::FailureMode;
 
 /// The limit store of a process: memory, or Redis with memory as the fail-open fallback.
 pub struct Limiter {
@@ -189,10 +166,7 @@ impl Limiter {
         Limiter {
             memory: MemoryStore::default(),
             redis: redis_cfg.map(|r| RedisStore::start(r, metrics.clone())),
-            failure_mode: match redis_cfg.map(|r| r.failure_mode.as_str()) {
-                Some("closed") => FailureMode::Closed,
-                _ => FailureMode::Open,
-            },
+            failure_mode: redis_cfg.map(|r| r.failure_mode).unwrap_or_default(),
             key_prefix: cfg
                 .redis
                 .as_ref()

@@ -10,13 +10,13 @@ fn policies(cfg: &Config) -> RoutePolicies {
         enabled: true,
         rate_per_second: 1.0,
         burst: 3,
-        key: "consumer".into(),
+        key: hexgate_config::LimitKey::Consumer,
     };
     let quota = Quota {
         enabled: true,
         limit: 5,
         period: Duration::from_secs(3600),
-        key: "consumer".into(),
+        key: hexgate_config::LimitKey::Consumer,
     };
     RoutePolicies::build(cfg, "users", Some(&rate), Some(&quota)).expect("limits")
 }
