@@ -299,11 +299,7 @@ mod tests {
     #[test]
     fn what_needs_a_restart_is_compared_by_value() {
         let cfg = |extra: &str| {
-            crate::config::parse(
-                &format!("{extra}services: []\n"),
-                "gw.yaml",
-            )
-            .expect("valid")
+            crate::config::parse(&format!("{extra}services: []\n"), "gw.yaml").expect("valid")
         };
         let base = Fixed::of(&cfg("redis:\n  address: 127.0.0.1:6379\n"));
         assert_eq!(

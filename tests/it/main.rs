@@ -16,6 +16,7 @@ mod limits;
 mod limits_diff;
 mod proxy;
 mod raw;
+mod redis_transports;
 mod stack;
 mod support;
 mod tls;

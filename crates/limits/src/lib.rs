@@ -2,8 +2,8 @@
 //! (memory, or Redis shared by every instance), failure modes and the RateLimit response fields.
 
 pub mod algo;
+pub mod pipelined;
 pub mod redis;
-pub mod resp;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,6 @@
 //! The Redis store: each limit check is one Lua script (EVALSHA, loaded on NOSCRIPT) that checks
 //! and updates atomically; a request's checks are sent together on the worker's own connection
-//! (the pipelined client in `resp.rs` for a single plain-TCP Redis, redis-rs for TLS and clusters).
+//! (the pipelined client in `pipelined.rs` for a single Redis, plain or TLS; redis-rs for clusters).
 //! Redis's own clock (TIME) is used, so every gateway instance agrees on time; only a limiter built
 //! with a manual clock (tests) passes its `now` as a trailing argument instead.
 
@@ -9,12 +9,12 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::Script;
+use tokio_rustls::rustls::ClientConfig;
 
 use super::algo::{Decision, Gcra, Window, BUCKETS};
-use super::resp::{self, RespError};
+use super::pipelined::{self, PipelinedError};
 use hexgate_config::Redis as RedisConfig;
 use hexgate_metrics::Registry;
 
@@ -91,10 +91,9 @@ return {0}
 
 #[derive(Clone)]
 enum Conn {
-    /// A single Redis over plain TCP: the small pipelined client in `resp.rs`.
-    Fast(resp::Client),
-    /// A single Redis over TLS.
-    Single(ConnectionManager),
+    /// A single Redis, plain TCP or TLS: the small pipelined client in `pipelined.rs`.
+    Pipelined(pipelined::Client),
+    /// A Redis Cluster (plain TCP only: the workspace builds redis-rs without its TLS features).
     Cluster(ClusterConnection),
 }
 
@@ -124,7 +123,7 @@ pub enum StoreError {
     #[error("unexpected reply from the limit script")]
     Reply,
     #[error(transparent)]
-    Fast(#[from] RespError),
+    Pipelined(#[from] PipelinedError),
     #[error("Redis: {0}")]
     Server(String),
 }
@@ -133,10 +132,13 @@ pub struct RedisStore {
     /// One multiplexed connection per runtime (index: `upstream::worker_slot()`), so a worker's
     /// Redis calls are driven by its own thread; slot 0 (control) serves until a worker's is up.
     conns: Box<[ArcSwapOption<Conn>]>,
-    /// Per slot: a reconnect is under way (the fast client does not reconnect by itself).
+    /// Per slot: a reconnect is under way (the pipelined client does not reconnect by itself).
     reconnecting: Box<[AtomicBool]>,
     me: Weak<RedisStore>,
     cfg: RedisConfig,
+    /// With `tls`: the client config (system roots), built once; an error is reported by every
+    /// connection attempt.
+    tls: Result<Option<Arc<ClientConfig>>, String>,
     gcra: Lua,
     window: Lua,
     refund: Lua,
@@ -146,15 +148,15 @@ pub struct RedisStore {
 
 use hexgate_http::httpc::percent_encode as enc;
 
+/// A cluster seed's redis-rs URL (plain TCP: see `connect`).
 fn url(cfg: &RedisConfig, addr: &str) -> String {
-    let scheme = if cfg.tls { "rediss" } else { "redis" };
     let creds = match (&cfg.username, cfg.password.is_empty()) {
         (Some(u), false) => format!("{}:{}@", enc(u), enc(&cfg.password)),
         (Some(u), true) => format!("{}@", enc(u)),
         (None, false) => format!(":{}@", enc(&cfg.password)),
         (None, true) => String::new(),
     };
-    format!("{scheme}://{creds}{addr}/{}", cfg.db)
+    format!("redis://{creds}{addr}/{}", cfg.db)
 }
 
 impl RedisStore {
@@ -170,6 +172,7 @@ impl RedisStore {
                 .collect(),
             me: me.clone(),
             cfg: cfg.clone(),
+            tls: tls_config(cfg),
             gcra: Lua::new(GCRA_LUA),
             window: Lua::new(WINDOW_LUA),
             refund: Lua::new(REFUND_LUA),
@@ -192,13 +195,14 @@ impl RedisStore {
     fn connect_slot(&self, slot: usize) {
         let weak = self.me.clone();
         let cfg = self.cfg.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
                 if weak.strong_count() == 0 {
                     return;
                 }
-                match connect(&cfg).await {
+                match connect(&cfg, &tls).await {
                     Ok(c) => {
                         if let Some(s) = weak.upgrade() {
                             s.conns[slot].store(Some(Arc::new(c)));
@@ -228,8 +232,7 @@ impl RedisStore {
         let started = Instant::now();
         let res = tokio::time::timeout(self.timeout, async {
             match &*conn {
-                Conn::Fast(c) => self.eval_fast(c, calls).await,
-                Conn::Single(c) => eval_redis_rs(c, calls).await,
+                Conn::Pipelined(c) => self.eval_pipelined(c, calls).await,
                 Conn::Cluster(c) => eval_redis_rs(c, calls).await,
             }
         })
@@ -238,7 +241,9 @@ impl RedisStore {
         match res {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
             Ok(Err(
-                e @ StoreError::Fast(RespError::Closed | RespError::Io(_) | RespError::Protocol),
+                e @ StoreError::Pipelined(
+                    PipelinedError::Closed | PipelinedError::Io(_) | PipelinedError::Protocol,
+                ),
             )) => {
                 self.lost(slot);
                 Err(e)
@@ -247,18 +252,17 @@ impl RedisStore {
         }
     }
 
-    async fn eval_fast(
+    async fn eval_pipelined(
         &self,
-        c: &resp::Client,
+        c: &pipelined::Client,
         calls: &[(&Lua, &str, &[u64])],
     ) -> Result<Vec<Vec<i64>>, StoreError> {
         let mut bytes = Vec::with_capacity(128 * calls.len());
         for (lua, key, args) in calls {
-            resp::encode_evalsha(&mut bytes, lua.script.get_hash(), key, args);
+            pipelined::encode_evalsha(&mut bytes, lua.script.get_hash(), key, args);
         }
         let mut replies = c.call(bytes, calls.len()).await?;
-        let noscript =
-            |v: &resp::Value| matches!(v, resp::Value::Error(e) if e.starts_with("NOSCRIPT"));
+        let noscript = |v: &pipelined::Value| matches!(v, pipelined::Value::Error(e) if e.starts_with("NOSCRIPT"));
         let missing: Vec<usize> = (0..replies.len())
             .filter(|&i| noscript(&replies[i]))
             .collect();
@@ -268,12 +272,12 @@ impl RedisStore {
             let mut again = Vec::new();
             for &i in &missing {
                 let (lua, key, args) = calls[i];
-                resp::encode(&mut again, &[b"SCRIPT", b"LOAD", lua.code.as_bytes()]);
-                resp::encode_evalsha(&mut again, lua.script.get_hash(), key, args);
+                pipelined::encode(&mut again, &[b"SCRIPT", b"LOAD", lua.code.as_bytes()]);
+                pipelined::encode_evalsha(&mut again, lua.script.get_hash(), key, args);
             }
             let retried = c.call(again, 2 * missing.len()).await?;
             for (n, &i) in missing.iter().enumerate() {
-                if let Some(resp::Value::Error(e)) = retried.get(2 * n) {
+                if let Some(pipelined::Value::Error(e)) = retried.get(2 * n) {
                     return Err(StoreError::Server(e.clone()));
                 }
                 replies[i] = retried.get(2 * n + 1).cloned().ok_or(StoreError::Reply)?;
@@ -282,8 +286,8 @@ impl RedisStore {
         replies
             .iter()
             .map(|v| match v {
-                resp::Value::Error(e) => Err(StoreError::Server(e.clone())),
-                v => resp::ints(v).ok_or(StoreError::Reply),
+                pipelined::Value::Error(e) => Err(StoreError::Server(e.clone())),
+                v => pipelined::ints(v).ok_or(StoreError::Reply),
             })
             .collect()
     }
@@ -298,7 +302,7 @@ impl RedisStore {
                 self.conns[0].load_full().ok_or(StoreError::NotConnected)?,
             ),
         };
-        if let Conn::Fast(c) = &*conn {
+        if let Conn::Pipelined(c) = &*conn {
             if c.is_closed() {
                 self.lost(slot);
                 return Err(StoreError::NotConnected);
@@ -307,7 +311,7 @@ impl RedisStore {
         Ok((slot, conn))
     }
 
-    /// A fast connection was lost: drop it and reconnect in the background (once).
+    /// A pipelined connection was lost: drop it and reconnect in the background (once).
     fn lost(&self, slot: usize) {
         if !self.reconnecting[slot].swap(true, Ordering::AcqRel) {
             self.conns[slot].store(None);
@@ -387,7 +391,7 @@ fn with_now<const N: usize>(mut args: [u64; N], now: Option<u64>) -> ([u64; N], 
     }
 }
 
-/// The scripts through redis-rs (TLS, cluster): one `invoke_async` each (it loads a missing
+/// The scripts through redis-rs (cluster): one `invoke_async` each (it loads a missing
 /// script and retries just that one), sent together on the multiplexed connection; on a cluster
 /// the keys of a rate limit and a quota may live on different nodes.
 async fn eval_redis_rs<C: redis::aio::ConnectionLike + Clone>(
@@ -431,35 +435,48 @@ fn decision(v: &[i64]) -> Result<Decision, StoreError> {
     })
 }
 
-async fn connect(cfg: &RedisConfig) -> Result<Conn, redis::RedisError> {
+/// The TLS client config for a `tls: true` Redis: rustls with the system roots, as for the
+/// gateway's other outbound TLS (`SSL_CERT_FILE` / `SSL_CERT_DIR` replace the system roots, as
+/// with OpenSSL); `Ok(None)` without TLS.
+fn tls_config(cfg: &RedisConfig) -> Result<Option<Arc<ClientConfig>>, String> {
+    if !cfg.tls {
+        return Ok(None);
+    }
+    hexgate_http::httpc::tls_with_roots(None)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+async fn connect(
+    cfg: &RedisConfig,
+    tls: &Result<Option<Arc<ClientConfig>>, String>,
+) -> Result<Conn, StoreError> {
+    let tls = tls
+        .clone()
+        .map_err(|e| StoreError::Server(format!("TLS setup: {e}")))?;
     if !cfg.cluster.is_empty() {
+        if cfg.tls {
+            // redis-rs is built without TLS (its cluster client would answer "can't connect with
+            // TLS, the feature is not enabled"); say what is missing instead.
+            return Err(StoreError::Server(
+                "TLS to a Redis Cluster is not supported (redis.tls with redis.cluster)".into(),
+            ));
+        }
         let nodes: Vec<String> = cfg.cluster.iter().map(|a| url(cfg, a)).collect();
         let client = redis::cluster::ClusterClient::new(nodes)?;
         let conn = tokio::time::timeout(Duration::from_secs(5), client.get_async_connection())
             .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
+            .map_err(|_| StoreError::Timeout(Duration::from_secs(5)))??;
         return Ok(Conn::Cluster(conn));
     }
-    let addr = cfg.address.as_deref().unwrap_or("127.0.0.1:6379");
-    if !cfg.tls {
-        let target = resp::Target {
-            addr,
-            username: cfg.username.as_deref(),
-            password: &cfg.password,
-            db: cfg.db,
-        };
-        return resp::Client::connect(&target, Duration::from_secs(2))
-            .await
-            .map(Conn::Fast)
-            .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())));
-    }
-    let client = redis::Client::open(url(cfg, addr))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_min_delay(Duration::from_millis(100))
-        .set_max_delay(Duration::from_secs(2));
-    let conn = ConnectionManager::new_with_config(client, config).await?;
-    Ok(Conn::Single(conn))
+    let target = pipelined::Target {
+        addr: cfg.address.as_deref().unwrap_or("127.0.0.1:6379"),
+        tls,
+        username: cfg.username.as_deref(),
+        password: &cfg.password,
+        db: cfg.db,
+    };
+    Ok(Conn::Pipelined(
+        pipelined::Client::connect(&target, Duration::from_secs(2)).await?,
+    ))
 }

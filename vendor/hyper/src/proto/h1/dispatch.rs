@@ -46,9 +46,7 @@ cfg_server! {
     use crate::service::HttpService;
 
     pub(crate) struct Server<S: HttpService<B>, B> {
-        // HexGate patch: boxed per request instead of a box of `Option<S::Future>` allocated
-        // with the connection, so an idle keep-alive connection holds no service future.
-        in_flight: Option<Pin<Box<S::Future>>>,
+        in_flight: Pin<Box<Option<S::Future>>>,
         pub(crate) service: S,
     }
 }
@@ -572,7 +570,7 @@ cfg_server! {
     {
         pub(crate) fn new(service: S) -> Server<S, B> {
             Server {
-                in_flight: None,
+                in_flight: Box::pin(None),
                 service,
             }
         }
@@ -601,7 +599,7 @@ cfg_server! {
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<(Self::PollItem, Self::PollBody), Self::PollError>>> {
             let mut this = self.as_mut();
-            let ret = if let Some(fut) = this.in_flight.as_mut() {
+            let ret = if let Some(fut) = &mut this.in_flight.as_mut().as_pin_mut() {
                 let resp = ready!(fut.as_mut().poll(cx)?);
                 let (parts, body) = resp.into_parts();
                 let head = MessageHead {
@@ -616,7 +614,7 @@ cfg_server! {
             };
 
             // Since in_flight finished, remove it
-            this.in_flight = None;
+            this.in_flight.set(None);
             ret
         }
 
@@ -629,7 +627,7 @@ cfg_server! {
             *req.version_mut() = msg.version;
             *req.extensions_mut() = msg.extensions;
             let fut = self.service.call(req);
-            self.in_flight = Some(Box::pin(fut));
+            self.in_flight.set(Some(fut));
             Ok(())
         }
 

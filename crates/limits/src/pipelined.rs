@@ -1,18 +1,24 @@
-//! A small pipelined Redis client for the limit checks on a single, plain-TCP Redis: commands
-//! encoded once, written by one connection task in arrival order, replies read back in the same
-//! order by a hand-written RESP2 reader. (redis-rs stays for clusters and TLS; its generic reply
-//! parser cost about 10k instructions per request for two four-integer replies.)
+//! A small pipelined Redis client for the limit checks on a single Redis, over plain TCP or TLS:
+//! commands encoded once, written by one connection task in arrival order, replies read back in
+//! the same order by a hand-written RESP2 reader. (redis-rs stays for clusters only; its generic
+//! reply parser cost about 10k instructions per request for two four-integer replies.)
 //!
 //! One `Client` per worker runtime. A call sends its encoded commands and a reply slot to the
 //! connection task; a caller that gives up (timeout) just drops its slot, and the task still
 //! consumes the replies meant for it, so replies never go to the wrong caller.
+//!
+//! TLS is rustls (tokio-rustls) with the client config the caller gives, verified against the
+//! host part of the address (a name or an IP address).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
 
 /// A reply value (RESP2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +31,7 @@ pub enum Value {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RespError {
+pub enum PipelinedError {
     #[error("connection to Redis lost")]
     Closed,
     #[error("Redis I/O: {0}")]
@@ -34,6 +40,8 @@ pub enum RespError {
     Protocol,
     #[error("Redis refused: {0}")]
     Refused(String),
+    #[error("Redis TLS: {0}")]
+    Tls(String),
 }
 
 /// Appends one command in RESP array form.
@@ -89,7 +97,7 @@ pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
 
 /// Parses one reply from the start of `buf`: `Ok(None)` if it is not complete yet, else the value
 /// and the bytes it took.
-pub fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, RespError> {
+pub fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, PipelinedError> {
     parse_at(buf, 0, 0)
 }
 
@@ -108,30 +116,30 @@ fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
 }
 
 /// A RESP integer: optional minus, then 1 to 19 digits.
-fn int(bytes: &[u8]) -> Result<i64, RespError> {
+fn int(bytes: &[u8]) -> Result<i64, PipelinedError> {
     let (neg, digits) = match bytes {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, bytes),
     };
     if digits.is_empty() || digits.len() > 19 {
-        return Err(RespError::Protocol);
+        return Err(PipelinedError::Protocol);
     }
     let mut n: i64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
-            return Err(RespError::Protocol);
+            return Err(PipelinedError::Protocol);
         }
         n = n
             .checked_mul(10)
             .and_then(|n| n.checked_add(i64::from(d - b'0')))
-            .ok_or(RespError::Protocol)?;
+            .ok_or(PipelinedError::Protocol)?;
     }
     Ok(if neg { -n } else { n })
 }
 
-fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Value, usize)>, RespError> {
+fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Value, usize)>, PipelinedError> {
     if depth > MAX_DEPTH {
-        return Err(RespError::Protocol);
+        return Err(PipelinedError::Protocol);
     }
     let Some(&kind) = buf.get(at) else {
         return Ok(None);
@@ -149,13 +157,13 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Value, usize)
             if n < 0 {
                 return Ok(Some((Value::Bulk(None), next)));
             }
-            let n = usize::try_from(n).map_err(|_| RespError::Protocol)?;
+            let n = usize::try_from(n).map_err(|_| PipelinedError::Protocol)?;
             let end = next + n;
             if buf.len() < end + 2 {
                 return Ok(None);
             }
             if &buf[end..end + 2] != b"\r\n" {
-                return Err(RespError::Protocol);
+                return Err(PipelinedError::Protocol);
             }
             Ok(Some((Value::Bulk(Some(buf[next..end].to_vec())), end + 2)))
         }
@@ -164,7 +172,7 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Value, usize)
             if n < 0 {
                 return Ok(Some((Value::Array(None), next)));
             }
-            let n = usize::try_from(n).map_err(|_| RespError::Protocol)?;
+            let n = usize::try_from(n).map_err(|_| PipelinedError::Protocol)?;
             let mut items = Vec::with_capacity(n.min(64));
             let mut pos = next;
             for _ in 0..n {
@@ -178,7 +186,7 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Value, usize)
             }
             Ok(Some((Value::Array(Some(items)), pos)))
         }
-        _ => Err(RespError::Protocol),
+        _ => Err(PipelinedError::Protocol),
     }
 }
 
@@ -199,13 +207,13 @@ pub fn ints(v: &Value) -> Option<Vec<i64>> {
 struct Call {
     bytes: Vec<u8>,
     replies: usize,
-    tx: oneshot::Sender<Result<Vec<Value>, RespError>>,
+    tx: oneshot::Sender<Result<Vec<Value>, PipelinedError>>,
 }
 
 struct Pending {
     replies: usize,
     got: Vec<Value>,
-    tx: oneshot::Sender<Result<Vec<Value>, RespError>>,
+    tx: oneshot::Sender<Result<Vec<Value>, PipelinedError>>,
 }
 
 /// A connection to one Redis, driven by its own task on the runtime that opened it.
@@ -216,57 +224,47 @@ pub struct Client {
 
 /// How to reach and log in to Redis.
 pub struct Target<'a> {
+    /// `host:port` (`[v6]:port`).
     pub addr: &'a str,
+    /// TLS with this client config; `None`: plain TCP.
+    pub tls: Option<Arc<ClientConfig>>,
     pub username: Option<&'a str>,
     pub password: &'a str,
     pub db: u64,
 }
 
 impl Client {
-    /// Connects, logs in (AUTH, SELECT) and starts the connection task.
-    pub async fn connect(t: &Target<'_>, timeout: Duration) -> Result<Client, RespError> {
-        let mut stream = tokio::time::timeout(timeout, TcpStream::connect(t.addr))
+    /// Connects (TLS handshake included), logs in (AUTH, SELECT) and starts the connection task.
+    pub async fn connect(t: &Target<'_>, timeout: Duration) -> Result<Client, PipelinedError> {
+        let timed_out = || PipelinedError::Io(std::io::ErrorKind::TimedOut.into());
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(t.addr))
             .await
-            .map_err(|_| RespError::Io(std::io::ErrorKind::TimedOut.into()))??;
+            .map_err(|_| timed_out())??;
         let _ = stream.set_nodelay(true);
-        let mut hello = Vec::new();
-        let mut expect = 0;
-        if !t.password.is_empty() {
-            match t.username {
-                Some(u) => encode(&mut hello, &[b"AUTH", u.as_bytes(), t.password.as_bytes()]),
-                None => encode(&mut hello, &[b"AUTH", t.password.as_bytes()]),
-            }
-            expect += 1;
-        }
-        if t.db != 0 {
-            encode(&mut hello, &[b"SELECT", t.db.to_string().as_bytes()]);
-            expect += 1;
-        }
-        encode(&mut hello, &[b"PING"]);
-        expect += 1;
-        let login = async {
-            stream.write_all(&hello).await?;
-            let mut buf = Vec::with_capacity(256);
-            let mut seen = 0;
-            while seen < expect {
-                if stream.read_buf(&mut buf).await? == 0 {
-                    return Err(RespError::Closed);
-                }
-                while let Some((v, used)) = parse(&buf)? {
-                    buf.drain(..used);
-                    seen += 1;
-                    if let Value::Error(e) = v {
-                        return Err(RespError::Refused(e));
-                    }
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(timeout, login)
-            .await
-            .map_err(|_| RespError::Io(std::io::ErrorKind::TimedOut.into()))??;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(drive(stream, rx));
+        match &t.tls {
+            None => {
+                let mut stream = stream;
+                tokio::time::timeout(timeout, login(&mut stream, t))
+                    .await
+                    .map_err(|_| timed_out())??;
+                let (rd, wr) = stream.into_split();
+                tokio::spawn(drive(rd, wr, rx));
+            }
+            Some(cfg) => {
+                let name = server_name(t.addr)?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone());
+                let mut stream = tokio::time::timeout(timeout, tls.connect(name, stream))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| PipelinedError::Tls(e.to_string()))?;
+                tokio::time::timeout(timeout, login(&mut stream, t))
+                    .await
+                    .map_err(|_| timed_out())??;
+                let (rd, wr) = tokio::io::split(stream);
+                tokio::spawn(drive(rd, wr, rx));
+            }
+        }
         Ok(Client { tx })
     }
 
@@ -276,25 +274,75 @@ impl Client {
     }
 
     /// Sends `bytes` (holding `replies` commands) and waits for their replies, in order.
-    pub async fn call(&self, bytes: Vec<u8>, replies: usize) -> Result<Vec<Value>, RespError> {
+    pub async fn call(&self, bytes: Vec<u8>, replies: usize) -> Result<Vec<Value>, PipelinedError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Call { bytes, replies, tx })
-            .map_err(|_| RespError::Closed)?;
-        rx.await.map_err(|_| RespError::Closed)?
+            .map_err(|_| PipelinedError::Closed)?;
+        rx.await.map_err(|_| PipelinedError::Closed)?
     }
+}
+
+/// The name the server's certificate must carry: the host part of `host:port`.
+fn server_name(addr: &str) -> Result<ServerName<'static>, PipelinedError> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .map_err(|_| PipelinedError::Tls(format!("not a host name or IP address: {host}")))
+}
+
+/// Sends AUTH and SELECT as configured, then PING, and reads their replies.
+async fn login<S>(stream: &mut S, t: &Target<'_>) -> Result<(), PipelinedError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hello = Vec::new();
+    let mut expect = 0;
+    if !t.password.is_empty() {
+        match t.username {
+            Some(u) => encode(&mut hello, &[b"AUTH", u.as_bytes(), t.password.as_bytes()]),
+            None => encode(&mut hello, &[b"AUTH", t.password.as_bytes()]),
+        }
+        expect += 1;
+    }
+    if t.db != 0 {
+        encode(&mut hello, &[b"SELECT", t.db.to_string().as_bytes()]);
+        expect += 1;
+    }
+    encode(&mut hello, &[b"PING"]);
+    expect += 1;
+    stream.write_all(&hello).await?;
+    stream.flush().await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut seen = 0;
+    while seen < expect {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(PipelinedError::Closed);
+        }
+        while let Some((v, used)) = parse(&buf)? {
+            buf.drain(..used);
+            seen += 1;
+            if let Value::Error(e) = v {
+                return Err(PipelinedError::Refused(e));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The connection task: writes calls in arrival order, hands replies back in the same order; on
 /// a lost connection every waiting call gets `Closed` and the task ends.
-async fn drive(stream: TcpStream, mut rx: mpsc::UnboundedReceiver<Call>) {
-    let (mut rd, mut wr) = stream.into_split();
+async fn drive<R, W>(mut rd: R, mut wr: W, mut rx: mpsc::UnboundedReceiver<Call>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
     let mut outbuf: Vec<u8> = Vec::with_capacity(4096);
     let fail = |pending: &mut VecDeque<Pending>| {
         for p in pending.drain(..) {
-            let _ = p.tx.send(Err(RespError::Closed));
+            let _ = p.tx.send(Err(PipelinedError::Closed));
         }
     };
     loop {
@@ -308,7 +356,11 @@ async fn drive(stream: TcpStream, mut rx: mpsc::UnboundedReceiver<Call>) {
                     pending.push_back(Pending { replies: c.replies, got: Vec::with_capacity(c.replies), tx: c.tx });
                     next = rx.try_recv().ok();
                 }
-                let res = wr.write_all(&outbuf).await;
+                // (A flush is a no-op on TCP; TLS may hold the last record until flushed.)
+                let res = match wr.write_all(&outbuf).await {
+                    Ok(()) => wr.flush().await,
+                    Err(e) => Err(e),
+                };
                 outbuf.clear();
                 if res.is_err() {
                     break;
