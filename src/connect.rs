@@ -75,67 +75,36 @@ pub async fn checks(cfg: &Config) -> Vec<Check> {
     checks
 }
 
-/// Connects to one Redis node as the limiter would (TLS with the system roots when `redis.tls`),
-/// logs in (AUTH, SELECT) and sends PING.
+/// Connects to one Redis node as the limiter does (its pipelined client: TLS with the system
+/// roots when `redis.tls`, AUTH, SELECT) and sends PING.
 async fn redis_ping(addr: &str, r: &Redis) -> Result<String, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
+    use crate::limits::pipelined::{self, Client, Target, Value};
+    let tls = if r.tls {
+        Some(crate::httpc::tls_with_roots(None).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let target = Target {
+        addr,
+        tls,
+        username: r.username.as_deref(),
+        password: &r.password,
+        // A cluster has only database 0.
+        db: if r.cluster.is_empty() { r.db } else { 0 },
+    };
+    let client = Client::connect(&target, WAIT)
         .await
         .map_err(|e| e.to_string())?;
-    if !r.tls {
-        return redis_hello(tcp, r).await;
-    }
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name =
-        rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-    let tls = crate::httpc::tls_with_roots(None).map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
+    let mut ping = Vec::new();
+    pipelined::encode(&mut ping, &[b"PING"]);
+    match client
+        .call(ping, 1)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    redis_hello(stream, r).await
-}
-
-async fn redis_hello<S>(stream: S, r: &Redis) -> Result<String, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-    fn command(out: &mut Vec<u8>, args: &[&str]) {
-        out.extend(format!("*{}\r\n", args.len()).bytes());
-        for a in args {
-            out.extend(format!("${}\r\n{a}\r\n", a.len()).bytes());
-        }
-    }
-    let mut out = Vec::new();
-    let mut replies = 1;
-    if !r.password.is_empty() {
-        match &r.username {
-            Some(u) => command(&mut out, &["AUTH", u, &r.password]),
-            None => command(&mut out, &["AUTH", &r.password]),
-        }
-        replies += 1;
-    }
-    if r.db != 0 && r.cluster.is_empty() {
-        command(&mut out, &["SELECT", &r.db.to_string()]);
-        replies += 1;
-    }
-    command(&mut out, &["PING"]);
-    let mut stream = tokio::io::BufReader::new(stream);
-    let io = |e: std::io::Error| e.to_string();
-    stream.get_mut().write_all(&out).await.map_err(io)?;
-    let mut line = String::new();
-    for _ in 0..replies {
-        line.clear();
-        if stream.read_line(&mut line).await.map_err(io)? == 0 {
-            return Err("the connection was closed".into());
-        }
-        if let Some(e) = line.strip_prefix('-') {
-            return Err(format!("Redis refused: {}", e.trim_end()));
-        }
-    }
-    match line.trim_end() {
-        "+PONG" => Ok("PONG".into()),
+        .map_err(|e| e.to_string())?
+        .first()
+    {
+        Some(Value::Ok(s)) if s == "PONG" => Ok("PONG".into()),
+        Some(Value::Error(e)) => Err(format!("Redis refused: {e}")),
         other => Err(format!("unexpected answer {other:?} to PING")),
     }
 }

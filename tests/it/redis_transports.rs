@@ -209,17 +209,22 @@ async fn redis_over_tls_refuses_an_untrusted_certificate() {
     assert_eq!(redis.calls("evalsha"), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cluster_with_tls_is_refused_with_a_reason() {
-    let b = TestBackend::start(Behaviour::Hello).await;
+#[test]
+fn redis_cluster_with_tls_is_refused_with_a_reason() {
     let block = format!(
         "  cluster: [\"127.0.0.1:{}\"]\n  tls: true\n  timeout: 2s\n",
         free_port()
     );
-    let gw = Gateway::start(&yaml(&b, &block)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("TLS to a Redis Cluster is not supported") {
-        assert!(Instant::now() < deadline, "no reason logged: {}", gw.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let yaml = format!(
+        "gatewayPort: \"{}\"\nadminPort: \"{}\"\nredis:\n{block}services: []\n",
+        free_port(),
+        free_port()
+    );
+    // Refused by validate (and so by run and every reload), at the key, before anything starts.
+    let (code, _, err) = validate_yaml(&yaml, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(":5: redis.tls: TLS to a Redis Cluster is not supported"),
+        "{err}"
+    );
 }

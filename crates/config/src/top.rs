@@ -131,18 +131,29 @@ fn read_redis(r: &mut Reader, node: &Node) -> Redis {
             );
         }
     }
+    let cluster: Vec<String> = r
+        .string_list(&f, "cluster")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    let tls = r.bool(&f, "tls").unwrap_or(false);
+    if tls && !cluster.is_empty() {
+        // The cluster client (redis-rs) is built without TLS; refused here rather than at
+        // connect time, where a gateway would start and then fail every limit check.
+        r.err(
+            f.key_line("tls"),
+            "redis.tls",
+            "TLS to a Redis Cluster is not supported: use tls with a single address, or a cluster without tls",
+        );
+    }
     Redis {
         address,
-        cluster: r
-            .string_list(&f, "cluster")
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect(),
+        cluster,
         username: r.string(&f, "username").filter(|s| !s.is_empty()),
         password: r.string(&f, "password").unwrap_or_default(),
         db: r.uint(&f, "db").unwrap_or(0),
-        tls: r.bool(&f, "tls").unwrap_or(false),
+        tls,
         timeout: r
             .duration(&f, "timeout")
             .unwrap_or(Duration::from_millis(50)),
