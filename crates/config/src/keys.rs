@@ -208,7 +208,7 @@ pub static REDIS: &[KeyDecl] = &[
     key("username", Kind::String, NONE, "connection settings: ACL user name"),
     key("password", Kind::String, Value("\"\""), "connection settings: password (shown as `<redacted>`)"),
     key("db", Kind::Int { min: 0, max: 15 }, Value("0"), "connection settings: database number"),
-    key("tls", Kind::Bool, Value("false"), "connection settings: TLS, using rustls with the system roots"),
+    key("tls", Kind::Bool, Value("false"), "connection settings: TLS, using rustls with the system roots (a private CA: set `SSL_CERT_FILE` to its certificate); single address only, refused with `cluster`"),
     key("timeout", Kind::Duration, Value("50ms"), "per limit call; beyond it the failure mode applies"),
     key("failureMode", Kind::Enum(&["open", "closed"]), Value("open"), "`open`: fall back to this instance's in-memory limiter and keep serving; `closed`: answer 503"),
     key("keyPrefix", Kind::String, Value("hexgate:"), "prefix of every Redis key"),
