@@ -137,6 +137,25 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
     } else {
         None
     };
+    let consul_used = config.consul.register
+        || config
+            .services
+            .iter()
+            .any(|s| s.consul_service_name.is_some());
+    if consul_used {
+        if let Some(ca) = crate::discovery::consul::ca_file(&config.consul) {
+            let checked = files
+                .read(Path::new(&ca))
+                .map_err(|e| format!("{ca}: {e}"))
+                .and_then(|pem| crate::httpc::roots_from_pem(&pem, &ca).map_err(|e| e.to_string()));
+            if let Err(message) = checked {
+                err("consul.caCert", message);
+            }
+        }
+    }
+    for (key, message) in port_clashes(&config, scope) {
+        err(key, message);
+    }
     let admin_token = match admin_token(files, &config) {
         Ok(t) => t.map(Arc::from),
         Err(message) => {
@@ -153,6 +172,34 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         tls,
         admin_token,
     })
+}
+
+/// Listeners that would bind the same port on overlapping addresses (checked after the
+/// command-line overrides, which the reader never sees): the second of each pair is blamed.
+fn port_clashes(cfg: &Config, scope: Scope) -> Vec<(&'static str, String)> {
+    let mut listeners = vec![
+        ("gatewayPort", cfg.gateway_bind, cfg.gateway_port),
+        ("adminPort", cfg.admin_bind, cfg.admin_port),
+    ];
+    if cfg.tls.enabled && scope == Scope::Start {
+        listeners.push(("tls.httpsPort", cfg.gateway_bind, cfg.tls.https_port));
+    }
+    let overlap = |a: std::net::IpAddr, b: std::net::IpAddr| {
+        a == b || a.is_unspecified() || b.is_unspecified()
+    };
+    let mut clashes = Vec::new();
+    for (i, (key, bind, port)) in listeners.iter().enumerate() {
+        if let Some((other, _, _)) = listeners[..i]
+            .iter()
+            .find(|(_, b, p)| p == port && overlap(*b, *bind))
+        {
+            clashes.push((
+                *key,
+                format!("port {port} is also {other}'s: each listener needs its own port"),
+            ));
+        }
+    }
+    clashes
 }
 
 /// Finds a key file: as given (relative to the working directory, as the original gateway did),
@@ -287,5 +334,42 @@ mod tests {
         assert_eq!(errors.0[0].key, "tls.certFile");
         assert_eq!(errors.0[0].line, 3);
         assert!(compile(c(), &files, Scope::Reload).is_ok());
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused_after_overrides() {
+        let mut c = cfg("adminPort: \"9443\"\ntls:\n  enabled: true\n  httpsPort: \"9443\"\n  certFile: /t/c.pem\n  keyFile: /t/k.pem\nservices: []\n");
+        let Err(errors) = compile(c.clone(), &Mem::default(), Scope::Start) else {
+            panic!("accepted");
+        };
+        assert!(
+            errors.0.iter().any(|e| e.key == "tls.httpsPort"
+                && e.line == 4
+                && e.message.contains("adminPort")),
+            "{errors}"
+        );
+        // A reload never rebinds the HTTPS listener: nothing to refuse there.
+        assert!(compile(c.clone(), &Mem::default(), Scope::Reload).is_ok());
+        c.gateway_port = c.admin_port; // as `run --gateway-port 9443` would
+        let Err(errors) = compile(c, &Mem::default(), Scope::Reload) else {
+            panic!("accepted");
+        };
+        assert!(
+            errors
+                .0
+                .iter()
+                .any(|e| e.key == "adminPort" && e.line == 1 && e.message.contains("gatewayPort")),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn a_consul_ca_that_cannot_be_read_is_refused_at_its_key() {
+        let c = cfg("consul:\n  address: https://127.0.0.1:8501\n  caCert: /c/ca.pem\nservices:\n  - name: s\n    path: /s/\n    consulServiceName: s\n");
+        let Err(errors) = compile(c, &Mem::default(), Scope::Reload) else {
+            panic!("accepted");
+        };
+        assert_eq!(errors.0[0].key, "consul.caCert", "{errors}");
+        assert_eq!(errors.0[0].line, 3, "{errors}");
     }
 }

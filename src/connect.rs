@@ -48,7 +48,10 @@ pub async fn checks(cfg: &Config) -> Vec<Check> {
             None => Vec::new(),
         };
         for node in nodes {
-            checks.push((format!("Redis {node}"), within(redis_ping(node, r)).await));
+            checks.push((
+                format!("Redis {}", crate::httpc::redact_url(node)),
+                within(redis_ping(node, r)).await,
+            ));
         }
     }
     let consul = cfg.consul.address.is_some()

@@ -26,7 +26,7 @@ const HYPER_DEFAULT_MAX_HEADERS: u64 = 100;
 
 /// The settings an HTTP/1 connection is served with (`Settings::http1` of a snapshot for the
 /// admin listener, which applies a reload's values to new connections).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http1Limits {
     pub header_read: Duration,
     pub idle: Duration,

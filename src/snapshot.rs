@@ -45,6 +45,8 @@ pub struct Fixed {
     admin: (std::net::IpAddr, u16),
     redis: Option<crate::config::Redis>,
     tls: crate::config::Tls,
+    /// What the public listeners serve connections with (the admin listener takes a reload's).
+    public: (crate::listen::Http1Limits, u64),
 }
 
 impl Fixed {
@@ -54,6 +56,7 @@ impl Fixed {
             admin: (c.admin_bind, c.admin_port),
             redis: c.redis.clone(),
             tls: c.tls.clone(),
+            public: (crate::listen::Http1Limits::of(c), c.max_connections),
         }
     }
 
@@ -67,6 +70,8 @@ impl Fixed {
             Some("redis")
         } else if self.tls != new.tls {
             Some("tls")
+        } else if self.public != new.public {
+            Some("maxHeaderSize/maxHeaderCount/timeouts.headerRead/timeouts.idle/maxConnections on the public listeners")
         } else {
             None
         }
@@ -84,7 +89,6 @@ pub struct Settings {
     pub health_check_timeout: std::time::Duration,
     /// The config as `/admin/config` shows it (addresses with credentials redacted).
     pub shown: serde_json::Value,
-    pub fixed: Fixed,
 }
 
 pub struct Snapshot {
@@ -193,7 +197,6 @@ impl Snapshot {
             health_check_interval: config.health_check_interval,
             health_check_timeout: config.health_check_timeout,
             shown: shown_config(&config),
-            fixed: Fixed::of(&config),
         };
         Snapshot {
             admin_token,
@@ -314,6 +317,10 @@ mod tests {
             base.restart_needed(&Fixed::of(&moved)),
             Some("gatewayPort/gatewayBind")
         );
+        let bigger = cfg("maxHeaderSize: 16384\nredis:\n  address: 127.0.0.1:6379\n");
+        assert!(base
+            .restart_needed(&Fixed::of(&bigger))
+            .is_some_and(|r| r.contains("maxHeaderSize")));
     }
 
     #[test]

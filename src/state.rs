@@ -53,6 +53,9 @@ pub struct State {
     pub discovery: Arc<crate::discovery::Discovery>,
     pub health_wakeup: Notify,
     pub source: Source,
+    /// What the process started with that a reload cannot change: every reload is compared
+    /// with this, not with the reload before it.
+    started: Fixed,
     generation: AtomicU64,
 }
 
@@ -68,6 +71,7 @@ impl State {
         let backends = Arc::new(BackendSet::default());
         let limiter = crate::limits::Limiter::new(&compiled.config, metrics.clone());
         let discovery = crate::discovery::Discovery::new(consul);
+        let started = Fixed::of(&compiled.config);
         let snap = Snapshot::build(compiled, 1, &metrics, &backends, None);
         discovery.reconcile(snap.discovered_pools(), &backends);
         metrics.record_reload(true);
@@ -80,6 +84,7 @@ impl State {
             discovery,
             health_wakeup: Notify::new(),
             source,
+            started,
             generation: AtomicU64::new(1),
         })
     }
@@ -91,7 +96,7 @@ impl State {
         let compiled = compile(config, &Disk, Scope::Reload)?;
         let old = self.snapshot.load_full();
         let fixed = Fixed::of(&compiled.config);
-        if let Some(reason) = old.settings.fixed.restart_needed(&fixed) {
+        if let Some(reason) = self.started.restart_needed(&fixed) {
             tracing::warn!(%reason, "config change needs a restart to take effect; the rest is applied");
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;

@@ -131,12 +131,25 @@ fn read_redis(r: &mut Reader, node: &Node) -> Redis {
             );
         }
     }
-    let cluster: Vec<String> = r
+    let mut cluster = Vec::new();
+    for (i, (node, line)) in r
         .string_list(&f, "cluster")
         .unwrap_or_default()
         .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+        .enumerate()
+    {
+        if !node.contains(':') || node.contains('@') || node.contains('/') {
+            r.err(
+                line,
+                &format!("redis.cluster[{i}]"),
+                format!(
+                    "expected host:port (credentials go in username and password), found {:?}",
+                    hexgate_http::httpc::redact_url(&node)
+                ),
+            );
+        }
+        cluster.push(node);
+    }
     let tls = r.bool(&f, "tls").unwrap_or(false);
     if tls && !cluster.is_empty() {
         // The cluster client (redis-rs) is built without TLS; refused here rather than at
@@ -406,31 +419,37 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
     cfg
 }
 
-/// Lines of the keys that name files, from the YAML tree (defaults have none: their problems
-/// are reported at the line of the enclosing block, or line 1).
+/// Lines of the keys, from the YAML tree, for the checks that come after reading (the compile
+/// step: files a key names, listeners that clash): top-level keys, the keys of each block, and
+/// the items of their lists. Defaults have no line: their problems are reported at the line of
+/// the enclosing block, or line 1.
 fn file_key_lines(root: &Node) -> std::collections::BTreeMap<String, usize> {
+    fn items(out: &mut std::collections::BTreeMap<String, usize>, key: &str, v: &Node) {
+        if let yaml::Kind::Seq(list) = &v.kind {
+            for (i, item) in list.iter().enumerate() {
+                let at = format!("{key}[{i}]");
+                out.insert(at.clone(), item.line);
+                if let yaml::Kind::Map(m) = &item.kind {
+                    for (k, line, _) in m {
+                        out.insert(format!("{at}.{k}"), *line);
+                    }
+                }
+            }
+        }
+    }
     let mut out = std::collections::BTreeMap::new();
     let yaml::Kind::Map(top) = &root.kind else {
         return out;
     };
     for (k, line, v) in top {
-        match (k.as_str(), &v.kind) {
-            ("adminTokenFile", _) => {
-                out.insert(k.clone(), *line);
+        out.insert(k.clone(), *line);
+        items(&mut out, k, v);
+        if let yaml::Kind::Map(m) = &v.kind {
+            for (k2, l2, v2) in m {
+                let key = format!("{k}.{k2}");
+                items(&mut out, &key, v2);
+                out.insert(key, *l2);
             }
-            ("tls" | "authentication", yaml::Kind::Map(m)) => {
-                out.insert(k.clone(), *line);
-                for (k2, l2, v2) in m {
-                    let key = format!("{k}.{k2}");
-                    if let yaml::Kind::Seq(items) = &v2.kind {
-                        for (i, item) in items.iter().enumerate() {
-                            out.insert(format!("{key}[{i}]"), item.line);
-                        }
-                    }
-                    out.insert(key, *l2);
-                }
-            }
-            _ => {}
         }
     }
     out

@@ -56,15 +56,35 @@ fn ensure_ok(status: StatusCode, body: &[u8]) -> Result<(), ConsulError> {
     }
 }
 
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// Where a client for `cfg` connects (`consul.address`, else CONSUL_HTTP_ADDR, else the local
+/// agent) and whether it uses TLS without a scheme saying so (CONSUL_HTTP_SSL).
+fn address(cfg: &ConsulConfig) -> (String, bool) {
+    let addr = cfg
+        .address
+        .clone()
+        .or_else(|| env("CONSUL_HTTP_ADDR"))
+        .unwrap_or_else(|| "http://127.0.0.1:8500".into());
+    let ssl = env("CONSUL_HTTP_SSL").is_some_and(|v| v == "true" || v == "1");
+    (addr, ssl)
+}
+
+/// The CA file a client for `cfg` reads (`consul.caCert`, else CONSUL_CACERT), when it talks
+/// HTTPS; the compile step checks it before anything starts.
+pub fn ca_file(cfg: &ConsulConfig) -> Option<String> {
+    let (addr, ssl) = address(cfg);
+    let https = addr.starts_with("https://") || (!addr.contains("://") && ssl);
+    https
+        .then(|| cfg.ca_cert.clone().or_else(|| env("CONSUL_CACERT")))
+        .flatten()
+}
+
 impl ConsulClient {
     pub fn new(cfg: &ConsulConfig) -> Result<ConsulClient, ConsulError> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let addr = cfg
-            .address
-            .clone()
-            .or_else(|| env("CONSUL_HTTP_ADDR"))
-            .unwrap_or_else(|| "http://127.0.0.1:8500".into());
-        let ssl = env("CONSUL_HTTP_SSL").is_some_and(|v| v == "true" || v == "1");
+        let (addr, ssl) = address(cfg);
         let ca = cfg.ca_cert.clone().or_else(|| env("CONSUL_CACERT"));
         let endpoint = Endpoint::parse(&addr, ssl, ca.as_deref())
             .map_err(|e| ConsulError::Http(addr.clone(), e))?;

@@ -161,27 +161,37 @@ fn tls_fallback() -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// A client config trusting `ca_file` (PEM) if given, else the system roots.
-pub fn tls_with_roots(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, HttpError> {
+/// The trust anchors in a PEM file's contents (`name` names it in errors); at least one.
+pub fn roots_from_pem(pem: &[u8], name: &str) -> Result<rustls::RootCertStore, HttpError> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        let c = c.map_err(|e| HttpError::Io(format!("{name}: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| HttpError::Io(format!("{name}: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(HttpError::Io(format!("{name}: no certificate found")));
+    }
+    Ok(roots)
+}
+
+/// A client config trusting `ca_file` (PEM) if given, else the system roots.
+pub fn tls_with_roots(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, HttpError> {
+    let roots = match ca_file {
         Some(path) => {
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| HttpError::Io(format!("{path}: {e}")))?;
-            for c in certs {
-                let c = c.map_err(|e| HttpError::Io(format!("{path}: {e}")))?;
-                roots
-                    .add(c)
-                    .map_err(|e| HttpError::Io(format!("{path}: {e}")))?;
-            }
+            let pem = std::fs::read(path).map_err(|e| HttpError::Io(format!("{path}: {e}")))?;
+            roots_from_pem(&pem, path)?
         }
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(cert);
             }
+            roots
         }
-    }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
