@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -324,33 +323,5 @@ impl Config {
         self.admin_token.is_some()
             || self.admin_token_file.is_some()
             || std::env::var(ADMIN_TOKEN_ENV).is_ok_and(|v| !v.trim().is_empty())
-    }
-
-    /// The admin token: `adminToken`, else the first line of `adminTokenFile` (relative to the
-    /// config's directory), else `$HEXGATE_ADMIN_TOKEN`; None when none is set.
-    pub fn admin_token_value(&self) -> Result<Option<String>, String> {
-        if let Some(t) = &self.admin_token {
-            return Ok(Some(t.clone()));
-        }
-        if let Some(file) = &self.admin_token_file {
-            let path = match &self.base_dir {
-                Some(dir) if Path::new(file).is_relative() => dir.join(file),
-                _ => std::path::PathBuf::from(file),
-            };
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("adminTokenFile {}: {e}", path.display()))?;
-            let token = text.lines().next().unwrap_or("").trim().to_string();
-            if token.is_empty() {
-                return Err(format!(
-                    "adminTokenFile {}: the file is empty",
-                    path.display()
-                ));
-            }
-            return Ok(Some(token));
-        }
-        Ok(std::env::var(ADMIN_TOKEN_ENV)
-            .ok()
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty()))
     }
 }
