@@ -176,6 +176,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
 
 /// Listeners that would bind the same port on overlapping addresses (checked after the
 /// command-line overrides, which the reader never sees): the second of each pair is blamed.
+/// Port 0 (any free port, as tests use) never clashes.
 fn port_clashes(cfg: &Config, scope: Scope) -> Vec<(&'static str, String)> {
     let mut listeners = vec![
         ("gatewayPort", cfg.gateway_bind, cfg.gateway_port),
@@ -191,7 +192,7 @@ fn port_clashes(cfg: &Config, scope: Scope) -> Vec<(&'static str, String)> {
     for (i, (key, bind, port)) in listeners.iter().enumerate() {
         if let Some((other, _, _)) = listeners[..i]
             .iter()
-            .find(|(_, b, p)| p == port && overlap(*b, *bind))
+            .find(|(_, b, p)| *port != 0 && p == port && overlap(*b, *bind))
         {
             clashes.push((
                 *key,
