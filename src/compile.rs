@@ -12,7 +12,10 @@
 //! public-key file (readable, a public key of a supported type: a private key where the public
 //! key belongs is refused), the TLS certificate and key when TLS is on (parseable, the key
 //! matching the certificate: the rustls set-up the HTTPS listener then uses as compiled), and
-//! `adminTokenFile` (readable, not empty).
+//! `adminTokenFile` (readable, not empty), and each service's `upstreamTls` files (the CA file
+//! holding certificates, the client certificate and key parseable and belonging together: the
+//! rustls client configs the upstream connections then use as compiled). A reload re-reads them,
+//! so a rotated client certificate or CA takes effect without a restart.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -70,6 +73,8 @@ pub struct Compiled {
     /// The HTTPS acceptor (Scope::Start with TLS on).
     pub tls: Option<TlsAcceptor>,
     pub admin_token: Option<Arc<str>>,
+    /// Per service (same order as `config.services`), its `upstreamTls` built.
+    pub upstream_tls: Vec<Option<Arc<hexgate_upstream::ClientTls>>>,
 }
 
 /// Compiles `config`: all of its problems at once, or the compiled config.
@@ -153,6 +158,25 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
             }
         }
     }
+    let mut upstream_tls = Vec::with_capacity(config.services.len());
+    for (i, s) in config.services.iter().enumerate() {
+        let built = match &s.upstream_tls {
+            Some(t) => match upstream_tls_files(files, t, config.base_dir.as_deref()) {
+                Ok(c) => {
+                    if c.insecure {
+                        tracing::warn!(service = %s.name, "upstreamTls.insecureSkipVerify is on: backend certificates are not verified");
+                    }
+                    Some(Arc::new(c))
+                }
+                Err((key, message)) => {
+                    err(&format!("services[{i}].upstreamTls.{key}"), message);
+                    None
+                }
+            },
+            None => None,
+        };
+        upstream_tls.push(built);
+    }
     for (key, message) in port_clashes(&config, scope) {
         err(key, message);
     }
@@ -171,6 +195,38 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         auth,
         tls,
         admin_token,
+        upstream_tls,
+    })
+}
+
+/// One service's `upstreamTls`: its files read and the client configs built; on error, the key
+/// to blame (under `services[i].upstreamTls`).
+fn upstream_tls_files(
+    files: &dyn Files,
+    t: &hexgate_config::UpstreamTls,
+    base: Option<&Path>,
+) -> Result<hexgate_upstream::ClientTls, (&'static str, String)> {
+    use hexgate_upstream::{ClientTls, TlsConfigError, TlsMaterial};
+    let read = |key: &'static str, f: &Option<String>| -> Result<_, (&'static str, String)> {
+        let Some(f) = f else { return Ok(None) };
+        let path = resolve(files, f, base);
+        let bytes = files
+            .read(&path)
+            .map_err(|e| (key, format!("{}: {e}", path.display())))?;
+        Ok(Some((path.display().to_string(), bytes)))
+    };
+    let material = TlsMaterial {
+        ca: read("caFile", &t.ca_file)?,
+        cert: read("certFile", &t.cert_file)?,
+        key: read("keyFile", &t.key_file)?,
+        server_name: t.server_name.clone(),
+        insecure_skip_verify: t.insecure_skip_verify,
+    };
+    ClientTls::build(&material).map_err(|e| match e {
+        TlsConfigError::Ca(..) => ("caFile", e.to_string()),
+        TlsConfigError::Cert(..) => ("certFile", e.to_string()),
+        TlsConfigError::Key(..) => ("keyFile", e.to_string()),
+        TlsConfigError::Other(_) => ("serverName", e.to_string()),
     })
 }
 

@@ -51,6 +51,15 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("upstream failed: {0}")]
     Upstream(String),
+    /// TLS to the backend failed; `reason` is the `hexgate_upstream_errors_total` label.
+    #[error("upstream TLS failure ({reason}): {detail}")]
+    UpstreamTls {
+        reason: &'static str,
+        detail: String,
+    },
+    /// A gRPC request on a route whose backend speaks HTTP/1.1 only.
+    #[error("gRPC needs HTTP/2 to the backend, and service {0:?} speaks HTTP/1.1 to it (use an h2c:// or https:// backend, upstreamProtocol auto or http2)")]
+    GrpcNeedsHttp2(String),
     /// The backend's answer to an upgrade does not complete the handshake the client asked for
     /// (or switches protocols unasked); nothing is tunnelled.
     #[error("bad upgrade from the backend: {0}")]
@@ -82,7 +91,10 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Upstream(_) | GatewayError::BadUpgrade(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Upstream(_)
+            | GatewayError::UpstreamTls { .. }
+            | GatewayError::GrpcNeedsHttp2(_)
+            | GatewayError::BadUpgrade(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,7 +118,9 @@ impl GatewayError {
             | GatewayError::ConnectFailed
             | GatewayError::UpstreamTimeout
             | GatewayError::Upstream(_)
+            | GatewayError::UpstreamTls { .. }
             | GatewayError::BadUpgrade(_) => Side::Upstream,
+            GatewayError::GrpcNeedsHttp2(_) => Side::Gateway,
             GatewayError::Internal(_) => Side::Gateway,
         }
     }
@@ -126,6 +140,24 @@ impl GatewayError {
                 | GatewayError::UnsupportedTransferCoding
                 | GatewayError::BodyTooLarge(_)
         )
+    }
+
+    /// The gRPC status a refusal is given to a gRPC client: 12 UNIMPLEMENTED for no route (and
+    /// a route that cannot carry gRPC), else by HTTP status: 401 → 16 UNAUTHENTICATED, 403 → 7
+    /// PERMISSION_DENIED, 429 and 413 → 8 RESOURCE_EXHAUSTED, 503 → 14 UNAVAILABLE, 504 → 4
+    /// DEADLINE_EXCEEDED, anything else 13 INTERNAL.
+    pub fn grpc_status(&self) -> u8 {
+        match self {
+            GatewayError::NoRoute | GatewayError::GrpcNeedsHttp2(_) => 12,
+            e => match e.status().as_u16() {
+                401 => 16,
+                403 => 7,
+                413 | 429 => 8,
+                503 => 14,
+                504 => 4,
+                _ => 13,
+            },
+        }
     }
 
     /// A short JSON error body carrying the request id.
@@ -152,9 +184,14 @@ impl Reject {
         Reject { error, headers }
     }
 
-    /// The answer to the client.
-    pub fn to_response(self, request_id: &str) -> Response<Body> {
-        let mut resp = self.error.to_response(request_id);
+    /// The answer to the client: JSON, or for a gRPC request a gRPC answer (HTTP 200,
+    /// trailers-only, `grpc-status` and `grpc-message`).
+    pub fn to_response(self, request_id: &str, grpc: bool) -> Response<Body> {
+        let mut resp = if grpc {
+            grpc_error(self.error.grpc_status(), &self.error.to_string())
+        } else {
+            self.error.to_response(request_id)
+        };
         for (name, value) in self.headers {
             resp.headers_mut().insert(name, value);
         }
@@ -185,4 +222,67 @@ pub fn json_error(status: StatusCode, message: &str, request_id: &str) -> Respon
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// A trailers-only gRPC answer (gRPC over HTTP/2, "Responses"): HTTP 200 and one HEADERS frame
+/// ending the stream with `grpc-status` and the percent-encoded `grpc-message`.
+pub fn grpc_error(status: u8, message: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::Empty);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(GRPC_STATUS.clone(), HeaderValue::from(u16::from(status)));
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+        h.insert(GRPC_MESSAGE.clone(), v);
+    }
+    resp
+}
+
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod grpc_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_the_grpc_codes_of_the_spec() {
+        for (e, code) in [
+            (GatewayError::NoRoute, 12),
+            (GatewayError::TooManyRequests, 8),
+            (GatewayError::BodyTooLarge(1), 8),
+            (GatewayError::NoHealthyBackend, 14),
+            (GatewayError::ConnectFailed, 14),
+            (GatewayError::UpstreamTimeout, 4),
+            (GatewayError::Upstream("x".into()), 13),
+            (GatewayError::GrpcNeedsHttp2("s".into()), 12),
+            (GatewayError::Internal("x".into()), 13),
+        ] {
+            assert_eq!(e.grpc_status(), code, "{e:?}");
+            let r = Reject::from(e).to_response("id", true);
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()["grpc-status"], code.to_string().as_str());
+            assert_eq!(r.headers()["content-type"], "application/grpc");
+        }
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_percent_encode("a b%c\u{e9}\n"), "a b%25c%C3%A9%0A");
+    }
 }

@@ -17,7 +17,8 @@ pub async fn run(state: Arc<State>) {
         let mut checks = Vec::new();
         for svc in snap.services.iter() {
             for b in &svc.pool.static_backends {
-                if seen.insert(b.authority.clone()) {
+                // One check per backend (an address reached two ways is two backends).
+                if seen.insert(Arc::as_ptr(b) as usize) {
                     let b = b.clone();
                     let path = svc.health_check_path.clone();
                     checks.push(tokio::spawn(async move {

@@ -13,7 +13,7 @@ use crate::config::{parse_cidr, Config, PathType, Timeouts};
 use crate::metrics::{Registry, ServiceMetrics, UNMATCHED};
 use crate::router::{Route, Router};
 use crate::rules::headers::HeaderPolicy;
-use crate::upstream::{BackendSet, Pool};
+use crate::upstream::{BackendSet, Pool, Profile};
 
 /// One service as the request path sees it.
 pub struct ServiceRt {
@@ -121,6 +121,7 @@ impl Snapshot {
             auth: material,
             tls: _,
             admin_token,
+            upstream_tls,
         } = compiled;
         let auth = material.map(|m| match prev_auth {
             Some(a) if a.fingerprint == m.fingerprint => a.clone(),
@@ -137,13 +138,18 @@ impl Snapshot {
         };
         let mut services = Vec::with_capacity(config.services.len());
         let mut routes = Vec::with_capacity(config.services.len());
-        for s in &config.services {
-            let pool = Arc::new(Pool::new(
+        for (i, s) in config.services.iter().enumerate() {
+            let profile = Profile {
+                protocol: s.upstream_protocol,
+                tls: upstream_tls.get(i).cloned().flatten(),
+            };
+            let pool = Arc::new(Pool::with_profile(
                 s.backends
                     .iter()
-                    .map(|a| backends.get_or_create(a))
+                    .map(|a| backends.get_or_create(a, &profile))
                     .collect(),
                 s.load_balancing,
+                profile,
             ));
             let rt = Arc::new(ServiceRt {
                 name: s.name.clone(),

@@ -20,7 +20,7 @@ use super::outgoing::{check_switch, hop_by_hop_present, strip_hop_by_hop, Outgoi
 use crate::body::{Body, BodyProgress, BodyState};
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
-use crate::upstream::{Backend, PoolReturn, Sender};
+use crate::upstream::{Backend, ConnectError, PoolReturn, Sender};
 
 /// The client's fault, when an upstream send failed because the client's body went over
 /// its limit (413), stopped arriving (408) or could not be read (400: bad chunked framing, a
@@ -128,7 +128,7 @@ impl Drop for InFlight {
 }
 
 /// The attempts of one request: which backends failed, and the one place a failure is
-/// recorded (passive health, the service's error count, the retry budget).
+/// recorded (passive health, the service's error count by reason, the retry budget).
 struct Attempts<'a> {
     snap: &'a Snapshot,
     svc: &'a ServiceRt,
@@ -136,6 +136,9 @@ struct Attempts<'a> {
     tried: u64,
     failures: usize,
     max: usize,
+    /// The last TLS failure: when every attempt failed, the client is told that (502), not a
+    /// generic "could not connect" (503).
+    tls: Option<GatewayError>,
 }
 
 impl<'a> Attempts<'a> {
@@ -146,30 +149,39 @@ impl<'a> Attempts<'a> {
             tried: 0,
             failures: 0,
             max: svc.retries as usize + 1,
+            tls: None,
         }
     }
 
     /// The next backend to try, or why there is none.
-    fn pick(&self) -> Result<(usize, Arc<Backend>), GatewayError> {
-        self.svc.pool.pick(self.tried).ok_or(if self.failures == 0 {
-            GatewayError::NoHealthyBackend
-        } else {
-            GatewayError::ConnectFailed
-        })
+    fn pick(&mut self) -> Result<(usize, Arc<Backend>), GatewayError> {
+        match self.svc.pool.pick(self.tried) {
+            Some(p) => Ok(p),
+            None => Err(self.exhausted()),
+        }
+    }
+
+    /// Why the request failed when no attempt is left.
+    fn exhausted(&mut self) -> GatewayError {
+        match self.tls.take() {
+            Some(e) => e,
+            None if self.failures == 0 => GatewayError::NoHealthyBackend,
+            None => GatewayError::ConnectFailed,
+        }
     }
 
     /// A failure `backend` caused: counted against it (weighed against every pool of the
-    /// snapshot, see `upstream::record_failure`), and against the retry budget; Err when the
-    /// budget is spent.
-    fn failed(&mut self, idx: usize, backend: &Backend) -> Result<(), GatewayError> {
+    /// snapshot, see `upstream::record_failure`), under `reason`, and against the retry
+    /// budget; Err when the budget is spent.
+    fn failed(&mut self, idx: usize, backend: &Backend, reason: &str) -> Result<(), GatewayError> {
         crate::upstream::record_failure(backend, self.snap.services.iter().map(|s| &*s.pool));
-        self.errored();
+        self.errored(reason);
         self.failures += 1;
         if idx < 64 {
             self.tried |= 1 << idx;
         }
         if self.failures >= self.max {
-            Err(GatewayError::ConnectFailed)
+            Err(self.exhausted())
         } else {
             Ok(())
         }
@@ -177,16 +189,51 @@ impl<'a> Attempts<'a> {
 
     /// An upstream error that is no evidence against the backend (a stale pooled connection,
     /// a backend that gave up on a slow client): counted for the service only.
-    fn errored(&self) {
-        self.svc
-            .metrics
-            .upstream_errors
-            .fetch_add(1, Ordering::Relaxed);
+    fn errored(&self, reason: &str) {
+        self.svc.metrics.upstream_error(reason);
     }
 }
 
+/// The TLS failure in an exchange's error, if it is one (an alert the backend sent after the
+/// handshake: a client certificate refused or missing).
+fn tls_failure(err: &hyper::Error) -> Option<GatewayError> {
+    crate::upstream::tls_reason(err).map(|reason| GatewayError::UpstreamTls {
+        reason,
+        detail: err.to_string(),
+    })
+}
+
+/// The request as it was before it was shaped for an HTTP/2 connection, to undo that when it
+/// comes back unsent and goes to another backend.
+struct Unshaped {
+    uri: http::Uri,
+    host: Option<HeaderValue>,
+    version: http::Version,
+}
+
+impl Unshaped {
+    fn take(req: &Request<Body>) -> Self {
+        Unshaped {
+            uri: req.uri().clone(),
+            host: req.headers().get(header::HOST).cloned(),
+            version: req.version(),
+        }
+    }
+
+    fn restore(self, req: &mut Request<Body>) {
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        if let Some(h) = self.host {
+            req.headers_mut().insert(header::HOST, h);
+        }
+    }
+}
+
+static TE: http::HeaderName = http::HeaderName::from_static("te");
+
 /// Sends `out` to a backend of its service, retrying a request that was never written (or a
-/// replayable one) on another backend, within `timeouts.request`.
+/// replayable one) on another backend, within `timeouts.request` (or a gRPC request's shorter
+/// `grpc-timeout`).
 pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayError> {
     let Outgoing {
         service,
@@ -195,13 +242,22 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         upgrade,
         host_per_backend,
         replayable,
+        grpc,
     } = out;
     let svc = &*service;
-    let deadline = Instant::now() + svc.timeouts.request;
+    let request_timeout = match grpc.and_then(|g| g.deadline) {
+        Some(d) => d.min(svc.timeouts.request),
+        None => svc.timeouts.request,
+    };
+    let deadline = Instant::now() + request_timeout;
     let mut attempts = Attempts::new(snap, svc);
     // Stale pooled connections are retried without counting; this bounds the loop regardless.
     for _ in 0..(attempts.max + svc.pool.len() + 8) {
         let (idx, backend) = attempts.pick()?;
+        if grpc.is_some() && !backend.may_speak_http2() {
+            attempts.errored("grpc_needs_http2");
+            return Err(GatewayError::GrpcNeedsHttp2(svc.name.clone()));
+        }
         let _in_flight = InFlight::new(&backend);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let connect_timeout = svc.timeouts.connect.min(remaining);
@@ -209,13 +265,33 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, "connect failed");
-                attempts.failed(idx, &backend)?;
+                if let ConnectError::Tls { reason, .. } = &e {
+                    tracing::warn!(backend = %backend.addr, reason, error = %e, "upstream TLS failure");
+                    attempts.tls = Some(GatewayError::UpstreamTls {
+                        reason,
+                        detail: e.to_string(),
+                    });
+                }
+                attempts.failed(idx, &backend, e.reason())?;
                 if Instant::now() >= deadline {
                     return Err(GatewayError::UpstreamTimeout);
                 }
                 continue;
             }
         };
+        if upgrade.is_some() && sender.is_http2() {
+            return Err(GatewayError::BadUpgrade(
+                "the backend speaks HTTP/2: upgrades are tunnelled to HTTP/1.1 backends only",
+            ));
+        }
+        if grpc.is_some() && !sender.is_http2() {
+            // An `https://` backend that chose HTTP/1.1 by ALPN.
+            if let Sender::Http1(s) = sender {
+                PoolReturn::new(backend.clone(), s).give_back();
+            }
+            attempts.errored("grpc_needs_http2");
+            return Err(GatewayError::GrpcNeedsHttp2(svc.name.clone()));
+        }
         if host_per_backend {
             // A retry overwrites the previous backend's value.
             match HeaderValue::from_str(&backend.authority) {
@@ -234,6 +310,15 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                 req.headers().clone(),
             )
         });
+        let unshaped = sender.is_http2().then(|| Unshaped::take(&req));
+        if sender.is_http2() {
+            backend.for_http2(&mut req);
+            if grpc.is_some() {
+                // gRPC servers expect `te: trailers` (the only TE value HTTP/2 allows).
+                req.headers_mut()
+                    .insert(TE.clone(), HeaderValue::from_static("trailers"));
+            }
+        }
         let sent_at = Instant::now();
         let result = within_deadline(
             sender.try_send_request(req),
@@ -249,52 +334,81 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
             }
             Err(Late::Backend) => {
                 // The budget is beside the point: the time is spent.
-                let _ = attempts.failed(idx, &backend);
+                let _ = attempts.failed(idx, &backend, "response_timeout");
                 return Err(GatewayError::UpstreamTimeout);
             }
             Ok(Ok(resp)) => resp,
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) => {
-                    // Never written: safe to retry, on another backend unless the connection
-                    // was a stale pooled one.
-                    req = unsent;
-                    if !reused {
-                        attempts.failed(idx, &backend)?;
-                    }
-                    continue;
+            Ok(Err(mut e)) => {
+                if sender.is_http2() {
+                    backend.drop_shared_h2();
                 }
-                None => {
-                    let err = e.into_error();
-                    if let Some(client_fault) = client_body_error(&err) {
-                        return Err(client_fault);
-                    }
-                    if awaiting_client(progress.as_deref()) {
-                        // The backend gave up while the client was still sending (say its own
-                        // body timeout fired): no evidence the backend is unwell.
-                        tracing::debug!(backend = %backend.addr, error = %err, "upstream failed while waiting on the client's body");
-                        attempts.errored();
-                        return Err(GatewayError::Upstream(err.to_string()));
-                    }
-                    let retry = if reused {
-                        attempts.errored();
-                        true
-                    } else {
-                        attempts.failed(idx, &backend).is_ok()
-                    };
-                    match replay {
-                        Some((method, uri, headers)) if retry => {
-                            let mut r = Request::new(Body::Empty);
-                            *r.method_mut() = method;
-                            *r.uri_mut() = uri;
-                            *r.headers_mut() = headers;
-                            req = r;
-                            continue;
+                match e.take_message() {
+                    Some(mut unsent) => {
+                        // Never written: safe to retry, on another backend unless the
+                        // connection was a stale pooled one.
+                        if let Some(u) = unshaped {
+                            u.restore(&mut unsent);
                         }
-                        _ => return Err(GatewayError::Upstream(err.to_string())),
+                        req = unsent;
+                        if !reused {
+                            attempts.failed(idx, &backend, "connection_error")?;
+                        }
+                        continue;
+                    }
+                    None => {
+                        let err = e.into_error();
+                        if let Some(client_fault) = client_body_error(&err) {
+                            return Err(client_fault);
+                        }
+                        if awaiting_client(progress.as_deref()) {
+                            // The backend gave up while the client was still sending (say its
+                            // own body timeout fired): no evidence the backend is unwell.
+                            tracing::debug!(backend = %backend.addr, error = %err, "upstream failed while waiting on the client's body");
+                            attempts.errored("connection_error");
+                            return Err(GatewayError::Upstream(err.to_string()));
+                        }
+                        if let Some(tls) = tls_failure(&err) {
+                            if let GatewayError::UpstreamTls { reason, .. } = &tls {
+                                tracing::warn!(backend = %backend.addr, reason, error = %err, "upstream TLS failure");
+                                let _ = attempts.failed(idx, &backend, reason);
+                            }
+                            return Err(tls);
+                        }
+                        let retry = if reused {
+                            attempts.errored("connection_error");
+                            true
+                        } else {
+                            attempts.failed(idx, &backend, "connection_error").is_ok()
+                        };
+                        match replay {
+                            Some((method, uri, headers)) if retry => {
+                                let mut r = Request::new(Body::Empty);
+                                *r.method_mut() = method;
+                                *r.uri_mut() = uri;
+                                *r.headers_mut() = headers;
+                                req = r;
+                                continue;
+                            }
+                            _ => return Err(GatewayError::Upstream(err.to_string())),
+                        }
                     }
                 }
-            },
+            }
         };
+        if resp.status() == StatusCode::BAD_REQUEST && backend.client_cert_missing() {
+            // nginx's `ssl_verify_client on` without a certificate: a TLS failure as far as the
+            // operator is concerned (upstreamTls.certFile is missing), not the client's 400.
+            let reason = "tls_client_cert_required";
+            tracing::warn!(backend = %backend.addr, reason, "the backend asked for a client certificate, none is configured, and it answered 400");
+            let _ = attempts.failed(idx, &backend, reason);
+            return Err(GatewayError::UpstreamTls {
+                reason,
+                detail: format!(
+                    "{} requires a client certificate (set upstreamTls.certFile and keyFile)",
+                    backend.addr
+                ),
+            });
+        }
         backend.record_success();
         svc.metrics.upstream_duration.observe(sent_at.elapsed());
         return respond(resp, backend, sender, upgrade);
@@ -338,11 +452,14 @@ fn respond(
     let (mut parts, body) = resp.into_parts();
     let present = hop_by_hop_present(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, present, false);
-    let body = if http_body::Body::is_end_stream(&body) {
-        PoolReturn::new(backend, sender).give_back();
-        Body::Incoming(body)
-    } else {
-        Body::Pooled(body, Some(PoolReturn::new(backend, sender)))
+    let body = match sender {
+        // HTTP/2 connections are shared, never lent to one response.
+        Sender::Http2(_) => Body::Incoming(body),
+        Sender::Http1(sender) if http_body::Body::is_end_stream(&body) => {
+            PoolReturn::new(backend, sender).give_back();
+            Body::Incoming(body)
+        }
+        Sender::Http1(sender) => Body::Pooled(body, Some(PoolReturn::new(backend, sender))),
     };
     Ok(Response::from_parts(parts, body))
 }

@@ -10,7 +10,8 @@
 //! 5. authorise: nothing yet (scopes, API keys and plans plug in here)
 //! 6. limits (`limits`): rate limit and quota
 //! 7. the request upstream (`outgoing`): headers, path, body
-//! 8. pick upstream and forward (`forward`): retries, one failure recorder
+//! 8. pick upstream and forward (`forward`): retries, one failure recorder; HTTP/1.1 or
+//!    HTTP/2 (gRPC: `grpc`, its deadline and its answers)
 //! 9. response policy (`forward::respond`), then response headers, metrics and access log
 //!    ([`finish`])
 //!
@@ -19,6 +20,7 @@
 pub mod authn;
 pub mod edge;
 pub mod forward;
+pub mod grpc;
 pub mod limits;
 pub mod outgoing;
 pub mod route;
@@ -62,6 +64,8 @@ pub struct Context {
     pub metrics: Arc<ServiceMetrics>,
     /// Headers the response carries, whatever it is (the RateLimit fields of an allowed request).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Set for a gRPC request: refusals are gRPC answers, answers are counted by `grpc-status`.
+    pub grpc: Option<grpc::Grpc>,
 }
 
 /// Entry point for every request on the public listeners.
@@ -81,6 +85,7 @@ pub async fn handle(
             .then(|| (req.uri().path().to_string(), version_name(req.version()))),
         metrics: snap.unmatched.clone(),
         response_headers: Vec::new(),
+        grpc: grpc::Grpc::of(req.headers()),
         conn,
         snap,
     };
@@ -90,7 +95,7 @@ pub async fn handle(
             if reject.error.side() != Side::Client {
                 tracing::warn!(request_id = %cx.request_id, service = %cx.metrics.name, error = %reject.error, "request failed");
             }
-            reject.to_response(&cx.request_id)
+            reject.to_response(&cx.request_id, cx.grpc.is_some())
         }
     };
     Ok(finish(cx, resp))
@@ -135,6 +140,7 @@ async fn run(
         identity.as_deref(),
         cx.conn,
         &cx.request_id,
+        cx.grpc,
     )?;
     // 8 and 9. Pick a backend, forward (retries), response policy.
     Ok(forward::forward(&cx.snap, out).await?)
@@ -151,6 +157,9 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
         .record(&cx.method, resp.status().as_u16(), elapsed);
     if let Ok(v) = HeaderValue::from_str(&cx.request_id) {
         resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    if cx.grpc.is_some() {
+        resp = grpc::observe(cx.metrics.clone(), resp);
     }
     if let Some((path, version)) = cx.access {
         println!(

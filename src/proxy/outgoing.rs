@@ -353,6 +353,8 @@ pub struct Outgoing {
     /// No body and an idempotent method: can be sent again if the connection dies after it was
     /// written.
     pub replayable: bool,
+    /// A gRPC request: HTTP/2 upstream only, within its deadline.
+    pub grpc: Option<super::grpc::Grpc>,
 }
 
 /// Turns a routed client request into the request its backend gets.
@@ -363,6 +365,7 @@ pub fn prepare(
     identity: Option<&Identity>,
     conn: ConnInfo,
     request_id: &str,
+    grpc: Option<super::grpc::Grpc>,
 ) -> Result<Outgoing, GatewayError> {
     let Routed {
         service,
@@ -444,6 +447,7 @@ pub fn prepare(
         upgrade,
         host_per_backend,
         replayable,
+        grpc,
     })
 }
 

@@ -235,7 +235,9 @@ pub static SERVICE: &[KeyDecl] = &[
     key("stripPath", Kind::Bool, Value("false"), "remove the prefix before forwarding (`/api/v1/items` → `/items`)"),
     key("hosts", Kind::List(Item::Any), Text("any"), "match only these hosts (`*.example.com` wildcards allowed); compared in canonical form (lower case, no trailing dot, port ignored), see [How requests are handled](#how-requests-are-handled)"),
     key("methods", Kind::List(Item::OneOfAnyCase(METHODS)), Text("any"), "match only these methods"),
-    key("backends", Kind::List(Item::Any), Value("[]"), "static pool, `http://host:port` (no path); a service needs `backends` or `consulServiceName`"),
+    key("backends", Kind::List(Item::Any), Value("[]"), "static pool, `scheme://host:port` (no path): `http://` (HTTP/1.1), `https://` (TLS, verified; HTTP/2 when the backend offers `h2` by ALPN, else HTTP/1.1) or `h2c://` (cleartext HTTP/2, prior knowledge: gRPC without TLS); a service needs `backends` or `consulServiceName`"),
+    key("upstreamTls", Kind::Block(UPSTREAM_TLS), NONE, "how `https://` backends (static or discovered) are verified and what the gateway presents to them"),
+    key("upstreamProtocol", Kind::Enum(&["auto", "http1", "http2"]), Value("auto"), "`auto`: by scheme (`https://` by ALPN); `http1`: HTTP/1.1 only (`h2c://` backends refused); `http2`: HTTP/2 only (`http://` backends spoken to as h2c, `https://` ones must offer `h2`)"),
     key("consulServiceName", Kind::String, NONE, "pool discovered from Consul: the service's passing instances (`/v1/health/service/NAME?passing`, blocking queries), service address or else node address, `Weights.Passing` honoured by the balancer; may be combined with static `backends`"),
     key("consulTags", Kind::List(Item::Any), NONE, "discovery filter: only instances carrying all of these tags"),
     key("consulDatacenter", Kind::String, NONE, "discovery filter: the datacenter queried (default `consul.datacenter`)"),
@@ -249,6 +251,16 @@ pub static SERVICE: &[KeyDecl] = &[
     key("quota", Kind::Block(QUOTA), NONE, "requests per period, counted per key; a quota keyed by consumer on a route without authentication is an error"),
     key("escapedSlashes", Kind::Enum(ESCAPED_SLASHES), Text("top-level value (`reject`)"), "`%2F`, `%5C` or a raw `\\` in the path: `reject` (400, as Traefik's encoded-character filter), `keep` (forwarded as they came, never a separator for routing; for APIs with `%2F` in ids), `decode` (separators: decoded before normalisation and routing, and the request may only land on a route that decodes too). `%00` is always a 400"),
     key("allowedUpgrades", Kind::List(Item::Any), Text("top-level value (`[websocket]`)"), "`Upgrade` protocols tunnelled on this route (tokens such as `websocket`, any case); other `Upgrade` requests are forwarded as ordinary requests without it"),
+];
+
+/// `services[].upstreamTls`.
+#[rustfmt::skip]
+pub static UPSTREAM_TLS: &[KeyDecl] = &[
+    key("caFile", Kind::String, NONE, "PEM CA certificates trusted for this service's backends, besides the system roots; relative paths as for `publicKeyPath`; re-read at every reload"),
+    key("serverName", Kind::String, Text("the backend's host"), "SNI sent and the name the backend's certificate must carry"),
+    key("certFile", Kind::String, NONE, "PEM client certificate chain presented to backends that ask for one (mTLS); needs `keyFile`"),
+    key("keyFile", Kind::String, NONE, "PEM private key of `certFile`"),
+    key("insecureSkipVerify", Kind::Bool, Value("false"), "accept any backend certificate (no chain or name check): a warning is logged at every load"),
 ];
 
 /// `services[].authentication`.

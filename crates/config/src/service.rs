@@ -8,7 +8,7 @@ use crate::read::{Fields, Reader};
 use crate::yaml::Node;
 use crate::{
     BackendAddr, Config, EscapedSlashes, LimitKey, LoadBalancing, PathType, Quota, RateLimit,
-    Service, Timeouts,
+    Scheme, Service, Timeouts, UpstreamProtocol, UpstreamTls,
 };
 
 pub(crate) fn read_timeouts(
@@ -110,26 +110,28 @@ fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
 fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<BackendAddr> {
     // Error messages show the URL with any userinfo and query values redacted.
     let shown = hexgate_http::httpc::redact_url(s);
-    let rest = match s.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some((scheme, _)) => {
-            r.err(
-                line,
-                path,
-                format!(
-                    "unsupported scheme {scheme:?} in {shown:?} (backends are http://host:port)"
-                ),
-            );
-            return None;
-        }
-        None => s,
+    let (scheme, rest) = match s.split_once("://") {
+        Some((name, rest)) => match Scheme::parse(name).filter(|_| name != "grpc") {
+            Some(scheme) => (scheme, rest),
+            None => {
+                r.err(
+                    line,
+                    path,
+                    format!(
+                        "unsupported scheme {name:?} in {shown:?} (backends are http://, https:// or h2c://host:port)"
+                    ),
+                );
+                return None;
+            }
+        },
+        None => (Scheme::Http, s),
     };
     let authority = rest.trim_end_matches('/');
     if authority.contains('/') || authority.contains('?') || authority.contains('@') {
         r.err(
             line,
             path,
-            format!("backend {shown:?} must be http://host:port with no path"),
+            format!("backend {shown:?} must be scheme://host:port with no path"),
         );
         return None;
     }
@@ -148,7 +150,7 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
         }
     };
     let port = if port.is_empty() {
-        80
+        scheme.default_port()
     } else {
         match port.parse::<u16>() {
             Ok(p) if p > 0 => p,
@@ -166,7 +168,62 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
         r.err(line, path, format!("bad host in backend {shown:?}"));
         return None;
     }
-    Some(BackendAddr { host, port })
+    Some(BackendAddr { scheme, host, port })
+}
+
+fn read_upstream_tls(r: &mut Reader, node: &Node, path: &str) -> UpstreamTls {
+    let f = r.fields(node, path, keys::UPSTREAM_TLS);
+    let t = UpstreamTls {
+        ca_file: r.string(&f, "caFile").filter(|s| !s.is_empty()),
+        server_name: r.string(&f, "serverName").filter(|s| !s.is_empty()),
+        cert_file: r.string(&f, "certFile").filter(|s| !s.is_empty()),
+        key_file: r.string(&f, "keyFile").filter(|s| !s.is_empty()),
+        insecure_skip_verify: r.bool(&f, "insecureSkipVerify").unwrap_or(false),
+    };
+    match (&t.cert_file, &t.key_file) {
+        (Some(_), None) => r.err(
+            f.key_line("certFile"),
+            &f.key_path("keyFile"),
+            "required with certFile",
+        ),
+        (None, Some(_)) => r.err(
+            f.key_line("keyFile"),
+            &f.key_path("certFile"),
+            "required with keyFile",
+        ),
+        _ => {}
+    }
+    if let Some(name) = &t.server_name {
+        let ok = rustls_pki_types::ServerName::try_from(name.as_str()).is_ok();
+        if !ok {
+            r.err(
+                f.key_line("serverName"),
+                &f.key_path("serverName"),
+                format!("{name:?} is not a DNS name or IP address"),
+            );
+        }
+    }
+    t
+}
+
+fn read_upstream_protocol(
+    r: &mut Reader,
+    f: &Fields,
+    backends: &[BackendAddr],
+) -> UpstreamProtocol {
+    let p = match r.choice(f, "upstreamProtocol").as_deref() {
+        Some("http1") => UpstreamProtocol::Http1,
+        Some("http2") => UpstreamProtocol::Http2,
+        _ => UpstreamProtocol::Auto,
+    };
+    if p == UpstreamProtocol::Http1 && backends.iter().any(|b| b.scheme == Scheme::H2c) {
+        r.err(
+            f.key_line("upstreamProtocol"),
+            &f.key_path("upstreamProtocol"),
+            "http1 contradicts an h2c:// backend (cleartext HTTP/2)",
+        );
+    }
+    p
 }
 
 pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config) -> Service {
@@ -227,6 +284,10 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
             }
         }
     }
+    let upstream_tls = f
+        .get("upstreamTls")
+        .map(|n| read_upstream_tls(r, n, &f.key_path("upstreamTls")));
+    let upstream_protocol = read_upstream_protocol(r, &f, &backends);
     let consul_service_name = r.string(&f, "consulServiceName").filter(|s| !s.is_empty());
     if backends.is_empty() && consul_service_name.is_none() {
         r.err(
@@ -301,6 +362,8 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
         hosts,
         methods,
         backends,
+        upstream_tls,
+        upstream_protocol,
         consul_service_name,
         consul_tags: r
             .string_list(&f, "consulTags")

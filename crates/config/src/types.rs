@@ -22,9 +22,49 @@ pub enum PathType {
 pub use hexgate_http::rules::headers::UnderscoreHeaders;
 pub use hexgate_http::rules::path::EscapedSlashes;
 
-/// A static backend address, `http://host:port`.
+/// How a backend is spoken to, from its URL's scheme: `http://` (HTTP/1.1), `https://` (TLS,
+/// HTTP/2 or HTTP/1.1 by ALPN) or `h2c://` (cleartext HTTP/2 with prior knowledge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
+    H2c,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+            Scheme::H2c => "h2c",
+        }
+    }
+
+    /// The scheme a URL or a Consul instance names: `http`, `https`, `h2c`, or `grpc` (gRPC
+    /// without TLS, which is h2c).
+    pub fn parse(s: &str) -> Option<Scheme> {
+        match s.to_ascii_lowercase().as_str() {
+            "http" => Some(Scheme::Http),
+            "https" => Some(Scheme::Https),
+            "h2c" | "grpc" => Some(Scheme::H2c),
+            _ => None,
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Https => 443,
+            Scheme::Http | Scheme::H2c => 80,
+        }
+    }
+}
+
+/// A backend address, `scheme://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct BackendAddr {
+    pub scheme: Scheme,
     pub host: String,
     pub port: u16,
 }
@@ -41,8 +81,35 @@ impl BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority())
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority())
     }
+}
+
+/// `upstreamProtocol`: which HTTP version a service's backends are spoken to in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamProtocol {
+    /// `http://` HTTP/1.1, `h2c://` HTTP/2, `https://` by ALPN (h2 when the backend offers it).
+    #[default]
+    Auto,
+    /// HTTP/1.1 only (`h2c://` backends are refused).
+    Http1,
+    /// HTTP/2 only: `http://` backends are spoken to as h2c, `https://` ones must agree on h2.
+    Http2,
+}
+
+/// `upstreamTls`: how a service's `https://` backends are verified and what it presents.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamTls {
+    /// PEM CA certificates trusted besides the system roots.
+    pub ca_file: Option<String>,
+    /// SNI and the name verified (default: the backend's host).
+    pub server_name: Option<String>,
+    /// Client certificate chain and key (mTLS); both or neither.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -207,6 +274,9 @@ pub struct Service {
     pub hosts: Vec<String>,
     pub methods: Vec<String>,
     pub backends: Vec<BackendAddr>,
+    /// `upstreamTls` (None: system roots, SNI from the backend's host, no client certificate).
+    pub upstream_tls: Option<UpstreamTls>,
+    pub upstream_protocol: UpstreamProtocol,
     pub consul_service_name: Option<String>,
     pub consul_tags: Vec<String>,
     pub consul_datacenter: Option<String>,

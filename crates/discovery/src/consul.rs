@@ -176,6 +176,7 @@ impl ConsulClient {
                 .clamp(1, 100) as u32;
             out.push(Instance {
                 addr: BackendAddr {
+                    scheme: instance_scheme(svc),
                     host,
                     port: port as u16,
                 },
@@ -278,5 +279,49 @@ impl ConsulClient {
             .await?;
         ensure_ok(status, &body)?;
         serde_json::from_slice::<String>(&body).map_err(|e| ConsulError::Decode(e.to_string()))
+    }
+}
+
+/// How an instance is spoken to: its service `Meta.protocol` (`http`, `https`, `h2c`, or `grpc`,
+/// which is h2c), else the first tag with one of those names, else plain HTTP/1.1.
+fn instance_scheme(svc: &serde_json::Value) -> hexgate_config::Scheme {
+    use hexgate_config::Scheme;
+    if let Some(s) = svc["Meta"]["protocol"].as_str().and_then(Scheme::parse) {
+        return s;
+    }
+    svc["Tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().and_then(Scheme::parse))
+        .next()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod scheme_tests {
+    use super::instance_scheme;
+    use hexgate_config::Scheme;
+
+    #[test]
+    fn the_scheme_comes_from_meta_then_tags() {
+        let j = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
+        assert_eq!(instance_scheme(&j(r#"{}"#)), Scheme::Http);
+        assert_eq!(
+            instance_scheme(&j(r#"{"Meta":{"protocol":"grpc"}}"#)),
+            Scheme::H2c
+        );
+        assert_eq!(
+            instance_scheme(&j(r#"{"Meta":{"protocol":"HTTPS"},"Tags":["h2c"]}"#)),
+            Scheme::Https
+        );
+        assert_eq!(
+            instance_scheme(&j(r#"{"Meta":{"protocol":"tcp"},"Tags":["v1","https"]}"#)),
+            Scheme::Https
+        );
+        assert_eq!(
+            instance_scheme(&j(r#"{"Meta":null,"Tags":["v1"]}"#)),
+            Scheme::Http
+        );
     }
 }

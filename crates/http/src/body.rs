@@ -61,6 +61,8 @@ pub enum Body {
     Client(Pin<Box<ClientBody>>),
     /// An upstream response; `ret` gives the connection back to its pool at end of stream.
     Pooled(Incoming, Option<PoolReturn>),
+    /// A body the gateway watches on its way (the gRPC status in a response's trailers).
+    Boxed(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BodyError> + Send>>),
 }
 
 impl Body {
@@ -239,6 +241,7 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(BodyError::from),
             Body::Client(c) => c.as_mut().poll_frame(cx),
+            Body::Boxed(b) => b.as_mut().poll_frame(cx),
             Body::Pooled(i, ret) => {
                 let res = Pin::new(&mut *i).poll_frame(cx).map_err(BodyError::from);
                 match &res {
@@ -270,6 +273,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Incoming(i) | Body::Pooled(i, _) => i.is_end_stream(),
             Body::Client(c) => c.is_end_stream(),
+            Body::Boxed(b) => b.is_end_stream(),
         }
     }
 
@@ -280,6 +284,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Incoming(i) | Body::Pooled(i, _) => i.size_hint(),
             Body::Client(c) => c.size_hint(),
+            Body::Boxed(b) => b.size_hint(),
         }
     }
 }

@@ -23,6 +23,20 @@ pub const AUTH_REASONS: [&str; 13] = [
     "audience",
     "no_consumer",
 ];
+/// Labels of `hexgate_upstream_errors_total{reason}`, in counter order.
+pub const UPSTREAM_REASONS: [&str; 11] = [
+    "connect_failed",
+    "connect_timeout",
+    "tls_unknown_ca",
+    "tls_name_mismatch",
+    "tls_expired",
+    "tls_client_cert_required",
+    "tls_client_cert_refused",
+    "tls_handshake",
+    "response_timeout",
+    "connection_error",
+    "grpc_needs_http2",
+];
 /// Labels of `hexgate_ratelimit_decisions_total{result}`, in counter order.
 pub const LIMIT_RESULTS: [&str; 4] = ["allowed", "limited", "failed_open", "failed_closed"];
 /// Labels of `hexgate_ratelimit_decisions_total{limit}`, in counter order.
@@ -36,6 +50,7 @@ pub const OPEN_CONNECTIONS: &str = "hexgate_open_connections";
 pub const CONFIG_RELOADS_TOTAL: &str = "hexgate_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "hexgate_config_last_reload_success_timestamp_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "hexgate_upstream_errors_total";
+pub const GRPC_REQUESTS_TOTAL: &str = "hexgate_grpc_requests_total";
 pub const AUTH_FAILURES_TOTAL: &str = "hexgate_auth_failures_total";
 pub const JWKS_REFRESHES_TOTAL: &str = "hexgate_jwks_refreshes_total";
 pub const RATELIMIT_DECISIONS_TOTAL: &str = "hexgate_ratelimit_decisions_total";
@@ -141,7 +156,11 @@ pub struct ServiceMetrics {
     pub name: String,
     pub methods: [MethodMetrics; METHODS.len()],
     pub upstream_duration: Histogram,
-    pub upstream_errors: AtomicU64,
+    /// Indexed like [`UPSTREAM_REASONS`].
+    pub upstream_errors: [AtomicU64; UPSTREAM_REASONS.len()],
+    /// gRPC requests by (HTTP code, grpc-status; 255: none seen): few distinct pairs, locked
+    /// only for gRPC requests.
+    grpc: Mutex<Vec<((u16, u8), u64)>>,
     /// Indexed like `auth::REASONS`.
     pub auth_failures: [AtomicU64; AUTH_REASONS.len()],
     /// [limit][result], indexed like `limits::LIMITS` and `limits::RESULTS`.
@@ -154,7 +173,8 @@ impl ServiceMetrics {
             name: name.to_string(),
             methods: Default::default(),
             upstream_duration: Histogram::default(),
-            upstream_errors: AtomicU64::new(0),
+            upstream_errors: Default::default(),
+            grpc: Mutex::new(Vec::new()),
             auth_failures: Default::default(),
             limit_decisions: Default::default(),
         }
@@ -163,6 +183,28 @@ impl ServiceMetrics {
     pub fn limit_decision(&self, limit: usize, result: usize) {
         if let Some(c) = self.limit_decisions.get(limit).and_then(|l| l.get(result)) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failed upstream attempt by its reason (one of [`UPSTREAM_REASONS`]).
+    pub fn upstream_error(&self, reason: &str) {
+        let i = UPSTREAM_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(UPSTREAM_REASONS.len() - 2);
+        self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a gRPC request by its HTTP code and `grpc-status` (None: the answer carried none).
+    pub fn grpc(&self, code: u16, grpc_status: Option<u8>) {
+        let key = (code, grpc_status.unwrap_or(u8::MAX));
+        let mut g = match self.grpc.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match g.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => g.push((key, 1)),
         }
     }
 
@@ -282,15 +324,38 @@ impl Registry {
                     .write(&mut out, UPSTREAM_REQUEST_DURATION, &labels);
             }
         }
-        let _ = writeln!(out, "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream attempts (connect errors, resets, timeouts), by service.");
+        let _ = writeln!(out, "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream attempts (connect errors, TLS failures, resets, timeouts), by service and reason.");
         let _ = writeln!(out, "# TYPE {UPSTREAM_ERRORS_TOTAL} counter");
         for s in &services {
-            let _ = writeln!(
-                out,
-                "{UPSTREAM_ERRORS_TOTAL}{{service=\"{}\"}} {}",
-                s.name,
-                s.upstream_errors.load(Ordering::Relaxed)
-            );
+            for (i, reason) in UPSTREAM_REASONS.iter().enumerate() {
+                let v = s.upstream_errors[i].load(Ordering::Relaxed);
+                // connect_failed always, so every service has a series from the start.
+                if v > 0 || i == 0 {
+                    let _ = writeln!(
+                        out,
+                        "{UPSTREAM_ERRORS_TOTAL}{{service=\"{}\",reason=\"{reason}\"}} {v}",
+                        s.name
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP {GRPC_REQUESTS_TOTAL} gRPC requests, by service, HTTP status code and grpc-status (\"\" when the answer carried none).");
+        let _ = writeln!(out, "# TYPE {GRPC_REQUESTS_TOTAL} counter");
+        for s in &services {
+            if let Ok(g) = s.grpc.lock() {
+                for ((code, st), v) in g.iter() {
+                    let st = if *st == u8::MAX {
+                        String::new()
+                    } else {
+                        st.to_string()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{GRPC_REQUESTS_TOTAL}{{service=\"{}\",code=\"{code}\",grpc_status=\"{st}\"}} {v}",
+                        s.name
+                    );
+                }
+            }
         }
         let _ = writeln!(out, "# HELP {AUTH_FAILURES_TOTAL} Requests refused by JWT authentication, by service and reason.");
         let _ = writeln!(out, "# TYPE {AUTH_FAILURES_TOTAL} counter");

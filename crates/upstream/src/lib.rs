@@ -9,6 +9,7 @@
 //! requests, however bad, can empty one. Active health checks are not bound by it.
 
 pub mod health;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -16,12 +17,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::{header, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use hexgate_config::{BackendAddr, LoadBalancing};
+use hexgate_config::{BackendAddr, LoadBalancing, Scheme, UpstreamProtocol};
 use hexgate_http::body::{Body, IdleSink};
+pub use tls::{tls_reason, Alpn, ClientTls, TlsConfigError, TlsMaterial};
 
 /// Idle connections kept per backend.
 const MAX_IDLE_PER_BACKEND: usize = 1024;
@@ -30,22 +34,121 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 
-pub type Sender = http1::SendRequest<Body>;
+/// A connection to a backend, ready to carry requests: HTTP/1.1 (one request at a time, pooled
+/// while idle) or HTTP/2 (multiplexed: one connection per backend per worker, shared).
+pub enum Sender {
+    Http1(http1::SendRequest<Body>),
+    Http2(http2::SendRequest<Body>),
+}
+
+impl Sender {
+    pub fn is_http2(&self) -> bool {
+        matches!(self, Sender::Http2(_))
+    }
+
+    /// Sends `req`; on an error before anything was written, the request comes back.
+    pub async fn try_send_request(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+        match self {
+            Sender::Http1(s) => s.try_send_request(req).await,
+            Sender::Http2(s) => s.try_send_request(req).await,
+        }
+    }
+}
 
 pub use hexgate_http::worker::{set_worker, worker_slot, MAX_WORKERS};
 
+/// Why no connection to a backend could be made. [`ConnectError::reason`] is the `reason` label
+/// of `hexgate_upstream_errors_total`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect to {0} timed out")]
     Timeout(String),
     #[error("connect to {0}: {1}")]
     Io(String, std::io::Error),
+    #[error("upstream TLS failure ({reason}) with {addr}: {detail}")]
+    Tls {
+        addr: String,
+        reason: &'static str,
+        detail: String,
+    },
+    #[error("{0} did not agree on HTTP/2 by ALPN (upstreamProtocol: http2)")]
+    NoHttp2(String),
     #[error("handshake with {0}: {1}")]
     Handshake(String, hyper::Error),
 }
 
+impl ConnectError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Timeout(_) => "connect_timeout",
+            ConnectError::Io(..) => "connect_failed",
+            ConnectError::Tls { reason, .. } => reason,
+            ConnectError::NoHttp2(_) => "tls_handshake",
+            ConnectError::Handshake(..) => "connection_error",
+        }
+    }
+}
+
+/// How a backend is spoken to on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wire {
+    /// Cleartext HTTP/1.1.
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge.
+    H2c,
+    /// TLS, then the HTTP version ALPN settles (offering these).
+    Tls(Alpn),
+}
+
+/// A service's upstream settings (`upstreamProtocol`, `upstreamTls`): what any backend address of
+/// its pool, static or discovered, is spoken to with.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub protocol: UpstreamProtocol,
+    /// `upstreamTls` (None: the system roots, SNI from the backend's host).
+    pub tls: Option<Arc<ClientTls>>,
+}
+
+impl Profile {
+    pub fn wire(&self, scheme: Scheme) -> Wire {
+        match (scheme, self.protocol) {
+            (Scheme::Http, UpstreamProtocol::Http2) => Wire::H2c,
+            (Scheme::Http, _) => Wire::Http1,
+            (Scheme::H2c, _) => Wire::H2c,
+            (Scheme::Https, UpstreamProtocol::Auto) => Wire::Tls(Alpn::Both),
+            (Scheme::Https, UpstreamProtocol::Http1) => Wire::Tls(Alpn::Http1),
+            (Scheme::Https, UpstreamProtocol::Http2) => Wire::Tls(Alpn::Http2),
+        }
+    }
+
+    /// The TLS a backend of `scheme` uses: this profile's, or the shared default (system roots).
+    fn tls_for(&self, scheme: Scheme) -> Option<Arc<ClientTls>> {
+        if scheme != Scheme::Https {
+            return None;
+        }
+        self.tls.clone().or_else(default_tls)
+    }
+}
+
+/// TLS for `https://` backends of services without `upstreamTls`.
+fn default_tls() -> Option<Arc<ClientTls>> {
+    static DEFAULT: std::sync::OnceLock<Option<Arc<ClientTls>>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| match ClientTls::build(&TlsMaterial::default()) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                tracing::error!(error = %e, "default upstream TLS unavailable");
+                None
+            }
+        })
+        .clone()
+}
+
 struct Idle {
-    sender: Sender,
+    sender: http1::SendRequest<Body>,
     since: Instant,
 }
 
@@ -54,8 +157,14 @@ pub struct Backend {
     pub addr: BackendAddr,
     /// `host:port`, used as the URI authority upstream.
     pub authority: String,
-    /// Idle connections per worker runtime (index 0: control runtime).
+    pub wire: Wire,
+    tls: Option<Arc<ClientTls>>,
+    /// Idle HTTP/1.1 connections per worker runtime (index 0: control runtime).
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// The shared HTTP/2 connection per worker runtime.
+    h2: Box<[Mutex<Option<http2::SendRequest<Body>>>]>,
+    /// The backend asked for a client certificate during a handshake and none is configured.
+    client_cert_asked: AtomicBool,
     pub in_flight: AtomicUsize,
     /// Set by active health checks.
     active_healthy: AtomicBool,
@@ -74,11 +183,20 @@ fn now_ms() -> u64 {
 }
 
 impl Backend {
+    /// A backend spoken to as a plain `Profile` says (HTTP/1.1 for `http://`).
     pub fn new(addr: BackendAddr) -> Self {
+        Self::with_profile(addr, &Profile::default())
+    }
+
+    pub fn with_profile(addr: BackendAddr, profile: &Profile) -> Self {
         Backend {
             authority: addr.authority(),
+            wire: profile.wire(addr.scheme),
+            tls: profile.tls_for(addr.scheme),
             addr,
             idle: (0..=MAX_WORKERS).map(|_| Mutex::new(Vec::new())).collect(),
+            h2: (0..=MAX_WORKERS).map(|_| Mutex::new(None)).collect(),
+            client_cert_asked: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             active_healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
@@ -120,7 +238,7 @@ impl Backend {
         }
     }
 
-    fn pop_idle(&self) -> Option<Sender> {
+    fn pop_idle(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle[worker_slot()].lock().ok()?;
         while let Some(i) = idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE_TIMEOUT {
@@ -130,7 +248,7 @@ impl Backend {
         None
     }
 
-    fn push_idle(&self, sender: Sender) {
+    fn push_idle(&self, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
@@ -151,37 +269,154 @@ impl Backend {
             .sum()
     }
 
-    /// A ready connection: a pooled one if any is still open, else a new one.
+    /// This worker's shared HTTP/2 connection, if it is still open.
+    fn shared_h2(&self) -> Option<http2::SendRequest<Body>> {
+        let mut slot = self.h2[worker_slot()].lock().ok()?;
+        match &*slot {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Forgets this worker's shared HTTP/2 connection after a failure on it (a GOAWAY, a
+    /// broken connection): the next request opens a new one while streams still open on the
+    /// old one finish there.
+    pub fn drop_shared_h2(&self) {
+        if let Ok(mut slot) = self.h2[worker_slot()].lock() {
+            *slot = None;
+        }
+    }
+
+    /// Whether the backend can carry HTTP/2 (gRPC): it speaks it, or may by ALPN.
+    pub fn may_speak_http2(&self) -> bool {
+        !matches!(self.wire, Wire::Http1 | Wire::Tls(Alpn::Http1))
+    }
+
+    /// Whether the backend asked for a client certificate and none is configured: nginx with
+    /// `ssl_verify_client on` then answers 400, which the gateway reports as the TLS failure
+    /// it is (`tls_client_cert_required`).
+    pub fn client_cert_missing(&self) -> bool {
+        self.client_cert_asked.load(Ordering::Relaxed)
+    }
+
+    /// A ready connection: the shared HTTP/2 one or a pooled HTTP/1.1 one if any is still open,
+    /// else a new one. The flag says whether it was reused.
     pub async fn checkout(
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<(Sender, bool), ConnectError> {
+        if self.wire != Wire::Http1 {
+            if let Some(s) = self.shared_h2() {
+                return Ok((Sender::Http2(s), true));
+            }
+        }
         while let Some(mut s) = self.pop_idle() {
             if s.is_ready() {
-                return Ok((s, true));
+                return Ok((Sender::Http1(s), true));
             }
             // A connection whose previous response just ended becomes ready within moments.
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), s.ready()).await {
-                return Ok((s, true));
+                return Ok((Sender::Http1(s), true));
             }
         }
-        Ok((self.connect(connect_timeout).await?, false))
+        let s = self.connect(connect_timeout).await?;
+        if let Sender::Http2(h) = &s {
+            if let Ok(mut slot) = self.h2[worker_slot()].lock() {
+                *slot = Some(h.clone());
+            }
+        }
+        Ok((s, false))
     }
 
+    /// A new connection (TCP, then TLS for `https://`, then the HTTP handshake), all within
+    /// `timeout`.
     pub async fn connect(&self, timeout: Duration) -> Result<Sender, ConnectError> {
-        let stream = match tokio::time::timeout(
-            timeout,
-            TcpStream::connect(self.authority.as_str()),
-        )
-        .await
-        {
-            Err(_) => return Err(ConnectError::Timeout(self.authority.clone())),
-            Ok(Err(e)) => return Err(ConnectError::Io(self.authority.clone(), e)),
-            Ok(Ok(s)) => s,
-        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream =
+            match tokio::time::timeout_at(deadline, TcpStream::connect(self.authority.as_str()))
+                .await
+            {
+                Err(_) => return Err(ConnectError::Timeout(self.authority.clone())),
+                Ok(Err(e)) => return Err(ConnectError::Io(self.authority.clone(), e)),
+                Ok(Ok(s)) => s,
+            };
         let _ = stream.set_nodelay(true);
+        match self.wire {
+            Wire::Http1 => self.handshake(TokioIo::new(stream), false).await,
+            Wire::H2c => self.handshake(TokioIo::new(stream), true).await,
+            Wire::Tls(alpn) => {
+                let Some(tls) = &self.tls else {
+                    return Err(ConnectError::Tls {
+                        addr: self.authority.clone(),
+                        reason: "tls_handshake",
+                        detail: "no TLS client configuration".into(),
+                    });
+                };
+                let name = match &tls.server_name {
+                    Some(n) => n.clone(),
+                    None => rustls::pki_types::ServerName::try_from(self.addr.host.clone())
+                        .map_err(|e| ConnectError::Tls {
+                            addr: self.authority.clone(),
+                            reason: "tls_handshake",
+                            detail: format!("{:?} is not a server name: {e}", self.addr.host),
+                        })?,
+                };
+                let (cfg, asked) = tls.for_connection(alpn);
+                let connector = tokio_rustls::TlsConnector::from(cfg);
+                let s = match tokio::time::timeout_at(deadline, connector.connect(name, stream))
+                    .await
+                {
+                    Err(_) => return Err(ConnectError::Timeout(self.authority.clone())),
+                    Ok(Err(e)) => {
+                        return Err(ConnectError::Tls {
+                            addr: self.authority.clone(),
+                            reason: tls_reason(&e).unwrap_or("tls_handshake"),
+                            detail: e.to_string(),
+                        })
+                    }
+                    Ok(Ok(s)) => s,
+                };
+                if asked.load(Ordering::Relaxed) && !tls.has_client_cert() {
+                    if !self.client_cert_asked.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(backend = %self.addr, "the backend asked for a client certificate and upstreamTls.certFile is not set");
+                    }
+                } else if self.client_cert_asked.load(Ordering::Relaxed) {
+                    self.client_cert_asked.store(false, Ordering::Relaxed);
+                }
+                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                if alpn == Alpn::Http2 && !h2 {
+                    return Err(ConnectError::NoHttp2(self.authority.clone()));
+                }
+                self.handshake(TokioIo::new(s), h2).await
+            }
+        }
+    }
+
+    async fn handshake<I>(&self, io: I, h2: bool) -> Result<Sender, ConnectError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_KEEPALIVE)
+                .keep_alive_timeout(H2_KEEPALIVE)
+                .handshake(io)
+                .await
+                .map_err(|e| ConnectError::Handshake(self.authority.clone(), e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with error");
+                }
+            });
+            return Ok(Sender::Http2(sender));
+        }
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(io)
             .await
             .map_err(|e| ConnectError::Handshake(self.authority.clone(), e))?;
         tokio::spawn(async move {
@@ -189,16 +424,61 @@ impl Backend {
                 tracing::debug!(error = %e, "upstream connection ended with error");
             }
         });
-        Ok(sender)
+        Ok(Sender::Http1(sender))
+    }
+
+    /// Shapes a request for an HTTP/2 connection to this backend: absolute URI (`:scheme`,
+    /// `:authority` from the Host field, else the backend's address), no Host field.
+    pub fn for_http2(&self, req: &mut Request<Body>) {
+        let authority = req
+            .headers_mut()
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_string))
+            .unwrap_or_else(|| self.authority.clone());
+        let scheme = if matches!(self.wire, Wire::Tls(_)) {
+            "https"
+        } else {
+            "http"
+        };
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        match Uri::builder()
+            .scheme(scheme)
+            .authority(authority.as_str())
+            .path_and_query(pq.as_str())
+            .build()
+        {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => {
+                // A Host that is no authority (cannot happen for a routed request, whose host
+                // was canonicalised): the backend's own.
+                if let Ok(u) = Uri::builder()
+                    .scheme(scheme)
+                    .authority(self.authority.as_str())
+                    .path_and_query(pq.as_str())
+                    .build()
+                {
+                    *req.uri_mut() = u;
+                }
+            }
+        }
+        *req.version_mut() = Version::HTTP_2;
     }
 }
+
+/// HTTP/2 PING interval (and answer timeout) on upstream connections: a backend that vanished
+/// without closing is found within twice this.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// Gives a connection back to its backend's pool when a response body has been read to the end
 /// (the body type lives below this crate, so it names the pool through [`IdleSink`]).
 pub type PoolReturn = hexgate_http::body::PoolReturn;
 
 impl IdleSink for Backend {
-    fn give_back(&self, sender: Sender) {
+    fn give_back(&self, sender: http1::SendRequest<Body>) {
         self.push_idle(sender);
     }
 }
@@ -235,6 +515,8 @@ impl Members {
 /// The backends of one service and how to choose among them.
 pub struct Pool {
     pub static_backends: Vec<Arc<Backend>>,
+    /// How the pool's backends, discovered ones included, are spoken to.
+    pub profile: Profile,
     members: ArcSwap<Members>,
     lb: LoadBalancing,
     next: AtomicUsize,
@@ -242,8 +524,13 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(backends: Vec<Arc<Backend>>, lb: LoadBalancing) -> Self {
+        Self::with_profile(backends, lb, Profile::default())
+    }
+
+    pub fn with_profile(backends: Vec<Arc<Backend>>, lb: LoadBalancing, profile: Profile) -> Self {
         let n = backends.len();
         Pool {
+            profile,
             members: ArcSwap::from_pointee(Members::new(
                 backends.iter().map(|b| (b.clone(), 1)).collect(),
                 n,
@@ -257,6 +544,7 @@ impl Pool {
     /// Replaces the discovered part of the pool. Backends are looked up in `set`, so one that
     /// stays keeps its connections and passive-health state.
     pub fn set_discovered(&self, set: &BackendSet, discovered: &[(BackendAddr, u32)]) {
+        let profile = self.profile.clone();
         let mut all: Vec<(Arc<Backend>, u32)> = self
             .static_backends
             .iter()
@@ -266,7 +554,7 @@ impl Pool {
             if self.static_backends.iter().any(|b| &b.addr == addr) {
                 continue;
             }
-            all.push((set.get_or_create(addr), (*weight).max(1)));
+            all.push((set.get_or_create(addr, &profile), (*weight).max(1)));
         }
         self.members
             .store(Arc::new(Members::new(all, self.static_backends.len())));
@@ -384,20 +672,34 @@ pub fn record_failure<'a>(backend: &Backend, pools: impl IntoIterator<Item = &'a
 /// Every backend alive in any snapshot, by address, so a reload reuses pools and health state.
 #[derive(Default)]
 pub struct BackendSet {
-    map: Mutex<HashMap<BackendAddr, Weak<Backend>>>,
+    /// By address and what the backend is spoken to with (`transport_key`): two services that
+    /// reach one address with different TLS settings never share its connections.
+    map: Mutex<HashMap<(BackendAddr, u64), Weak<Backend>>>,
+}
+
+/// What distinguishes how an address is spoken to: the wire and, for TLS, the settings.
+fn transport_key(addr: &BackendAddr, profile: &Profile) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    profile.wire(addr.scheme).hash(&mut h);
+    if addr.scheme == Scheme::Https {
+        profile.tls.as_ref().map(|t| t.fingerprint).hash(&mut h);
+    }
+    h.finish()
 }
 
 impl BackendSet {
-    pub fn get_or_create(&self, addr: &BackendAddr) -> Arc<Backend> {
+    pub fn get_or_create(&self, addr: &BackendAddr, profile: &Profile) -> Arc<Backend> {
+        let key = (addr.clone(), transport_key(addr, profile));
         let mut map = match self.map.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        if let Some(b) = map.get(addr).and_then(Weak::upgrade) {
+        if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
             return b;
         }
-        let b = Arc::new(Backend::new(addr.clone()));
-        map.insert(addr.clone(), Arc::downgrade(&b));
+        let b = Arc::new(Backend::with_profile(addr.clone(), profile));
+        map.insert(key, Arc::downgrade(&b));
         map.retain(|_, w| w.strong_count() > 0);
         b
     }
@@ -409,6 +711,7 @@ mod tests {
 
     fn backend(port: u16) -> Arc<Backend> {
         Arc::new(Backend::new(BackendAddr {
+            scheme: Scheme::Http,
             host: "127.0.0.1".into(),
             port,
         }))

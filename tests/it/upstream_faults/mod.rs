@@ -46,14 +46,20 @@ async fn upstreams(gw: &Gateway, service: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
-/// The gateway's `hexgate_upstream_errors_total` for `service`.
+/// The gateway's `hexgate_upstream_errors_total` for `service`, all reasons summed.
 async fn upstream_errors(gw: &Gateway, service: &str) -> u64 {
     let m = gw.metrics().await;
-    let prefix = format!("hexgate_upstream_errors_total{{service=\"{service}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no upstream error count for {service}: {m}"))
+    let prefix = format!("hexgate_upstream_errors_total{{service=\"{service}\",reason=");
+    let counts: Vec<u64> = m
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse().ok())
+        .collect();
+    assert!(
+        !counts.is_empty(),
+        "no upstream error count for {service}: {m}"
+    );
+    counts.iter().sum()
 }
 
 // ---- A raw backend for upgrades, and one that records what it is told ----
