@@ -429,4 +429,41 @@ mod tests {
         assert_eq!(errors.0[0].key, "consul.caCert", "{errors}");
         assert_eq!(errors.0[0].line, 3, "{errors}");
     }
+
+    #[test]
+    fn upstream_tls_files_are_refused_at_their_keys() {
+        let c = cfg("services:\n  - name: a\n    path: /a/\n    backends: [\"https://10.0.0.1\"]\n    upstreamTls:\n      caFile: /u/missing.pem\n  - name: b\n    path: /b/\n    backends: [\"https://10.0.0.2\"]\n    upstreamTls:\n      caFile: /u/garbage.pem\n  - name: c\n    path: /c/\n    backends: [\"https://10.0.0.3\"]\n    upstreamTls:\n      certFile: /u/garbage.pem\n      keyFile: /u/garbage.pem\n");
+        let mut files = Mem::default();
+        files
+            .0
+            .insert("/u/garbage.pem".into(), b"not a certificate".to_vec());
+        let Err(errors) = compile(c, &files, Scope::Reload) else {
+            panic!("accepted");
+        };
+        let keys: Vec<_> = errors.0.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("services[0].upstreamTls.caFile", 6),
+                ("services[1].upstreamTls.caFile", 11),
+                ("services[2].upstreamTls.certFile", 16),
+            ],
+            "{errors}"
+        );
+        assert!(errors.0[0].message.contains("/u/missing.pem"), "{errors}");
+        assert!(
+            errors.0[1].message.contains("no PEM certificate"),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn a_service_without_upstream_tls_files_compiles_to_none() {
+        let c = cfg("services:\n  - name: a\n    path: /a/\n    backends: [\"https://10.0.0.1\", \"h2c://10.0.0.2:50051\"]\n  - name: b\n    path: /b/\n    backends: [\"https://10.0.0.1\"]\n    upstreamTls:\n      serverName: billing.internal\n      insecureSkipVerify: true\n");
+        let compiled = compile(c, &Mem::default(), Scope::Start).expect("compiles");
+        assert!(compiled.upstream_tls[0].is_none());
+        let b = compiled.upstream_tls[1].as_ref().expect("built");
+        assert!(b.insecure && !b.has_client_cert());
+        assert!(b.server_name.is_some());
+    }
 }

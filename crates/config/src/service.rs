@@ -114,11 +114,16 @@ fn read_backend(r: &mut Reader, s: &str, line: usize, path: &str) -> Option<Back
         Some((name, rest)) => match Scheme::parse(name).filter(|_| name != "grpc") {
             Some(scheme) => (scheme, rest),
             None => {
+                let hint = if name == "grpc" {
+                    "; use h2c:// for gRPC without TLS, https:// with it"
+                } else {
+                    ""
+                };
                 r.err(
                     line,
                     path,
                     format!(
-                        "unsupported scheme {name:?} in {shown:?} (backends are http://, https:// or h2c://host:port)"
+                        "unsupported scheme {name:?} in {shown:?} (backends are http://, https:// or h2c://host:port{hint})"
                     ),
                 );
                 return None;

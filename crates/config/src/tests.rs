@@ -310,3 +310,47 @@ fn a_route_path_with_a_semicolon_is_refused() {
         "{e:?}"
     );
 }
+
+#[test]
+fn backend_schemes_and_upstream_keys_parse() {
+    let cfg = parse(
+        "services:\n  - name: a\n    path: /a/\n    backends: [\"https://billing.internal\", \"h2c://127.0.0.1:50051\", \"http://[::1]\", \"10.0.0.1:81\"]\n    upstreamProtocol: http2\n    upstreamTls:\n      caFile: ca.pem\n      serverName: billing.internal\n      certFile: c.pem\n      keyFile: k.pem\n",
+        "t.yaml",
+    )
+    .expect("valid");
+    let s = &cfg.services[0];
+    let shown: Vec<String> = s.backends.iter().map(|b| b.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "https://billing.internal:443",
+            "h2c://127.0.0.1:50051",
+            "http://[::1]:80",
+            "http://10.0.0.1:81"
+        ]
+    );
+    assert_eq!(s.upstream_protocol, UpstreamProtocol::Http2);
+    let t = s.upstream_tls.as_ref().expect("upstreamTls");
+    assert_eq!(t.ca_file.as_deref(), Some("ca.pem"));
+    assert_eq!(t.server_name.as_deref(), Some("billing.internal"));
+    assert!(!t.insecure_skip_verify);
+}
+
+#[test]
+fn upstream_key_errors_name_line_and_key() {
+    let e = errs("services:\n  - name: a\n    path: /a/\n    backends: [\"grpc://127.0.0.1:1\", \"ftp://x\"]\n  - name: b\n    path: /b/\n    backends: [\"h2c://127.0.0.1:1\"]\n    upstreamProtocol: http1\n    upstreamTls:\n      certFile: c.pem\n      serverName: \"not a name!\"\n");
+    let got: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (2, "services[0]"),
+            (4, "services[0].backends[0]"),
+            (4, "services[0].backends[1]"),
+            (8, "services[1].upstreamProtocol"),
+            (10, "services[1].upstreamTls.keyFile"),
+            (11, "services[1].upstreamTls.serverName"),
+        ],
+        "{e:?}"
+    );
+    assert!(e[1].message.contains("use h2c://"), "{}", e[1].message);
+}

@@ -424,34 +424,40 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
 /// the items of their lists. Defaults have no line: their problems are reported at the line of
 /// the enclosing block, or line 1.
 fn file_key_lines(root: &Node) -> std::collections::BTreeMap<String, usize> {
-    fn items(out: &mut std::collections::BTreeMap<String, usize>, key: &str, v: &Node) {
-        if let yaml::Kind::Seq(list) = &v.kind {
-            for (i, item) in list.iter().enumerate() {
-                let at = format!("{key}[{i}]");
-                out.insert(at.clone(), item.line);
-                if let yaml::Kind::Map(m) = &item.kind {
-                    for (k, line, _) in m {
-                        out.insert(format!("{at}.{k}"), *line);
-                    }
+    /// Records `path` (a key, `a.b`, or a list item, `a[0]`) and everything under it.
+    fn walk(
+        out: &mut std::collections::BTreeMap<String, usize>,
+        path: &str,
+        v: &Node,
+        depth: usize,
+    ) {
+        if depth > 16 {
+            return;
+        }
+        match &v.kind {
+            yaml::Kind::Map(m) => {
+                for (k, line, child) in m {
+                    let at = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    out.insert(at.clone(), *line);
+                    walk(out, &at, child, depth + 1);
                 }
             }
+            yaml::Kind::Seq(list) => {
+                for (i, item) in list.iter().enumerate() {
+                    let at = format!("{path}[{i}]");
+                    out.insert(at.clone(), item.line);
+                    walk(out, &at, item, depth + 1);
+                }
+            }
+            _ => {}
         }
     }
     let mut out = std::collections::BTreeMap::new();
-    let yaml::Kind::Map(top) = &root.kind else {
-        return out;
-    };
-    for (k, line, v) in top {
-        out.insert(k.clone(), *line);
-        items(&mut out, k, v);
-        if let yaml::Kind::Map(m) = &v.kind {
-            for (k2, l2, v2) in m {
-                let key = format!("{k}.{k2}");
-                items(&mut out, &key, v2);
-                out.insert(key, *l2);
-            }
-        }
-    }
+    walk(&mut out, "", root, 0);
     out
 }
 
