@@ -346,3 +346,93 @@ async fn example_backend_registers_and_deregisters() {
     let (_, body) = consul.http("GET", "/v1/catalog/service/user-service", None);
     assert_eq!(body.trim(), "[]", "deregistered on Ctrl+C");
 }
+
+/// A cleartext HTTP/2 (prior knowledge) server answering every request with its version and
+/// port; aborted on drop.
+struct H2cBackend {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl H2cBackend {
+    async fn start() -> H2cBackend {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| async move {
+                            let body = format!("{:?} {port}", req.version());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        H2cBackend { port, task }
+    }
+}
+
+impl Drop for H2cBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_instances_are_spoken_to_in_their_declared_protocol() {
+    let consul = ConsulAgent::start();
+    let by_meta = H2cBackend::start().await;
+    let by_tag = H2cBackend::start().await;
+    let plain = TestBackend::start(Behaviour::Hello).await;
+    let gw = Gateway::start_with(
+        temp_dir("disc-proto"),
+        &discovered_yaml(""),
+        &[("CONSUL_HTTP_ADDR", &consul.addr())],
+    )
+    .await;
+    let tcp_check =
+        |port: u16| format!(r#"{{"TCP":"127.0.0.1:{port}","Interval":"1s","Timeout":"1s"}}"#);
+    consul.register_json(&format!(
+        r#"{{"ID":"m","Name":"user-service","Address":"127.0.0.1","Port":{},"Meta":{{"protocol":"h2c"}},"Check":{}}}"#,
+        by_meta.port,
+        tcp_check(by_meta.port)
+    ));
+    consul.register_json(&format!(
+        r#"{{"ID":"t","Name":"user-service","Address":"127.0.0.1","Port":{},"Tags":["v2","grpc"],"Check":{}}}"#,
+        by_tag.port,
+        tcp_check(by_tag.port)
+    ));
+    consul.register("p", "user-service", plain.addr.port());
+    let mut seen = std::collections::HashSet::new();
+    until(
+        "all three instances answering",
+        Duration::from_secs(15),
+        async || {
+            if let Ok((200, body)) = get(gw.port, "/users/x").await {
+                seen.insert(body);
+            }
+            seen.len() >= 3
+        },
+    )
+    .await;
+    assert!(
+        seen.contains(&format!("HTTP/2.0 {}", by_meta.port)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&format!("HTTP/2.0 {}", by_tag.port)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|b| !b.starts_with("HTTP/2.0")),
+        "the untagged instance is spoken to in HTTP/1.1: {seen:?}"
+    );
+}

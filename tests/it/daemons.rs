@@ -201,6 +201,12 @@ impl ConsulAgent {
         assert_eq!(code, 200, "register {id}: {body}");
     }
 
+    /// Registers a service definition given as JSON (Meta, Tags, a TCP check, ...).
+    pub fn register_json(&self, def: &str) {
+        let (code, body) = self.http("PUT", "/v1/agent/service/register", Some(def));
+        assert_eq!(code, 200, "register {def}: {body}");
+    }
+
     pub fn deregister(&self, id: &str) {
         let (code, body) = self.http("PUT", &format!("/v1/agent/service/deregister/{id}"), None);
         assert_eq!(code, 200, "deregister {id}: {body}");
