@@ -49,6 +49,9 @@ pub enum GatewayError {
     ConnectFailed,
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// A gRPC call's deadline passed while its client was still sending.
+    #[error("deadline exceeded while the client was still sending")]
+    DeadlineExceeded,
     #[error("upstream failed: {0}")]
     Upstream(String),
     /// TLS to the backend failed; `reason` is the `hexgate_upstream_errors_total` label.
@@ -90,7 +93,9 @@ impl GatewayError {
             GatewayError::NoHealthyBackend | GatewayError::ConnectFailed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamTimeout | GatewayError::DeadlineExceeded => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             GatewayError::Upstream(_)
             | GatewayError::UpstreamTls { .. }
             | GatewayError::GrpcNeedsHttp2(_)
@@ -110,6 +115,7 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed(_)
             | GatewayError::Headers(_)
             | GatewayError::RequestTimeout
+            | GatewayError::DeadlineExceeded
             | GatewayError::UnsupportedTransferCoding
             | GatewayError::Unauthorized(_)
             | GatewayError::TooManyRequests => Side::Client,

@@ -323,11 +323,15 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         let result = within_deadline(
             sender.try_send_request(req),
             deadline,
-            svc.timeouts.request,
+            request_timeout,
             progress.as_deref(),
         )
         .await;
         let resp = match result {
+            Err(Late::Client) if grpc.is_some() => {
+                // A gRPC deadline is the whole call's, however the time was spent.
+                return Err(GatewayError::DeadlineExceeded);
+            }
             Err(Late::Client) => {
                 tracing::debug!(backend = %backend.addr, "request timed out waiting on the client's body");
                 return Err(GatewayError::RequestTimeout);
