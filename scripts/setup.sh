@@ -36,6 +36,27 @@ done
 # consul is not in Debian's current suite: a separate script fetches it from the previous one.
 bash "$(dirname "$0")/install-consul.sh"
 
+# tests/it/grpc.rs drives a real gRPC server and client (tests/grpc/*.py) written with grpcio, kept in a
+# virtual environment at .venv in the repo root (ignored by git).
+GRPCIO_VERSION=1.85.1
+repo_root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$repo_root/.venv"
+if ! "$venv/bin/python" -c 'import grpc' >/dev/null 2>&1; then
+  # Debian's interpreter when there is one (a pyenv or other shim may come and go), else whatever python3 is.
+  py=python3
+  [ -x /usr/bin/python3 ] && py=/usr/bin/python3
+  if ! have "$py" || ! "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "setup: installing python3-venv"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+  fi
+  echo "setup: creating $venv with grpcio $GRPCIO_VERSION"
+  # --clear: a half-made or stale .venv (its interpreter gone) is made anew.
+  "$py" -m venv --clear "$venv"
+  "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION"
+  "$venv/bin/python" -c 'import grpc' || { echo "setup: grpcio does not import in $venv" >&2; exit 1; }
+fi
+
 have cargo || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
 # `make lint` (run by CI after the tests) needs rustfmt and clippy.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

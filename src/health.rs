@@ -22,12 +22,12 @@ pub async fn run(state: Arc<State>) {
                     let b = b.clone();
                     let path = svc.health_check_path.clone();
                     checks.push(tokio::spawn(async move {
-                        let ok = check(&b, &path, timeout).await;
+                        let result = check(&b, &path, timeout).await;
+                        let ok = result.is_ok();
                         if ok != b.is_healthy() {
-                            if ok {
-                                tracing::info!(backend = %b.addr, "backend healthy again");
-                            } else {
-                                tracing::warn!(backend = %b.addr, "backend failed its health check");
+                            match result {
+                                Ok(()) => tracing::info!(backend = %b.addr, "backend healthy again"),
+                                Err(e) => tracing::warn!(backend = %b.addr, error = %e, "backend failed its health check"),
                             }
                         }
                         b.set_active_health(ok);

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::outgoing::{check_switch, hop_by_hop_present, strip_hop_by_hop, Outgoing, Upgrade};
-use crate::body::{Body, BodyProgress, BodyState};
+use crate::body::{Body, BodyFailure, BodyProgress, BodyState};
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::{Backend, ConnectError, PoolReturn, Sender};
@@ -40,6 +40,16 @@ fn client_body_error(err: &hyper::Error) -> Option<GatewayError> {
         }
     }
     None
+}
+
+/// The client's fault, read from the body's progress when the exchange's error does not carry
+/// it (an HTTP/2 connection resets the stream of a body that failed and reports the reset).
+fn body_failure(progress: Option<&BodyProgress>, err: &hyper::Error) -> Option<GatewayError> {
+    Some(match progress?.failure()? {
+        BodyFailure::TooLarge(limit) => GatewayError::BodyTooLarge(limit),
+        BodyFailure::Stalled => GatewayError::RequestTimeout,
+        BodyFailure::Broken => GatewayError::BadBody(err.to_string()),
+    })
 }
 
 /// Whether the upstream was waiting on the client's body when the exchange failed: then the
@@ -161,12 +171,23 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// Why the request failed when no attempt is left.
+    /// Why the request failed when no attempt is left. With no backend healthy and none
+    /// tried, a TLS failure the health checks found is the answer (502 with its reason), not
+    /// a bare 503: the operator sees which certificate is wrong.
     fn exhausted(&mut self) -> GatewayError {
-        match self.tls.take() {
-            Some(e) => e,
-            None if self.failures == 0 => GatewayError::NoHealthyBackend,
-            None => GatewayError::ConnectFailed,
+        if let Some(e) = self.tls.take() {
+            return e;
+        }
+        if self.failures > 0 {
+            return GatewayError::ConnectFailed;
+        }
+        let members = self.svc.pool.members();
+        match members.backends.iter().find_map(|b| b.tls_failure()) {
+            Some((reason, detail)) => {
+                self.errored(reason);
+                GatewayError::UpstreamTls { reason, detail }
+            }
+            None => GatewayError::NoHealthyBackend,
         }
     }
 
@@ -361,7 +382,9 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                     }
                     None => {
                         let err = e.into_error();
-                        if let Some(client_fault) = client_body_error(&err) {
+                        if let Some(client_fault) = client_body_error(&err)
+                            .or_else(|| body_failure(progress.as_deref(), &err))
+                        {
                             return Err(client_fault);
                         }
                         if awaiting_client(progress.as_deref()) {

@@ -77,8 +77,12 @@ pub fn status_of(headers: &HeaderMap) -> Option<u8> {
 
 /// Counts a gRPC answer: at once when its `grpc-status` is in the headers (trailers-only, or a
 /// refusal), else when its trailers pass (the body is wrapped to watch for them).
-pub fn observe(metrics: Arc<ServiceMetrics>, resp: http::Response<Body>) -> http::Response<Body> {
-    let code = resp.status().as_u16();
+/// `code` is the HTTP status counted (a refusal's own, though its answer is a 200).
+pub fn observe(
+    metrics: Arc<ServiceMetrics>,
+    code: u16,
+    resp: http::Response<Body>,
+) -> http::Response<Body> {
     if let Some(st) = status_of(resp.headers()) {
         metrics.grpc(code, Some(st));
         return resp;

@@ -66,6 +66,9 @@ pub struct Context {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Set for a gRPC request: refusals are gRPC answers, answers are counted by `grpc-status`.
     pub grpc: Option<grpc::Grpc>,
+    /// The HTTP status of a refusal sent as a gRPC answer (which is an HTTP 200): what metrics
+    /// count, so a refused gRPC call shows as the 429 or 503 it is.
+    refused: Option<u16>,
 }
 
 /// Entry point for every request on the public listeners.
@@ -86,6 +89,7 @@ pub async fn handle(
         metrics: snap.unmatched.clone(),
         response_headers: Vec::new(),
         grpc: grpc::Grpc::of(req.headers()),
+        refused: None,
         conn,
         snap,
     };
@@ -94,6 +98,9 @@ pub async fn handle(
         Err(reject) => {
             if reject.error.side() != Side::Client {
                 tracing::warn!(request_id = %cx.request_id, service = %cx.metrics.name, error = %reject.error, "request failed");
+            }
+            if cx.grpc.is_some() {
+                cx.refused = Some(reject.error.status().as_u16());
             }
             reject.to_response(&cx.request_id, cx.grpc.is_some())
         }
@@ -153,13 +160,13 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
         resp.headers_mut().insert(name, value);
     }
     let elapsed = cx.start.elapsed();
-    cx.metrics
-        .record(&cx.method, resp.status().as_u16(), elapsed);
+    let code = cx.refused.unwrap_or(resp.status().as_u16());
+    cx.metrics.record(&cx.method, code, elapsed);
     if let Ok(v) = HeaderValue::from_str(&cx.request_id) {
         resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     if cx.grpc.is_some() {
-        resp = grpc::observe(cx.metrics.clone(), resp);
+        resp = grpc::observe(cx.metrics.clone(), code, resp);
     }
     if let Some((path, version)) = cx.access {
         println!(

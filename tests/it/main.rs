@@ -10,6 +10,7 @@ mod consul;
 mod daemons;
 mod demo;
 mod edge;
+mod grpc;
 mod hardening;
 mod lifecycle;
 mod limits;

@@ -95,6 +95,20 @@ pub struct BodyProgress {
     /// When the last of the body was handed upstream: the backend's time to answer runs from
     /// here, not from when the head was forwarded (a slow upload is not the backend's time).
     completed: OnceLock<std::time::Instant>,
+    /// Why the body failed. An HTTP/2 upstream connection reports a failed request body as a
+    /// reset stream, without the body's error, so the exchange's blame is read from here.
+    failure: OnceLock<BodyFailure>,
+}
+
+/// Why a client's body failed on its way upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// Over `maxBodySize` (the limit).
+    TooLarge(u64),
+    /// Nothing arrived for the body-idle timeout.
+    Stalled,
+    /// Broken framing, or the client went away.
+    Broken,
 }
 
 impl BodyProgress {
@@ -105,6 +119,16 @@ impl BodyProgress {
             3 => BodyState::Failed,
             _ => BodyState::Flowing,
         }
+    }
+
+    /// Why the body failed, if it did.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        self.failure.get().copied()
+    }
+
+    fn fail(&self, why: BodyFailure) {
+        let _ = self.failure.set(why);
+        self.set(BodyState::Failed);
     }
 
     /// When the body was complete (the state became [`BodyState::Complete`]), if it was.
@@ -182,7 +206,7 @@ impl http_body::Body for ClientBody {
                     *this.seen += d.len() as u64;
                     if let Some(limit) = *this.limit {
                         if *this.seen > limit {
-                            this.progress.set(BodyState::Failed);
+                            this.progress.fail(BodyFailure::TooLarge(limit));
                             return Poll::Ready(Some(Err(BodyError::TooLarge(limit))));
                         }
                     }
@@ -197,7 +221,7 @@ impl http_body::Body for ClientBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.progress.set(BodyState::Failed);
+                this.progress.fail(BodyFailure::Broken);
                 Poll::Ready(Some(Err(BodyError::Hyper(e))))
             }
             Poll::Ready(None) => {
@@ -210,7 +234,7 @@ impl http_body::Body for ClientBody {
                     this.timer.as_mut().reset(Instant::now() + *this.idle);
                 }
                 if this.timer.poll(cx).is_ready() {
-                    this.progress.set(BodyState::Failed);
+                    this.progress.fail(BodyFailure::Stalled);
                     return Poll::Ready(Some(Err(BodyError::Stalled(*this.idle))));
                 }
                 this.progress.set(BodyState::AwaitingClient);

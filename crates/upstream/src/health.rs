@@ -11,16 +11,31 @@ use http::{Request, StatusCode};
 use super::Backend;
 use hexgate_http::body::Body;
 
-/// One check on a fresh connection (never a pooled one, so it measures the backend, not the pool).
-pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> bool {
+/// One check on a fresh connection (never a pooled one, so it measures the backend, not the pool):
+/// Ok when the backend is up, else why not. A TLS failure is also kept on the backend
+/// (`Backend::tls_failure`), so requests refused for want of a healthy backend can say which.
+///
+/// An HTTP/2 backend that resets the check's stream is up: it answered, over a working
+/// connection (gRPC servers refuse a GET this way).
+pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let mut sender = backend.connect(timeout).await.ok()?;
+        let mut sender = match backend.connect(timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let crate::ConnectError::Tls { reason, .. } = &e {
+                    backend.set_tls_failure(Some((reason, e.to_string())));
+                }
+                return Err(e.to_string());
+            }
+        };
+        backend.set_tls_failure(None);
         let mut req = Request::get(path)
             .header(http::header::HOST, backend.authority.as_str())
             .header(http::header::USER_AGENT, "hexgate-health-check")
             .body(Body::Empty)
-            .ok()?;
-        if sender.is_http2() {
+            .map_err(|e| e.to_string())?;
+        let h2 = sender.is_http2();
+        if h2 {
             backend.for_http2(&mut req);
         } else {
             req.headers_mut().insert(
@@ -28,8 +43,34 @@ pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> bool {
                 http::HeaderValue::from_static("close"),
             );
         }
-        let resp = sender.try_send_request(req).await.ok()?;
-        Some(resp.status() < StatusCode::INTERNAL_SERVER_ERROR)
+        match sender.try_send_request(req).await {
+            Ok(resp) if resp.status() < StatusCode::INTERNAL_SERVER_ERROR => Ok(()),
+            Ok(resp) => Err(format!("{path} answered {}", resp.status())),
+            Err(e) => {
+                let e = e.into_error();
+                if h2 && stream_reset_by_peer(&e) {
+                    Ok(())
+                } else {
+                    Err(e.to_string())
+                }
+            }
+        }
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Whether an HTTP/2 exchange ended with the peer resetting the stream (RST_STREAM), the
+/// connection staying up.
+fn stream_reset_by_peer(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        cur = err.source();
+    }
+    false
 }

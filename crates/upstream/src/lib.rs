@@ -165,6 +165,8 @@ pub struct Backend {
     h2: Box<[Mutex<Option<http2::SendRequest<Body>>>]>,
     /// The backend asked for a client certificate during a handshake and none is configured.
     client_cert_asked: AtomicBool,
+    /// The TLS failure of the last active check (reason, detail), None once one passes.
+    tls_failure: Mutex<Option<(&'static str, String)>>,
     pub in_flight: AtomicUsize,
     /// Set by active health checks.
     active_healthy: AtomicBool,
@@ -197,6 +199,7 @@ impl Backend {
             idle: (0..=MAX_WORKERS).map(|_| Mutex::new(Vec::new())).collect(),
             h2: (0..=MAX_WORKERS).map(|_| Mutex::new(None)).collect(),
             client_cert_asked: AtomicBool::new(false),
+            tls_failure: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             active_healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
@@ -288,6 +291,17 @@ impl Backend {
     pub fn drop_shared_h2(&self) {
         if let Ok(mut slot) = self.h2[worker_slot()].lock() {
             *slot = None;
+        }
+    }
+
+    /// The TLS failure that made the last active check fail: (reason, detail).
+    pub fn tls_failure(&self) -> Option<(&'static str, String)> {
+        self.tls_failure.lock().ok()?.clone()
+    }
+
+    pub(crate) fn set_tls_failure(&self, f: Option<(&'static str, String)>) {
+        if let Ok(mut slot) = self.tls_failure.lock() {
+            *slot = f;
         }
     }
 
