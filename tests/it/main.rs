@@ -22,4 +22,5 @@ mod stack;
 mod support;
 mod tls;
 mod upstream_faults;
+mod upstream_h2;
 mod validate_connect;

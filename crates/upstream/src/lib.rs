@@ -163,6 +163,11 @@ pub struct Backend {
     idle: Box<[Mutex<Vec<Idle>>]>,
     /// The shared HTTP/2 connection per worker runtime.
     h2: Box<[Mutex<Option<http2::SendRequest<Body>>>]>,
+    /// One HTTP/2 connect at a time per worker: requests arriving together share the connection
+    /// the first one opens instead of each opening their own.
+    h2_connecting: Box<[tokio::sync::Mutex<()>]>,
+    /// An `https://` backend under `auto` answered ALPN with HTTP/1.1: connect without the gate.
+    alpn_http1: AtomicBool,
     /// The backend asked for a client certificate during a handshake and none is configured.
     client_cert_asked: AtomicBool,
     /// The TLS failure of the last active check (reason, detail), None once one passes.
@@ -198,6 +203,10 @@ impl Backend {
             addr,
             idle: (0..=MAX_WORKERS).map(|_| Mutex::new(Vec::new())).collect(),
             h2: (0..=MAX_WORKERS).map(|_| Mutex::new(None)).collect(),
+            h2_connecting: (0..=MAX_WORKERS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            alpn_http1: AtomicBool::new(false),
             client_cert_asked: AtomicBool::new(false),
             tls_failure: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
@@ -323,7 +332,8 @@ impl Backend {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<(Sender, bool), ConnectError> {
-        if self.wire != Wire::Http1 {
+        let h2_likely = self.wire != Wire::Http1 && !self.alpn_http1.load(Ordering::Relaxed);
+        if h2_likely {
             if let Some(s) = self.shared_h2() {
                 return Ok((Sender::Http2(s), true));
             }
@@ -337,11 +347,27 @@ impl Backend {
                 return Ok((Sender::Http1(s), true));
             }
         }
-        let s = self.connect(connect_timeout).await?;
-        if let Sender::Http2(h) = &s {
-            if let Ok(mut slot) = self.h2[worker_slot()].lock() {
-                *slot = Some(h.clone());
+        if !h2_likely {
+            return Ok((self.connect(connect_timeout).await?, false));
+        }
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let gate = &self.h2_connecting[worker_slot()];
+        let Ok(_gate) = tokio::time::timeout_at(deadline, gate.lock()).await else {
+            return Err(ConnectError::Timeout(self.authority.clone()));
+        };
+        // Whoever held the gate may have opened the connection this request can share.
+        if let Some(s) = self.shared_h2() {
+            return Ok((Sender::Http2(s), true));
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let s = self.connect(remaining).await?;
+        match &s {
+            Sender::Http2(h) => {
+                if let Ok(mut slot) = self.h2[worker_slot()].lock() {
+                    *slot = Some(h.clone());
+                }
             }
+            Sender::Http1(_) => self.alpn_http1.store(true, Ordering::Relaxed),
         }
         Ok((s, false))
     }
@@ -402,6 +428,9 @@ impl Backend {
                     self.client_cert_asked.store(false, Ordering::Relaxed);
                 }
                 let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                if alpn == Alpn::Both {
+                    self.alpn_http1.store(!h2, Ordering::Relaxed);
+                }
                 if alpn == Alpn::Http2 && !h2 {
                     return Err(ConnectError::NoHttp2(self.authority.clone()));
                 }
