@@ -54,8 +54,9 @@ pub enum GatewayError {
     DeadlineExceeded,
     #[error("upstream failed: {0}")]
     Upstream(String),
-    /// TLS to the backend failed; `reason` is the `hexgate_upstream_errors_total` label.
-    #[error("upstream TLS failure ({reason}): {detail}")]
+    /// TLS to the backend failed; `reason` is the `hexgate_upstream_errors_total` label. The
+    /// client is told the reason only; the detail (backend, certificate error) is logged.
+    #[error("upstream TLS failure ({reason})")]
     UpstreamTls {
         reason: &'static str,
         detail: String,

@@ -184,6 +184,7 @@ impl<'a> Attempts<'a> {
         let members = self.svc.pool.members();
         match members.backends.iter().find_map(|b| b.tls_failure()) {
             Some((reason, detail)) => {
+                tracing::warn!(service = %self.svc.name, reason, detail, "no healthy backend: its health checks fail TLS");
                 self.errored(reason);
                 GatewayError::UpstreamTls { reason, detail }
             }
@@ -422,25 +423,102 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                 }
             }
         };
-        if resp.status() == StatusCode::BAD_REQUEST && backend.client_cert_missing() {
-            // nginx's `ssl_verify_client on` without a certificate: a TLS failure as far as the
-            // operator is concerned (upstreamTls.certFile is missing), not the client's 400.
-            let reason = "tls_client_cert_required";
-            tracing::warn!(backend = %backend.addr, reason, "the backend asked for a client certificate, none is configured, and it answered 400");
-            let _ = attempts.failed(idx, &backend, reason);
-            return Err(GatewayError::UpstreamTls {
-                reason,
-                detail: format!(
-                    "{} requires a client certificate (set upstreamTls.certFile and keyFile)",
-                    backend.addr
-                ),
-            });
-        }
+        let resp = if resp.status() == StatusCode::BAD_REQUEST && backend.client_cert_requested() {
+            match client_cert_refusal(resp, &backend).await {
+                Inspected::Pass(resp) => resp,
+                Inspected::Buffered(resp) => {
+                    backend.record_success();
+                    if let Sender::Http1(s) = sender {
+                        PoolReturn::new(backend.clone(), s).give_back();
+                    }
+                    return Ok(resp);
+                }
+                Inspected::Broken(detail) => {
+                    attempts.errored("connection_error");
+                    return Err(GatewayError::Upstream(detail));
+                }
+                Inspected::Refused(reason, detail) => {
+                    tracing::warn!(backend = %backend.addr, reason, detail, "the backend refused the gateway's TLS client certificate");
+                    let _ = attempts.failed(idx, &backend, reason);
+                    return Err(GatewayError::UpstreamTls { reason, detail });
+                }
+            }
+        } else {
+            resp
+        };
         backend.record_success();
         svc.metrics.upstream_duration.observe(sent_at.elapsed());
         return respond(resp, backend, sender, upgrade);
     }
     Err(GatewayError::ConnectFailed)
+}
+
+/// What a 400 from a backend that asks for client certificates turned out to be.
+enum Inspected {
+    /// Not inspected (too large, or streamed): passed on as it is.
+    Pass(Response<Incoming>),
+    /// An ordinary 400, read whole to look at it: passed on.
+    Buffered(Response<Body>),
+    /// The backend refused the TLS client certificate (or its absence): the `reason` and what
+    /// the log says.
+    Refused(&'static str, String),
+    /// The 400's body broke off.
+    Broken(String),
+}
+
+/// Largest 400 body read to tell a TLS client-certificate refusal from an ordinary 400.
+const REFUSAL_PEEK: u64 = 4096;
+
+/// nginx (`ssl_verify_client on`) refuses a missing or untrusted client certificate after the
+/// TLS 1.3 handshake, with a 400 page rather than a TLS alert; so a small 400 from a backend
+/// that asked for a certificate is read and its text checked. The refusal is the operator's
+/// problem (the gateway's certificate), reported as a 502 with its reason, never passed on
+/// as the client's 400.
+async fn client_cert_refusal(resp: Response<Incoming>, backend: &Backend) -> Inspected {
+    use http_body_util::BodyExt;
+    let missing = || {
+        Inspected::Refused(
+            "tls_client_cert_required",
+            format!(
+                "{} requires a client certificate (set upstreamTls.certFile and keyFile)",
+                backend.addr
+            ),
+        )
+    };
+    let small = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= REFUSAL_PEEK);
+    if !small {
+        return if backend.client_cert_missing() {
+            missing()
+        } else {
+            Inspected::Pass(resp)
+        };
+    }
+    let (mut parts, body) = resp.into_parts();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), body.collect()).await;
+    let Ok(Ok(collected)) = read else {
+        return Inspected::Broken(format!("{}: a 400 whose body did not arrive", backend.addr));
+    };
+    let bytes = collected.to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    if text.contains("No required SSL certificate was sent") || backend.client_cert_missing() {
+        return missing();
+    }
+    if text.contains("The SSL certificate error") {
+        return Inspected::Refused(
+            "tls_client_cert_refused",
+            format!(
+                "{} refused the client certificate of upstreamTls.certFile",
+                backend.addr
+            ),
+        );
+    }
+    let present = hop_by_hop_present(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers, present, false);
+    Inspected::Buffered(Response::from_parts(parts, Body::full(bytes)))
 }
 
 /// Step 9, the response policy: hop-by-hop fields go; a 101 opens the tunnel only when it

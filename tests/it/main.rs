@@ -23,4 +23,5 @@ mod support;
 mod tls;
 mod upstream_faults;
 mod upstream_h2;
+mod upstream_tls;
 mod validate_connect;

@@ -68,7 +68,7 @@ pub enum ConnectError {
     Timeout(String),
     #[error("connect to {0}: {1}")]
     Io(String, std::io::Error),
-    #[error("upstream TLS failure ({reason}) with {addr}: {detail}")]
+    #[error("{addr}: {detail}")]
     Tls {
         addr: String,
         reason: &'static str,
@@ -168,8 +168,9 @@ pub struct Backend {
     h2_connecting: Box<[tokio::sync::Mutex<()>]>,
     /// An `https://` backend under `auto` answered ALPN with HTTP/1.1: connect without the gate.
     alpn_http1: AtomicBool,
-    /// The backend asked for a client certificate during a handshake and none is configured.
-    client_cert_asked: AtomicBool,
+    /// Whether the last TLS handshake saw a certificate request: 0 no, 1 yes and the
+    /// configured certificate was presented, 2 yes and none is configured.
+    cert_request: std::sync::atomic::AtomicU8,
     /// The TLS failure of the last active check (reason, detail), None once one passes.
     tls_failure: Mutex<Option<(&'static str, String)>>,
     pub in_flight: AtomicUsize,
@@ -207,7 +208,7 @@ impl Backend {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             alpn_http1: AtomicBool::new(false),
-            client_cert_asked: AtomicBool::new(false),
+            cert_request: std::sync::atomic::AtomicU8::new(0),
             tls_failure: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             active_healthy: AtomicBool::new(true),
@@ -323,7 +324,12 @@ impl Backend {
     /// `ssl_verify_client on` then answers 400, which the gateway reports as the TLS failure
     /// it is (`tls_client_cert_required`).
     pub fn client_cert_missing(&self) -> bool {
-        self.client_cert_asked.load(Ordering::Relaxed)
+        self.cert_request.load(Ordering::Relaxed) == 2
+    }
+
+    /// Whether the backend asks for a client certificate (mTLS), presented or not.
+    pub fn client_cert_requested(&self) -> bool {
+        self.cert_request.load(Ordering::Relaxed) != 0
     }
 
     /// A ready connection: the shared HTTP/2 one or a pooled HTTP/1.1 one if any is still open,
@@ -420,12 +426,13 @@ impl Backend {
                     }
                     Ok(Ok(s)) => s,
                 };
-                if asked.load(Ordering::Relaxed) && !tls.has_client_cert() {
-                    if !self.client_cert_asked.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(backend = %self.addr, "the backend asked for a client certificate and upstreamTls.certFile is not set");
-                    }
-                } else if self.client_cert_asked.load(Ordering::Relaxed) {
-                    self.client_cert_asked.store(false, Ordering::Relaxed);
+                let request = match (asked.load(Ordering::Relaxed), tls.has_client_cert()) {
+                    (false, _) => 0,
+                    (true, true) => 1,
+                    (true, false) => 2,
+                };
+                if self.cert_request.swap(request, Ordering::Relaxed) != 2 && request == 2 {
+                    tracing::warn!(backend = %self.addr, "the backend asked for a client certificate and upstreamTls.certFile is not set");
                 }
                 let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                 if alpn == Alpn::Both {
