@@ -61,9 +61,9 @@ pub enum GatewayError {
         reason: &'static str,
         detail: String,
     },
-    /// A gRPC request on a route whose backend speaks HTTP/1.1 only.
-    #[error("gRPC needs HTTP/2 to the backend, and service {0:?} speaks HTTP/1.1 to it (use an h2c:// or https:// backend, upstreamProtocol auto or http2)")]
-    GrpcNeedsHttp2(String),
+    /// A gRPC request on a route whose backends speak HTTP/1.1 only.
+    #[error("this route cannot carry gRPC: its backends speak HTTP/1.1")]
+    GrpcNeedsHttp2,
     /// The backend's answer to an upgrade does not complete the handshake the client asked for
     /// (or switches protocols unasked); nothing is tunnelled.
     #[error("bad upgrade from the backend: {0}")]
@@ -99,7 +99,7 @@ impl GatewayError {
             }
             GatewayError::Upstream(_)
             | GatewayError::UpstreamTls { .. }
-            | GatewayError::GrpcNeedsHttp2(_)
+            | GatewayError::GrpcNeedsHttp2
             | GatewayError::BadUpgrade(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -127,7 +127,7 @@ impl GatewayError {
             | GatewayError::Upstream(_)
             | GatewayError::UpstreamTls { .. }
             | GatewayError::BadUpgrade(_) => Side::Upstream,
-            GatewayError::GrpcNeedsHttp2(_) => Side::Gateway,
+            GatewayError::GrpcNeedsHttp2 => Side::Gateway,
             GatewayError::Internal(_) => Side::Gateway,
         }
     }
@@ -155,7 +155,7 @@ impl GatewayError {
     /// DEADLINE_EXCEEDED, anything else 13 INTERNAL.
     pub fn grpc_status(&self) -> u8 {
         match self {
-            GatewayError::NoRoute | GatewayError::GrpcNeedsHttp2(_) => 12,
+            GatewayError::NoRoute | GatewayError::GrpcNeedsHttp2 => 12,
             e => match e.status().as_u16() {
                 401 => 16,
                 403 => 7,
@@ -277,7 +277,7 @@ mod grpc_tests {
             (GatewayError::ConnectFailed, 14),
             (GatewayError::UpstreamTimeout, 4),
             (GatewayError::Upstream("x".into()), 13),
-            (GatewayError::GrpcNeedsHttp2("s".into()), 12),
+            (GatewayError::GrpcNeedsHttp2, 12),
             (GatewayError::Internal("x".into()), 13),
         ] {
             assert_eq!(e.grpc_status(), code, "{e:?}");

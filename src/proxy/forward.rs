@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -20,7 +20,7 @@ use super::outgoing::{check_switch, hop_by_hop_present, strip_hop_by_hop, Outgoi
 use crate::body::{Body, BodyFailure, BodyProgress, BodyState};
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
-use crate::upstream::{Backend, ConnectError, PoolReturn, Sender};
+use crate::upstream::{Backend, ConnectError, H2Failure, PoolReturn, Sender};
 
 /// The client's fault, when an upstream send failed because the client's body went over
 /// its limit (413), stopped arriving (408) or could not be read (400: bad chunked framing, a
@@ -209,6 +209,14 @@ impl<'a> Attempts<'a> {
         }
     }
 
+    /// A member that cannot take this request (HTTP/1.1 only, for gRPC): not picked again,
+    /// nothing counted.
+    fn skip(&mut self, idx: usize) {
+        if idx < 64 {
+            self.tried |= 1 << idx;
+        }
+    }
+
     /// An upstream error that is no evidence against the backend (a stale pooled connection,
     /// a backend that gave up on a slow client): counted for the service only.
     fn errored(&self, reason: &str) {
@@ -271,20 +279,41 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         Some(d) => d.min(svc.timeouts.request),
         None => svc.timeouts.request,
     };
+    // A client's gRPC deadline shorter than the route's is the client's to run out of: never a
+    // failure of the backend, never stretched for a slow body.
+    let client_deadline = request_timeout < svc.timeouts.request;
     let deadline = Instant::now() + request_timeout;
     let mut attempts = Attempts::new(snap, svc);
+    if grpc.is_some()
+        && !svc
+            .pool
+            .members()
+            .backends
+            .iter()
+            .any(|b| b.may_speak_http2())
+    {
+        tracing::warn!(service = %svc.name, "a gRPC request on a route whose backends speak HTTP/1.1 only");
+        attempts.errored("grpc_needs_http2");
+        return Err(GatewayError::GrpcNeedsHttp2);
+    }
     // Stale pooled connections are retried without counting; this bounds the loop regardless.
     for _ in 0..(attempts.max + svc.pool.len() + 8) {
         let (idx, backend) = attempts.pick()?;
         if grpc.is_some() && !backend.may_speak_http2() {
-            attempts.errored("grpc_needs_http2");
-            return Err(GatewayError::GrpcNeedsHttp2(svc.name.clone()));
+            // A mixed pool: this member cannot carry gRPC; another may.
+            attempts.skip(idx);
+            continue;
         }
         let _in_flight = InFlight::new(&backend);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let connect_timeout = svc.timeouts.connect.min(remaining);
-        let (mut sender, reused) = match backend.checkout(connect_timeout).await {
+        let cut_by_client = client_deadline && remaining < svc.timeouts.connect;
+        let (mut sender, reused) = match backend.checkout(connect_timeout, upgrade.is_some()).await
+        {
             Ok(s) => s,
+            Err(ConnectError::Timeout(_)) if cut_by_client => {
+                return Err(GatewayError::DeadlineExceeded);
+            }
             Err(e) => {
                 tracing::debug!(backend = %backend.addr, error = %e, "connect failed");
                 if let ConnectError::Tls { reason, .. } = &e {
@@ -311,8 +340,9 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
             if let Sender::Http1(s) = sender {
                 PoolReturn::new(backend.clone(), s).give_back();
             }
-            attempts.errored("grpc_needs_http2");
-            return Err(GatewayError::GrpcNeedsHttp2(svc.name.clone()));
+            tracing::warn!(service = %svc.name, backend = %backend.addr, "a gRPC request to a backend that chose HTTP/1.1 by ALPN");
+            attempts.skip(idx);
+            continue;
         }
         if host_per_backend {
             // A retry overwrites the previous backend's value.
@@ -325,7 +355,9 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                 }
             }
         }
-        let replay = replayable.then(|| {
+        // A copy of the head to send the request again: an idempotent request without a body
+        // after a broken connection, or any request an HTTP/2 backend did not process.
+        let replay = (replayable || sender.is_http2()).then(|| {
             (
                 req.method().clone(),
                 req.uri().clone(),
@@ -345,7 +377,12 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         let result = within_deadline(
             sender.try_send_request(req),
             deadline,
-            request_timeout,
+            // The wait is not extended past a client's own deadline.
+            if client_deadline {
+                Duration::ZERO
+            } else {
+                request_timeout
+            },
             progress.as_deref(),
         )
         .await;
@@ -358,6 +395,11 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                 tracing::debug!(backend = %backend.addr, "request timed out waiting on the client's body");
                 return Err(GatewayError::RequestTimeout);
             }
+            Err(Late::Backend) if client_deadline => {
+                // The client's `grpc-timeout` ran out first: its deadline, not the backend's
+                // fault.
+                return Err(GatewayError::DeadlineExceeded);
+            }
             Err(Late::Backend) => {
                 // The budget is beside the point: the time is spent.
                 let _ = attempts.failed(idx, &backend, "response_timeout");
@@ -365,52 +407,68 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
             }
             Ok(Ok(resp)) => resp,
             Ok(Err(mut e)) => {
-                if sender.is_http2() {
-                    backend.drop_shared_h2();
-                }
-                match e.take_message() {
-                    Some(mut unsent) => {
-                        // Never written: safe to retry, on another backend unless the
-                        // connection was a stale pooled one.
-                        if let Some(u) = unshaped {
-                            u.restore(&mut unsent);
-                        }
-                        req = unsent;
-                        if !reused {
-                            attempts.failed(idx, &backend, "connection_error")?;
-                        }
-                        continue;
+                if let Some(mut unsent) = e.take_message() {
+                    // Never written: safe to retry, on another backend unless the connection
+                    // was a stale pooled one.
+                    backend.drop_shared_h2(&sender);
+                    if let Some(u) = unshaped {
+                        u.restore(&mut unsent);
                     }
-                    None => {
-                        let err = e.into_error();
-                        if let Some(client_fault) = client_body_error(&err)
-                            .or_else(|| body_failure(progress.as_deref(), &err))
-                        {
-                            return Err(client_fault);
-                        }
-                        if awaiting_client(progress.as_deref()) {
-                            // The backend gave up while the client was still sending (say its
-                            // own body timeout fired): no evidence the backend is unwell.
-                            tracing::debug!(backend = %backend.addr, error = %err, "upstream failed while waiting on the client's body");
-                            attempts.errored("connection_error");
-                            return Err(GatewayError::Upstream(err.to_string()));
-                        }
-                        if let Some(tls) = tls_failure(&err) {
-                            if let GatewayError::UpstreamTls { reason, .. } = &tls {
-                                tracing::warn!(backend = %backend.addr, reason, error = %err, "upstream TLS failure");
-                                let _ = attempts.failed(idx, &backend, reason);
-                            }
-                            return Err(tls);
-                        }
-                        let retry = if reused {
-                            attempts.errored("connection_error");
-                            true
-                        } else {
-                            attempts.failed(idx, &backend, "connection_error").is_ok()
+                    req = unsent;
+                    if !reused {
+                        attempts.failed(idx, &backend, "connection_error")?;
+                    }
+                    continue;
+                }
+                let err = e.into_error();
+                if let Some(client_fault) =
+                    client_body_error(&err).or_else(|| body_failure(progress.as_deref(), &err))
+                {
+                    // The client's body failed: the backend and its connection are fine.
+                    return Err(client_fault);
+                }
+                if awaiting_client(progress.as_deref()) {
+                    // The backend gave up while the client was still sending (say its own body
+                    // timeout fired): no evidence the backend is unwell.
+                    tracing::debug!(backend = %backend.addr, error = %err, "upstream failed while waiting on the client's body");
+                    attempts.errored("connection_error");
+                    return Err(GatewayError::Upstream(err.to_string()));
+                }
+                if let Some(tls) = tls_failure(&err) {
+                    if let GatewayError::UpstreamTls { reason, .. } = &tls {
+                        tracing::warn!(backend = %backend.addr, reason, error = %err, "upstream TLS failure");
+                        let _ = attempts.failed(idx, &backend, reason);
+                    }
+                    return Err(tls);
+                }
+                let h2 = if sender.is_http2() {
+                    crate::upstream::h2_failure(&err)
+                } else {
+                    None
+                };
+                match h2 {
+                    Some(H2Failure::StreamReset) => {
+                        // One stream refused (a header the backend will not take, a method it
+                        // does not serve): no sign the backend or the connection is unwell.
+                        tracing::debug!(backend = %backend.addr, error = %err, "the backend reset the stream");
+                        attempts.errored("stream_reset");
+                        return Err(GatewayError::Upstream(
+                            "the backend reset the stream".into(),
+                        ));
+                    }
+                    Some(H2Failure::Unprocessed) => {
+                        // Not processed (a GOAWAY that raced the request, REFUSED_STREAM): sent
+                        // again on another connection if the request can be rebuilt, never
+                        // counted against the backend.
+                        backend.drop_shared_h2(&sender);
+                        attempts.errored("connection_error");
+                        let body = match progress.as_deref() {
+                            None => Some(Body::Empty),
+                            Some(p) => p.replay().map(Body::full),
                         };
-                        match replay {
-                            Some((method, uri, headers)) if retry => {
-                                let mut r = Request::new(Body::Empty);
+                        match (replay, body) {
+                            (Some((method, uri, headers)), Some(body)) => {
+                                let mut r = Request::new(body);
                                 *r.method_mut() = method;
                                 *r.uri_mut() = uri;
                                 *r.headers_mut() = headers;
@@ -420,6 +478,25 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                             _ => return Err(GatewayError::Upstream(err.to_string())),
                         }
                     }
+                    Some(H2Failure::Connection) | None => {}
+                }
+                backend.drop_shared_h2(&sender);
+                let retry = if reused {
+                    attempts.errored("connection_error");
+                    true
+                } else {
+                    attempts.failed(idx, &backend, "connection_error").is_ok()
+                };
+                match replay {
+                    Some((method, uri, headers)) if retry && replayable => {
+                        let mut r = Request::new(Body::Empty);
+                        *r.method_mut() = method;
+                        *r.uri_mut() = uri;
+                        *r.headers_mut() = headers;
+                        req = r;
+                        continue;
+                    }
+                    _ => return Err(GatewayError::Upstream(err.to_string())),
                 }
             }
         };
@@ -438,8 +515,9 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                     return Err(GatewayError::Upstream(detail));
                 }
                 Inspected::Refused(reason, detail) => {
+                    // The gateway's configuration is at fault, not the backend's health.
                     tracing::warn!(backend = %backend.addr, reason, detail, "the backend refused the gateway's TLS client certificate");
-                    let _ = attempts.failed(idx, &backend, reason);
+                    attempts.errored(reason);
                     return Err(GatewayError::UpstreamTls { reason, detail });
                 }
             }
@@ -491,11 +569,7 @@ async fn client_cert_refusal(resp: Response<Incoming>, backend: &Backend) -> Ins
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|n| n <= REFUSAL_PEEK);
     if !small {
-        return if backend.client_cert_missing() {
-            missing()
-        } else {
-            Inspected::Pass(resp)
-        };
+        return Inspected::Pass(resp);
     }
     let (mut parts, body) = resp.into_parts();
     let read = tokio::time::timeout(std::time::Duration::from_secs(2), body.collect()).await;
@@ -504,7 +578,7 @@ async fn client_cert_refusal(resp: Response<Incoming>, backend: &Backend) -> Ins
     };
     let bytes = collected.to_bytes();
     let text = String::from_utf8_lossy(&bytes);
-    if text.contains("No required SSL certificate was sent") || backend.client_cert_missing() {
+    if text.contains("No required SSL certificate was sent") {
         return missing();
     }
     if text.contains("The SSL certificate error") {
@@ -519,6 +593,35 @@ async fn client_cert_refusal(resp: Response<Incoming>, backend: &Backend) -> Ins
     let present = hop_by_hop_present(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, present, false);
     Inspected::Buffered(Response::from_parts(parts, Body::full(bytes)))
+}
+
+/// A response body read from a shared HTTP/2 connection, holding its stream's place in the
+/// connection's count until it is done.
+struct OnStream {
+    body: Incoming,
+    _slot: crate::upstream::StreamSlot,
+}
+
+impl http_body::Body for OnStream {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map_err(crate::body::BodyError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Step 9, the response policy: hop-by-hop fields go; a 101 opens the tunnel only when it
@@ -558,8 +661,9 @@ fn respond(
     let present = hop_by_hop_present(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, present, false);
     let body = match sender {
-        // HTTP/2 connections are shared, never lent to one response.
-        Sender::Http2(_) => Body::Incoming(body),
+        // HTTP/2 connections are shared, never lent to one response; the stream is counted on
+        // its connection until the body is done.
+        Sender::Http2(_, slot) => Body::Boxed(Box::pin(OnStream { body, _slot: slot })),
         Sender::Http1(sender) if http_body::Body::is_end_stream(&body) => {
             PoolReturn::new(backend, sender).give_back();
             Body::Incoming(body)

@@ -1,7 +1,6 @@
 //! HTTP/2 to backends: a backend's GOAWAY drains its connection (streams already open finish,
 //! new requests open a new connection), and requests share one multiplexed connection.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,14 +37,19 @@ impl H2Backend {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<Incoming>| async move {
-                            if req.uri().path().ends_with("/slow") {
+                            let path = req.uri().path().to_string();
+                            if path.contains("/reset") {
+                                // hyper resets the stream (RST_STREAM) of a failed service call.
+                                return Err("reset this stream".to_string());
+                            }
+                            if path.contains("/slow") {
                                 tokio::time::sleep(Duration::from_millis(800)).await;
-                                return Ok::<_, Infallible>(http::Response::new(Full::new(
+                                return Ok::<_, String>(http::Response::new(Full::new(
                                     Bytes::from(format!("slow done on conn {id}")),
                                 )));
                             }
                             Ok(http::Response::new(Full::new(Bytes::from(format!(
-                                "conn {id}"
+                                "conn {id} port {port}"
                             )))))
                         },
                     );
@@ -81,16 +85,103 @@ impl Drop for H2Backend {
 }
 
 async fn h2_gateway(backend: &H2Backend) -> Gateway {
-    let yaml = loopback_config(
-        "",
-        &service(
-            "h2",
-            "/h2/",
-            &[&format!("h2c://127.0.0.1:{}", backend.port)],
-            "",
-        ),
-    );
+    h2_gateway_over(&[backend]).await
+}
+
+async fn h2_gateway_over(backends: &[&H2Backend]) -> Gateway {
+    let urls: Vec<String> = backends
+        .iter()
+        .map(|b| format!("h2c://127.0.0.1:{}", b.port))
+        .collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let yaml = loopback_config("", &service("h2", "/h2/", &urls, ""));
     Gateway::start(&yaml).await
+}
+
+/// The ports of the backends that answered `n` requests to `/h2/ok/i`.
+async fn ports_answering(gw: &Gateway, n: usize) -> std::collections::HashSet<String> {
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..n {
+        let (status, body) = get(gw.port, &format!("/h2/ok/{i}")).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        seen.insert(body.rsplit(' ').next().unwrap_or_default().to_string());
+    }
+    seen
+}
+
+fn metric(m: &str, line_start: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_resetting_streams_is_not_ejected() {
+    let (a, b) = (H2Backend::start().await, H2Backend::start().await);
+    let gw = h2_gateway_over(&[&a, &b]).await;
+    for i in 0..10 {
+        let (status, body) = get(gw.port, &format!("/h2/reset/{i}")).await.unwrap();
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("reset the stream"), "{body}");
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "hexgate_upstream_errors_total{service=\"h2\",reason=\"stream_reset\"} "
+        ),
+        10,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "hexgate_upstream_errors_total{service=\"h2\",reason=\"connection_error\"} "
+        ),
+        0,
+        "{m}"
+    );
+    // Both backends still take traffic, and no new connections were opened for the resets.
+    let conns = a.conns.load(Ordering::SeqCst) + b.conns.load(Ordering::SeqCst);
+    assert_eq!(ports_answering(&gw, 20).await.len(), 2);
+    assert_eq!(
+        a.conns.load(Ordering::SeqCst) + b.conns.load(Ordering::SeqCst),
+        conns,
+        "stream resets keep the shared connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_own_grpc_deadline_never_counts_against_the_backend() {
+    let (a, b) = (H2Backend::start().await, H2Backend::start().await);
+    let gw = h2_gateway_over(&[&a, &b]).await;
+    for i in 0..6 {
+        let req = http::Request::post(format!("/h2/slow/{i}"))
+            .header("host", "localhost")
+            .header("content-type", "application/grpc")
+            .header("grpc-timeout", "100m")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let (status, headers, _) = request(gw.port, req).await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(
+            headers["grpc-status"], "4",
+            "DEADLINE_EXCEEDED: {headers:?}"
+        );
+    }
+    let m = gw.metrics().await;
+    assert!(
+        !m.lines().any(
+            |l| l.starts_with("hexgate_upstream_errors_total{service=\"h2\"") && !l.ends_with(" 0")
+        ),
+        "{m}"
+    );
+    assert_eq!(
+        ports_answering(&gw, 20).await.len(),
+        2,
+        "no backend ejected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +225,7 @@ async fn a_backend_goaway_drains_its_connection_without_failing_open_streams() {
     assert!(body.starts_with("slow done"), "{body}");
     let last_conn: u64 = last
         .strip_prefix("conn ")
-        .and_then(|n| n.parse().ok())
+        .and_then(|n| n.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("{last}"));
     assert!(
         last_conn > before,

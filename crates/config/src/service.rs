@@ -294,6 +294,17 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
         .map(|n| read_upstream_tls(r, n, &f.key_path("upstreamTls")));
     let upstream_protocol = read_upstream_protocol(r, &f, &backends);
     let consul_service_name = r.string(&f, "consulServiceName").filter(|s| !s.is_empty());
+    if upstream_tls.is_some()
+        && consul_service_name.is_none()
+        && !backends.is_empty()
+        && !backends.iter().any(|b| b.scheme == Scheme::Https)
+    {
+        r.err(
+            f.key_line("upstreamTls"),
+            &f.key_path("upstreamTls"),
+            "applies to https:// backends, and this service has none (its traffic would go in cleartext)",
+        );
+    }
     if backends.is_empty() && consul_service_name.is_none() {
         r.err(
             f.line,

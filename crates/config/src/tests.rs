@@ -347,6 +347,7 @@ fn upstream_key_errors_name_line_and_key() {
             (4, "services[0].backends[0]"),
             (4, "services[0].backends[1]"),
             (8, "services[1].upstreamProtocol"),
+            (9, "services[1].upstreamTls"),
             (10, "services[1].upstreamTls.keyFile"),
             (11, "services[1].upstreamTls.serverName"),
         ],

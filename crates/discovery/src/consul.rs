@@ -34,8 +34,11 @@ pub struct ConsulClient {
 /// One healthy instance of a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
+    /// The address, its scheme the declared one or else `http` (see [`Instance::declared`]).
     pub addr: BackendAddr,
     pub weight: u32,
+    /// The scheme the instance declares (`Meta.protocol` or a tag), if any.
+    pub declared: Option<hexgate_config::Scheme>,
 }
 
 use hexgate_http::httpc::percent_encode as enc;
@@ -174,9 +177,11 @@ impl ConsulClient {
                 .as_u64()
                 .unwrap_or(1)
                 .clamp(1, 100) as u32;
+            let declared = instance_scheme(svc);
             out.push(Instance {
+                declared,
                 addr: BackendAddr {
-                    scheme: instance_scheme(svc),
+                    scheme: declared.unwrap_or_default(),
                     host,
                     port: port as u16,
                 },
@@ -282,20 +287,18 @@ impl ConsulClient {
     }
 }
 
-/// How an instance is spoken to: its service `Meta.protocol` (`http`, `https`, `h2c`, or `grpc`,
-/// which is h2c), else the first tag with one of those names, else plain HTTP/1.1.
-fn instance_scheme(svc: &serde_json::Value) -> hexgate_config::Scheme {
+/// How an instance says it is spoken to: its service `Meta.protocol` (`http`, `https`, `h2c`, or
+/// `grpc`, which is h2c), else the first tag with one of those names.
+fn instance_scheme(svc: &serde_json::Value) -> Option<hexgate_config::Scheme> {
     use hexgate_config::Scheme;
     if let Some(s) = svc["Meta"]["protocol"].as_str().and_then(Scheme::parse) {
-        return s;
+        return Some(s);
     }
     svc["Tags"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|t| t.as_str().and_then(Scheme::parse))
-        .next()
-        .unwrap_or_default()
+        .find_map(|t| t.as_str().and_then(Scheme::parse))
 }
 
 #[cfg(test)]
@@ -306,22 +309,20 @@ mod scheme_tests {
     #[test]
     fn the_scheme_comes_from_meta_then_tags() {
         let j = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
-        assert_eq!(instance_scheme(&j(r#"{}"#)), Scheme::Http);
-        assert_eq!(
-            instance_scheme(&j(r#"{"Meta":{"protocol":"grpc"}}"#)),
-            Scheme::H2c
-        );
-        assert_eq!(
-            instance_scheme(&j(r#"{"Meta":{"protocol":"HTTPS"},"Tags":["h2c"]}"#)),
-            Scheme::Https
-        );
-        assert_eq!(
-            instance_scheme(&j(r#"{"Meta":{"protocol":"tcp"},"Tags":["v1","https"]}"#)),
-            Scheme::Https
-        );
-        assert_eq!(
-            instance_scheme(&j(r#"{"Meta":null,"Tags":["v1"]}"#)),
-            Scheme::Http
-        );
+        for (json, want) in [
+            (r#"{}"#, None),
+            (r#"{"Meta":{"protocol":"grpc"}}"#, Some(Scheme::H2c)),
+            (
+                r#"{"Meta":{"protocol":"HTTPS"},"Tags":["h2c"]}"#,
+                Some(Scheme::Https),
+            ),
+            (
+                r#"{"Meta":{"protocol":"tcp"},"Tags":["v1","https"]}"#,
+                Some(Scheme::Https),
+            ),
+            (r#"{"Meta":null,"Tags":["v1"]}"#, None),
+        ] {
+            assert_eq!(instance_scheme(&j(json)), want, "{json}");
+        }
     }
 }

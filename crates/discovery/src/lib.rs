@@ -54,21 +54,34 @@ struct Watch {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// The instances as `pool` speaks to them: an instance that declares no scheme is `https` in
+/// a pool with `upstreamTls` (TLS is the operator's intent there), else `http`.
+fn for_pool(pool: &Pool, instances: &[consul::Instance]) -> Vec<(BackendAddr, u32)> {
+    let fallback = if pool.profile.tls.is_some() {
+        hexgate_config::Scheme::Https
+    } else {
+        hexgate_config::Scheme::Http
+    };
+    instances
+        .iter()
+        .map(|i| {
+            let mut addr = i.addr.clone();
+            addr.scheme = i.declared.unwrap_or(fallback);
+            (addr, i.weight)
+        })
+        .collect()
+}
+
 impl Watch {
     fn publish(&self, backends: &BackendSet) {
-        let list: Vec<(BackendAddr, u32)> = self
-            .instances
-            .load()
-            .iter()
-            .map(|i| (i.addr.clone(), i.weight))
-            .collect();
+        let instances = self.instances.load();
         let mut subs = match self.subscribers.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
         subs.retain(|w| match w.upgrade() {
             Some(pool) => {
-                pool.set_discovered(backends, &list);
+                pool.set_discovered(backends, &for_pool(&pool, &instances));
                 true
             }
             None => false,
@@ -146,13 +159,7 @@ impl Discovery {
             if let Ok(mut subs) = watch.subscribers.lock() {
                 subs.push(Arc::downgrade(pool));
             }
-            let list: Vec<(BackendAddr, u32)> = watch
-                .instances
-                .load()
-                .iter()
-                .map(|i| (i.addr.clone(), i.weight))
-                .collect();
-            pool.set_discovered(backends, &list);
+            pool.set_discovered(backends, &for_pool(pool, &watch.instances.load()));
         }
         watches.retain(|k, w| {
             let keep = wanted.contains(k);

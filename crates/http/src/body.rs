@@ -98,7 +98,14 @@ pub struct BodyProgress {
     /// Why the body failed. An HTTP/2 upstream connection reports a failed request body as a
     /// reset stream, without the body's error, so the exchange's blame is read from here.
     failure: OnceLock<BodyFailure>,
+    /// The whole body, when it was at most `REPLAY_LIMIT` bytes with no trailers: a request an
+    /// HTTP/2 backend did not process (GOAWAY, REFUSED_STREAM) can be sent again with it.
+    replay: OnceLock<Vec<Bytes>>,
 }
+
+/// Largest request body kept for a resend to another connection (a small unary gRPC call, a
+/// small JSON POST); larger bodies are streamed without a copy kept.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// Why a client's body failed on its way upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +126,23 @@ impl BodyProgress {
             3 => BodyState::Failed,
             _ => BodyState::Flowing,
         }
+    }
+
+    /// The whole body, if it was complete, small and without trailers (a copy of the chunk
+    /// handles, not of the bytes).
+    pub fn replay(&self) -> Option<Bytes> {
+        if self.state() != BodyState::Complete {
+            return None;
+        }
+        let chunks = self.replay.get()?;
+        if chunks.len() == 1 {
+            return Some(chunks[0].clone());
+        }
+        let mut all = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+        for c in chunks {
+            all.extend_from_slice(c);
+        }
+        Some(Bytes::from(all))
     }
 
     /// Why the body failed, if it did.
@@ -166,6 +190,8 @@ pin_project_lite::pin_project! {
         idle: Duration,
         // Whether `timer` is set for the current wait on the client.
         armed: bool,
+        // The chunks so far while the body stays within `REPLAY_LIMIT` (None beyond it).
+        kept: Option<Vec<Bytes>>,
         progress: Arc<BodyProgress>,
         #[pin]
         timer: Sleep,
@@ -182,6 +208,7 @@ impl ClientBody {
             seen: 0,
             idle,
             armed: false,
+            kept: Some(Vec::new()),
             progress: progress.clone(),
             // Re-armed (`reset`) when a wait on the client begins; never polled before that.
             timer: tokio::time::sleep(idle),
@@ -204,20 +231,33 @@ impl http_body::Body for ClientBody {
                 *this.armed = false;
                 if let Some(d) = frame.data_ref() {
                     *this.seen += d.len() as u64;
+                    if *this.seen <= REPLAY_LIMIT {
+                        if let Some(k) = this.kept.as_mut() {
+                            k.push(d.clone());
+                        }
+                    } else {
+                        *this.kept = None;
+                    }
                     if let Some(limit) = *this.limit {
                         if *this.seen > limit {
                             this.progress.fail(BodyFailure::TooLarge(limit));
                             return Poll::Ready(Some(Err(BodyError::TooLarge(limit))));
                         }
                     }
+                } else {
+                    // Trailers are not kept: such a body is never resent.
+                    *this.kept = None;
                 }
                 // hyper stops polling a body that says it has ended, so this is where a
                 // Content-Length body is seen to be complete.
-                this.progress.set(if this.inner.is_end_stream() {
-                    BodyState::Complete
+                if this.inner.is_end_stream() {
+                    if let Some(k) = this.kept.take() {
+                        let _ = this.progress.replay.set(k);
+                    }
+                    this.progress.set(BodyState::Complete);
                 } else {
-                    BodyState::Flowing
-                });
+                    this.progress.set(BodyState::Flowing);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -225,6 +265,9 @@ impl http_body::Body for ClientBody {
                 Poll::Ready(Some(Err(BodyError::Hyper(e))))
             }
             Poll::Ready(None) => {
+                if let Some(k) = this.kept.take() {
+                    let _ = this.progress.replay.set(k);
+                }
                 this.progress.set(BodyState::Complete);
                 Poll::Ready(None)
             }

@@ -24,7 +24,7 @@ pub const AUTH_REASONS: [&str; 13] = [
     "no_consumer",
 ];
 /// Labels of `hexgate_upstream_errors_total{reason}`, in counter order.
-pub const UPSTREAM_REASONS: [&str; 11] = [
+pub const UPSTREAM_REASONS: [&str; 12] = [
     "connect_failed",
     "connect_timeout",
     "tls_unknown_ca",
@@ -35,6 +35,7 @@ pub const UPSTREAM_REASONS: [&str; 11] = [
     "tls_handshake",
     "response_timeout",
     "connection_error",
+    "stream_reset",
     "grpc_needs_http2",
 ];
 /// Labels of `hexgate_ratelimit_decisions_total{result}`, in counter order.
@@ -191,7 +192,12 @@ impl ServiceMetrics {
         let i = UPSTREAM_REASONS
             .iter()
             .position(|r| *r == reason)
-            .unwrap_or(UPSTREAM_REASONS.len() - 2);
+            .or_else(|| {
+                UPSTREAM_REASONS
+                    .iter()
+                    .position(|r| *r == "connection_error")
+            })
+            .unwrap_or(0);
         self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
     }
 

@@ -48,7 +48,7 @@ pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> Result<(
             Ok(resp) => Err(format!("{path} answered {}", resp.status())),
             Err(e) => {
                 let e = e.into_error();
-                if h2 && stream_reset_by_peer(&e) {
+                if h2 && crate::h2_failure(&e) == Some(crate::H2Failure::StreamReset) {
                     Ok(())
                 } else {
                     Err(e.to_string())
@@ -60,17 +60,4 @@ pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> Result<(
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
-}
-
-/// Whether an HTTP/2 exchange ended with the peer resetting the stream (RST_STREAM), the
-/// connection staying up.
-fn stream_reset_by_peer(e: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_reset() && h2.is_remote();
-        }
-        cur = err.source();
-    }
-    false
 }

@@ -38,12 +38,36 @@ const EJECT_MAX: Duration = Duration::from_secs(30);
 /// while idle) or HTTP/2 (multiplexed: one connection per backend per worker, shared).
 pub enum Sender {
     Http1(http1::SendRequest<Body>),
-    Http2(http2::SendRequest<Body>),
+    /// A shared HTTP/2 connection and this request's claim on one of its streams (held until
+    /// the response body is done: see [`StreamSlot`]).
+    Http2(http2::SendRequest<Body>, StreamSlot),
+}
+
+/// One stream counted against its HTTP/2 connection while it lives, so the pool opens another
+/// connection before a backend's concurrent-stream limit queues requests behind slow ones.
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn new(active: &Arc<AtomicUsize>) -> StreamSlot {
+        active.fetch_add(1, Ordering::Relaxed);
+        StreamSlot(active.clone())
+    }
+
+    /// The connection this slot is on (its identity in the pool).
+    fn conn(&self) -> &Arc<AtomicUsize> {
+        &self.0
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Sender {
     pub fn is_http2(&self) -> bool {
-        matches!(self, Sender::Http2(_))
+        matches!(self, Sender::Http2(..))
     }
 
     /// Sends `req`; on an error before anything was written, the request comes back.
@@ -53,7 +77,7 @@ impl Sender {
     ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
         match self {
             Sender::Http1(s) => s.try_send_request(req).await,
-            Sender::Http2(s) => s.try_send_request(req).await,
+            Sender::Http2(s, _) => s.try_send_request(req).await,
         }
     }
 }
@@ -152,6 +176,25 @@ struct Idle {
     since: Instant,
 }
 
+/// A shared HTTP/2 connection and how many streams it carries now.
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    active: Arc<AtomicUsize>,
+}
+
+/// HTTP/2 connections per backend per worker, and the streams each carries before another is
+/// opened: below the concurrent-stream limits servers commonly set (nginx 128, gRPC 100), so
+/// requests are not queued inside one connection while another could take them.
+const H2_CONNS_PER_WORKER: usize = 4;
+const H2_STREAMS_PER_CONN: usize = 90;
+/// Flow-control windows of upstream HTTP/2 connections: a stream may have 1 MiB unread, the
+/// connection 32 MiB, so a few clients that stop reading cannot stall the shared connection.
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONN_WINDOW: u32 = 32 << 20;
+/// Largest response header block accepted from an HTTP/2 backend (HTTP/1.1 backends get
+/// hyper's own limit, of the same order).
+const H2_MAX_HEADER_LIST: u32 = 256 << 10;
+
 /// One backend address with its connection pool and health.
 pub struct Backend {
     pub addr: BackendAddr,
@@ -161,8 +204,8 @@ pub struct Backend {
     tls: Option<Arc<ClientTls>>,
     /// Idle HTTP/1.1 connections per worker runtime (index 0: control runtime).
     idle: Box<[Mutex<Vec<Idle>>]>,
-    /// The shared HTTP/2 connection per worker runtime.
-    h2: Box<[Mutex<Option<http2::SendRequest<Body>>>]>,
+    /// The shared HTTP/2 connections per worker runtime (at most `H2_CONNS_PER_WORKER`).
+    h2: Box<[Mutex<Vec<H2Conn>>]>,
     /// One HTTP/2 connect at a time per worker: requests arriving together share the connection
     /// the first one opens instead of each opening their own.
     h2_connecting: Box<[tokio::sync::Mutex<()>]>,
@@ -203,7 +246,7 @@ impl Backend {
             tls: profile.tls_for(addr.scheme),
             addr,
             idle: (0..=MAX_WORKERS).map(|_| Mutex::new(Vec::new())).collect(),
-            h2: (0..=MAX_WORKERS).map(|_| Mutex::new(None)).collect(),
+            h2: (0..=MAX_WORKERS).map(|_| Mutex::new(Vec::new())).collect(),
             h2_connecting: (0..=MAX_WORKERS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -282,25 +325,33 @@ impl Backend {
             .sum()
     }
 
-    /// This worker's shared HTTP/2 connection, if it is still open.
-    fn shared_h2(&self) -> Option<http2::SendRequest<Body>> {
-        let mut slot = self.h2[worker_slot()].lock().ok()?;
-        match &*slot {
-            Some(s) if !s.is_closed() => Some(s.clone()),
-            Some(_) => {
-                *slot = None;
-                None
-            }
-            None => None,
+    /// A stream on one of this worker's shared HTTP/2 connections: the least busy one, if it
+    /// has room (or no other connection may be opened). Closed connections are dropped.
+    fn shared_h2(&self) -> Option<Sender> {
+        let mut conns = self.h2[worker_slot()].lock().ok()?;
+        conns.retain(|c| !c.sender.is_closed());
+        let best = conns
+            .iter()
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))?;
+        let busy = best.active.load(Ordering::Relaxed) >= H2_STREAMS_PER_CONN;
+        if busy && conns.len() < H2_CONNS_PER_WORKER {
+            return None;
         }
+        Some(Sender::Http2(
+            best.sender.clone(),
+            StreamSlot::new(&best.active),
+        ))
     }
 
-    /// Forgets this worker's shared HTTP/2 connection after a failure on it (a GOAWAY, a
-    /// broken connection): the next request opens a new one while streams still open on the
-    /// old one finish there.
-    pub fn drop_shared_h2(&self) {
-        if let Ok(mut slot) = self.h2[worker_slot()].lock() {
-            *slot = None;
+    /// Forgets the shared HTTP/2 connection `sender` is on after a connection-level failure (a
+    /// GOAWAY, a broken connection): new requests go elsewhere while streams still open on it
+    /// finish there.
+    pub fn drop_shared_h2(&self, sender: &Sender) {
+        let Sender::Http2(_, slot) = sender else {
+            return;
+        };
+        if let Ok(mut conns) = self.h2[worker_slot()].lock() {
+            conns.retain(|c| !Arc::ptr_eq(&c.active, slot.conn()));
         }
     }
 
@@ -337,11 +388,12 @@ impl Backend {
     pub async fn checkout(
         self: &Arc<Self>,
         connect_timeout: Duration,
+        http1_only: bool,
     ) -> Result<(Sender, bool), ConnectError> {
         let h2_likely = self.wire != Wire::Http1 && !self.alpn_http1.load(Ordering::Relaxed);
-        if h2_likely {
+        if h2_likely && !http1_only {
             if let Some(s) = self.shared_h2() {
-                return Ok((Sender::Http2(s), true));
+                return Ok((s, true));
             }
         }
         while let Some(mut s) = self.pop_idle() {
@@ -353,6 +405,9 @@ impl Backend {
                 return Ok((Sender::Http1(s), true));
             }
         }
+        if http1_only {
+            return Ok((self.connect_as(connect_timeout, true).await?, false));
+        }
         if !h2_likely {
             return Ok((self.connect(connect_timeout).await?, false));
         }
@@ -363,24 +418,43 @@ impl Backend {
         };
         // Whoever held the gate may have opened the connection this request can share.
         if let Some(s) = self.shared_h2() {
-            return Ok((Sender::Http2(s), true));
+            return Ok((s, true));
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let s = self.connect(remaining).await?;
-        match &s {
-            Sender::Http2(h) => {
-                if let Ok(mut slot) = self.h2[worker_slot()].lock() {
-                    *slot = Some(h.clone());
+        let s = match s {
+            Sender::Http2(h, _) => {
+                let active = Arc::new(AtomicUsize::new(0));
+                let slot = StreamSlot::new(&active);
+                if let Ok(mut conns) = self.h2[worker_slot()].lock() {
+                    conns.push(H2Conn {
+                        sender: h.clone(),
+                        active,
+                    });
                 }
+                Sender::Http2(h, slot)
             }
-            Sender::Http1(_) => self.alpn_http1.store(true, Ordering::Relaxed),
-        }
+            h1 => {
+                self.alpn_http1.store(true, Ordering::Relaxed);
+                h1
+            }
+        };
         Ok((s, false))
     }
 
     /// A new connection (TCP, then TLS for `https://`, then the HTTP handshake), all within
     /// `timeout`.
     pub async fn connect(&self, timeout: Duration) -> Result<Sender, ConnectError> {
+        self.connect_as(timeout, false).await
+    }
+
+    /// A new connection; `http1_only` (an upgrade) offers only `http/1.1` by ALPN and refuses a
+    /// backend that speaks HTTP/2 only.
+    async fn connect_as(
+        &self,
+        timeout: Duration,
+        http1_only: bool,
+    ) -> Result<Sender, ConnectError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let stream =
             match tokio::time::timeout_at(deadline, TcpStream::connect(self.authority.as_str()))
@@ -391,7 +465,11 @@ impl Backend {
                 Ok(Ok(s)) => s,
             };
         let _ = stream.set_nodelay(true);
-        match self.wire {
+        let wire = match (self.wire, http1_only) {
+            (Wire::Tls(Alpn::Both), true) => Wire::Tls(Alpn::Http1),
+            (w, _) => w,
+        };
+        match wire {
             Wire::Http1 => self.handshake(TokioIo::new(stream), false).await,
             Wire::H2c => self.handshake(TokioIo::new(stream), true).await,
             Wire::Tls(alpn) => {
@@ -455,6 +533,9 @@ impl Backend {
                 .timer(TokioTimer::new())
                 .keep_alive_interval(H2_KEEPALIVE)
                 .keep_alive_timeout(H2_KEEPALIVE)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONN_WINDOW)
+                .max_header_list_size(H2_MAX_HEADER_LIST)
                 .handshake(io)
                 .await
                 .map_err(|e| ConnectError::Handshake(self.authority.clone(), e))?;
@@ -463,7 +544,9 @@ impl Backend {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with error");
                 }
             });
-            return Ok(Sender::Http2(sender));
+            // The stream slot of a connection nobody shares (a health check's).
+            let slot = StreamSlot::new(&Arc::new(AtomicUsize::new(0)));
+            return Ok(Sender::Http2(sender, slot));
         }
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -517,6 +600,42 @@ impl Backend {
         }
         *req.version_mut() = Version::HTTP_2;
     }
+}
+
+/// How an HTTP/2 exchange failed, when the error says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Failure {
+    /// The backend did not process the stream (RFC 9113 8.7: a GOAWAY whose last stream id is
+    /// below it, or REFUSED_STREAM): safe to send again, to another connection.
+    Unprocessed,
+    /// The backend reset this stream only: no sign that the backend or the connection is
+    /// unwell.
+    StreamReset,
+    /// The connection failed (GOAWAY with an error, I/O): it is not used again.
+    Connection,
+}
+
+/// What an HTTP/2 error in an exchange's error chain says, if there is one.
+pub fn h2_failure(err: &(dyn std::error::Error + 'static)) -> Option<H2Failure> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(h) = e.downcast_ref::<h2::Error>() {
+            let refused = h.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return Some(
+                if h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR) {
+                    H2Failure::Unprocessed
+                } else if h.is_reset() && h.is_remote() && refused {
+                    H2Failure::Unprocessed
+                } else if h.is_reset() && h.is_remote() {
+                    H2Failure::StreamReset
+                } else {
+                    H2Failure::Connection
+                },
+            );
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// HTTP/2 PING interval (and answer timeout) on upstream connections: a backend that vanished
