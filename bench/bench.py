@@ -122,11 +122,14 @@ healthCheckInterval: 5
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "scale", "memory", "h2", "tls", "profile"],
+    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "scale", "memory", "h2", "tls", "profile",
+                                                           "grpc", "upstream-tls"],
                     help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both; "
                          "scale: 1 vs 1,000 routes and backends; memory: idle RSS and 10,000 idle connections; "
                          "h2: h2load over h2c; tls: HTTPS at the proxy; "
-                         "profile: instructions per request under callgrind, HexGate and nginx")
+                         "profile: instructions per request under callgrind, HexGate and nginx; "
+                         "grpc: gRPC unary over h2c, HexGate (h2c:// backend) vs nginx grpc_pass; "
+                         "upstream-tls: HexGate vs nginx proxy_ssl to an HTTPS keep-alive backend")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", default="64,256")
@@ -136,7 +139,23 @@ def main():
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--limits", action="store_true",
                     help="profile: HexGate with a rate limit and a quota through a local redis-server")
+    ap.add_argument("--grpc-backend", default=os.path.join(ROOT, "target", "release", "examples", "grpc_backend"),
+                    help="grpc: the backend binary (examples/grpc_backend.rs)")
+    ap.add_argument("--streams", type=int, default=10, help="grpc: concurrent streams per h2load connection")
+    ap.add_argument("--keepalive", type=int, default=512,
+                    help="grpc, upstream-tls: nginx's upstream keepalive (idle connections kept per worker)")
+    ap.add_argument("--no-plain-ref", action="store_true",
+                    help="upstream-tls: skip the two proxies in front of the backend's plain HTTP listener")
+    ap.add_argument("--no-direct", action="store_true", help="grpc: skip the run straight to the backend")
+    ap.add_argument("--max-other", type=float, default=10.0,
+                    help="grpc, upstream-tls: drop runs where CPU outside the proxy, backend and load generator "
+                         "exceeds this % of the machine (another build or test running)")
+    ap.add_argument("--no-hexgate", action="store_true",
+                    help="grpc, upstream-tls: nginx (and the backend) only, e.g. to try the harness")
     args = ap.parse_args()
+    if args.mode in ("grpc", "upstream-tls"):
+        import bench_upstream
+        return bench_upstream.main(args, sys.modules[__name__])
     if args.mode in ("scale", "memory", "h2", "tls", "profile"):
         import bench_more
         return bench_more.main(args, sys.modules[__name__])
