@@ -121,6 +121,21 @@ async fn within_deadline<F: std::future::Future>(
     }
 }
 
+/// How long an HTTP/2 exchange may run on its own after its client has gone: until the latest
+/// moment the wait for its response could still end (`within_deadline` may extend once).
+fn send_deadline(
+    deadline: Instant,
+    request: Duration,
+    client_deadline: bool,
+) -> tokio::time::Instant {
+    let extra = if client_deadline {
+        Duration::ZERO
+    } else {
+        request
+    };
+    tokio::time::Instant::from_std(deadline + extra)
+}
+
 /// Counts a request in flight on a backend for least-request balancing.
 struct InFlight(Arc<Backend>);
 
@@ -375,7 +390,10 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         }
         let sent_at = Instant::now();
         let result = within_deadline(
-            sender.try_send_request(req),
+            sender.try_send_request(
+                req,
+                send_deadline(deadline, request_timeout, client_deadline),
+            ),
             deadline,
             // The wait is not extended past a client's own deadline.
             if client_deadline {

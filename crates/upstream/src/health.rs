@@ -43,7 +43,10 @@ pub async fn check(backend: &Backend, path: &str, timeout: Duration) -> Result<(
                 http::HeaderValue::from_static("close"),
             );
         }
-        match sender.try_send_request(req).await {
+        match sender
+            .try_send_request(req, tokio::time::Instant::now() + timeout)
+            .await
+        {
             Ok(resp) if resp.status() < StatusCode::INTERNAL_SERVER_ERROR => Ok(()),
             Ok(resp) => Err(format!("{path} answered {}", resp.status())),
             Err(e) => {

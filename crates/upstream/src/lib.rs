@@ -71,13 +71,31 @@ impl Sender {
     }
 
     /// Sends `req`; on an error before anything was written, the request comes back.
+    ///
+    /// On HTTP/2 the exchange runs in its own task until the response head arrives (or
+    /// `deadline`): a client that gives up early does not reset a stream the backend has not yet
+    /// accepted. Backends count such resets as an attack ("rapid reset", CVE-2023-44487; hyper
+    /// and tonic allow 20) and drop the connection, which here is shared by other clients' calls.
+    /// A stream the backend answered can be reset freely.
     pub async fn try_send_request(
         &mut self,
         req: Request<Body>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
         match self {
             Sender::Http1(s) => s.try_send_request(req).await,
-            Sender::Http2(s, _) => s.try_send_request(req).await,
+            Sender::Http2(s, _) => {
+                let mut s = s.clone();
+                let task = tokio::spawn(async move {
+                    tokio::time::timeout_at(deadline, s.try_send_request(req)).await
+                });
+                match task.await {
+                    Ok(Ok(result)) => result,
+                    // The deadline passed (the caller has given up by then) or the task was
+                    // cancelled at shutdown: the caller reports its own timeout.
+                    Ok(Err(_)) | Err(_) => std::future::pending().await,
+                }
+            }
         }
     }
 }
@@ -620,18 +638,17 @@ pub fn h2_failure(err: &(dyn std::error::Error + 'static)) -> Option<H2Failure> 
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(h) = e.downcast_ref::<h2::Error>() {
-            let refused = h.reason() == Some(h2::Reason::REFUSED_STREAM);
-            return Some(
-                if h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR) {
-                    H2Failure::Unprocessed
-                } else if h.is_reset() && h.is_remote() && refused {
-                    H2Failure::Unprocessed
-                } else if h.is_reset() && h.is_remote() {
-                    H2Failure::StreamReset
-                } else {
-                    H2Failure::Connection
-                },
-            );
+            let reason = h.reason();
+            let unprocessed = h.is_remote()
+                && ((h.is_go_away() && reason == Some(h2::Reason::NO_ERROR))
+                    || (h.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM)));
+            return Some(if unprocessed {
+                H2Failure::Unprocessed
+            } else if h.is_reset() && h.is_remote() {
+                H2Failure::StreamReset
+            } else {
+                H2Failure::Connection
+            });
         }
         cur = e.source();
     }
