@@ -75,6 +75,8 @@ pub struct Compiled {
     pub admin_token: Option<Arc<str>>,
     /// Per service (same order as `config.services`), its `upstreamTls` built.
     pub upstream_tls: Vec<Option<Arc<hexgate_upstream::ClientTls>>>,
+    /// `apiKeys.file` (resolved) and the keys read from it.
+    pub api_keys: Option<(PathBuf, Vec<hexgate_config::apikeys::ApiKeyEntry>)>,
 }
 
 /// Compiles `config`: all of its problems at once, or the compiled config.
@@ -177,6 +179,32 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         };
         upstream_tls.push(built);
     }
+    let mut key_file_errors = Vec::new();
+    let api_keys = match &config.api_keys {
+        Some(k) => {
+            let path = resolve(files, &k.file, config.base_dir.as_deref());
+            match files.read(&path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    match hexgate_config::apikeys::parse_api_keys(
+                        &text,
+                        &path.display().to_string(),
+                    ) {
+                        Ok(entries) => Some((path, entries)),
+                        Err(e) => {
+                            key_file_errors.extend(e.0);
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    err("apiKeys.file", format!("{}: {e}", path.display()));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     for (key, message) in port_clashes(&config, scope) {
         err(key, message);
     }
@@ -187,6 +215,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
             None
         }
     };
+    errors.extend(key_file_errors);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -196,6 +225,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         tls,
         admin_token,
         upstream_tls,
+        api_keys,
     })
 }
 

@@ -23,6 +23,9 @@ pub enum GatewayError {
     Unauthorized(#[from] AuthError),
     #[error("429 Too Many Requests")]
     TooManyRequests,
+    /// Authenticated, but not allowed here (a scope the route requires is not granted).
+    #[error("403 Forbidden: {0}")]
+    Forbidden(String),
     #[error("limit store unavailable")]
     LimitsUnavailable,
     #[error("bad request path: {0}")]
@@ -78,6 +81,7 @@ impl GatewayError {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -119,6 +123,7 @@ impl GatewayError {
             | GatewayError::DeadlineExceeded
             | GatewayError::UnsupportedTransferCoding
             | GatewayError::Unauthorized(_)
+            | GatewayError::Forbidden(_)
             | GatewayError::TooManyRequests => Side::Client,
             GatewayError::LimitsUnavailable => Side::Gateway,
             GatewayError::NoHealthyBackend

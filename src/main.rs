@@ -125,6 +125,11 @@ enum Command {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
+    /// API keys for `apiKeys.file`.
+    Apikey {
+        #[command(subcommand)]
+        action: ApikeyCommand,
+    },
     /// Start the gateway with three built-in backends, memory only: the first thing to try.
     Demo {
         #[arg(long, default_value_t = 8000)]
@@ -135,6 +140,72 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "8081,8082,8083")]
         backend_ports: Vec<u16>,
     },
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Make a new key: prints the key once (first line), then the entry to add to the key file
+    /// (only the key's SHA-256 is stored there).
+    New {
+        /// The consumer the key belongs to (sent upstream as X-Consumer-Id).
+        #[arg(long)]
+        consumer: String,
+        #[arg(long)]
+        plan: Option<String>,
+        /// The key's id in the file (default: CONSUMER-RANDOM).
+        #[arg(long)]
+        id: Option<String>,
+        /// When the key stops working: RFC 3339 time or a date (midnight UTC).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Scopes the key grants, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
+}
+
+/// `hexgate apikey new`: the key on the first line, then its key-file entry.
+fn apikey_new(
+    consumer: String,
+    plan: Option<String>,
+    id: Option<String>,
+    expires: Option<String>,
+    scopes: Vec<String>,
+) -> ExitCode {
+    let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    if !visible(&consumer) {
+        eprintln!("hexgate apikey new: --consumer must be visible ASCII without quotes");
+        return ExitCode::from(2);
+    }
+    if let Some(e) = &expires {
+        if config::apikeys::parse_time(e).is_none() {
+            eprintln!("hexgate apikey new: --expires {e:?} is not an RFC 3339 time (2027-06-30T00:00:00Z) or a date (2027-06-30)");
+            return ExitCode::from(2);
+        }
+    }
+    for v in plan.iter().chain(id.iter()).chain(scopes.iter()) {
+        if !visible(v) {
+            eprintln!("hexgate apikey new: {v:?} must be visible ASCII without quotes");
+            return ExitCode::from(2);
+        }
+    }
+    let (key, hash) = hexgate::auth::apikeys::new_key();
+    let id = id.unwrap_or_else(|| format!("{consumer}-{:08x}", fastrand::u32(..)));
+    println!("{key}");
+    println!("- id: \"{id}\"");
+    println!("  consumer: \"{consumer}\"");
+    if let Some(p) = plan {
+        println!("  plan: \"{p}\"");
+    }
+    println!("  hash: \"{hash}\"");
+    if let Some(e) = expires {
+        println!("  expires: \"{e}\"");
+    }
+    if !scopes.is_empty() {
+        let list: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
+        println!("  scopes: [{}]", list.join(", "));
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing() {
@@ -154,6 +225,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file, connect } => validate(&file, connect),
         Command::Keygen { out, alg, force } => keygen(&out, &alg, force),
+        Command::Apikey {
+            action:
+                ApikeyCommand::New {
+                    consumer,
+                    plan,
+                    id,
+                    expires,
+                    scopes,
+                },
+        } => apikey_new(consumer, plan, id, expires, scopes),
         Command::Token {
             key,
             sub,
@@ -524,6 +605,7 @@ fn run_gateway_at(
         }
         tokio::spawn(hexgate::health::run(state.clone()));
         tokio::spawn(hexgate::reload::watch(state.clone()));
+        tokio::spawn(hexgate::reload::watch_api_keys(state.clone()));
         if let Some((client, key)) = kv {
             tokio::spawn(hexgate::discovery::kv::watch(
                 state.clone(),

@@ -79,3 +79,53 @@ pub async fn watch(state: Arc<State>) {
         }
     }
 }
+
+/// Watches the API key file (`apiKeys.file`) of the current snapshot, twice a second: a changed
+/// file that parses replaces the key set at once (a revoked key stops working within a second);
+/// one that does not is logged and the last good set stays. Config reloads read the file too.
+pub async fn watch_api_keys(state: Arc<State>) {
+    let mut seen: Option<(PathBuf, Option<(SystemTime, u64)>, Option<Vec<u8>>)> = None;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let snap = state.snapshot.load_full();
+        let Some(keys) = &snap.api_keys else {
+            seen = None;
+            continue;
+        };
+        let now = stamp(&keys.file);
+        match &seen {
+            Some((path, last, _)) if *path == keys.file && *last == now => continue,
+            _ => {}
+        }
+        let text = std::fs::read(&keys.file).ok();
+        let unchanged =
+            matches!(&seen, Some((path, _, last_text)) if *path == keys.file && *last_text == text);
+        let first = seen.is_none() || seen.as_ref().is_some_and(|(p, _, _)| *p != keys.file);
+        seen = Some((keys.file.clone(), now, text.clone()));
+        if first || unchanged {
+            // The config load just read this file; nothing new to install.
+            continue;
+        }
+        tokio::time::sleep(SETTLE).await;
+        let Some(bytes) = std::fs::read(&keys.file)
+            .ok()
+            .filter(|t| Some(t) == text.as_ref())
+        else {
+            // Still being written: looked at again on the next poll.
+            seen = None;
+            continue;
+        };
+        let shown = keys.file.display().to_string();
+        match crate::config::apikeys::parse_api_keys(&String::from_utf8_lossy(&bytes), &shown) {
+            Ok(entries) => {
+                keys.store.replace(&entries);
+                tracing::info!(file = %shown, keys = entries.len(), "API keys reloaded");
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!("API key file rejected, keeping the last good keys: {e}");
+                }
+            }
+        }
+    }
+}

@@ -36,6 +36,19 @@ pub struct ServiceRt {
     pub escaped_slashes: crate::config::EscapedSlashes,
     /// `Upgrade` protocol tokens tunnelled on this route (lower-case).
     pub allowed_upgrades: Vec<String>,
+    /// Credentials this route accepts (when `auth`): a JWT, an API key.
+    pub accepts_jwt: bool,
+    pub accepts_api_key: bool,
+    /// `requireScopes`.
+    pub require_scopes: Vec<String>,
+}
+
+/// `apiKeys`: the header keys come in, the file, and the key set (kept across reloads that keep
+/// the file, and refreshed by the key-file watcher between reloads).
+pub struct ApiKeysRt {
+    pub header: HeaderName,
+    pub file: std::path::PathBuf,
+    pub store: Arc<crate::auth::apikeys::ApiKeyStore>,
 }
 
 /// What a live reload cannot change (listeners are bound once, the limit store connected once).
@@ -103,6 +116,7 @@ pub struct Snapshot {
     pub identity_headers: Vec<HeaderName>,
     /// Bearer token the admin listener requires (all paths but /healthz and /readyz).
     pub admin_token: Option<Arc<str>>,
+    pub api_keys: Option<ApiKeysRt>,
 }
 
 impl Snapshot {
@@ -115,6 +129,7 @@ impl Snapshot {
         metrics: &Arc<Registry>,
         backends: &BackendSet,
         prev_auth: Option<&Arc<Authenticator>>,
+        prev_keys: Option<&ApiKeysRt>,
     ) -> Snapshot {
         let Compiled {
             config,
@@ -122,7 +137,29 @@ impl Snapshot {
             tls: _,
             admin_token,
             upstream_tls,
+            api_keys,
         } = compiled;
+        let api_keys = config
+            .api_keys
+            .as_ref()
+            .zip(api_keys)
+            .and_then(|(cfg, (file, entries))| {
+                let header = crate::auth::apikeys::header_name(&cfg.header)?;
+                // The same file keeps its store (and whatever the watcher installed), refreshed
+                // with what compile just read.
+                let store = match prev_keys {
+                    Some(p) if p.file == file => {
+                        p.store.replace(&entries);
+                        p.store.clone()
+                    }
+                    _ => Arc::new(crate::auth::apikeys::ApiKeyStore::new(&entries)),
+                };
+                Some(ApiKeysRt {
+                    header,
+                    file,
+                    store,
+                })
+            });
         let auth = material.map(|m| match prev_auth {
             Some(a) if a.fingerprint == m.fingerprint => a.clone(),
             _ => Authenticator::new(
@@ -178,6 +215,9 @@ impl Snapshot {
                 ),
                 escaped_slashes: s.escaped_slashes,
                 allowed_upgrades: s.allowed_upgrades.clone(),
+                accepts_jwt: s.auth_methods.contains(&crate::config::AuthMethod::Jwt),
+                accepts_api_key: s.auth_methods.contains(&crate::config::AuthMethod::ApiKey),
+                require_scopes: s.require_scopes.clone(),
             });
             routes.push(Route {
                 path: s.path.clone(),
@@ -206,6 +246,7 @@ impl Snapshot {
         };
         Snapshot {
             admin_token,
+            api_keys,
             settings,
             generation,
             auth,

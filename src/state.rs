@@ -72,7 +72,7 @@ impl State {
         let limiter = crate::limits::Limiter::new(&compiled.config, metrics.clone());
         let discovery = crate::discovery::Discovery::new(consul);
         let started = Fixed::of(&compiled.config);
-        let snap = Snapshot::build(compiled, 1, &metrics, &backends, None);
+        let snap = Snapshot::build(compiled, 1, &metrics, &backends, None, None);
         discovery.reconcile(snap.discovered_pools(), &backends);
         metrics.record_reload(true);
         Arc::new(State {
@@ -106,6 +106,7 @@ impl State {
             &self.metrics,
             &self.backends,
             old.auth.as_ref(),
+            old.api_keys.as_ref(),
         );
         self.discovery
             .reconcile(snap.discovered_pools(), &self.backends);

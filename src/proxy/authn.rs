@@ -1,16 +1,19 @@
-//! Step 4 of the pipeline: who the request is from, when its route requires a token.
+//! Steps 4 and 5 of the pipeline: who the request is from, when its route requires a
+//! credential (a JWT, an API key), and whether that credential grants the route's scopes.
 
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Request};
 
+use crate::auth::apikeys::ApiKeyError;
 use crate::auth::jwt::TokenError;
 use crate::auth::{AuthError, Identity};
 use crate::error::{GatewayError, Reject};
 use crate::snapshot::{ServiceRt, Snapshot};
 
-/// The consumer identity when the route requires a token; a refusal carries the Bearer
-/// challenge (RFC 6750 section 3).
+/// The consumer identity when the route requires a credential; a refusal carries the challenge
+/// (RFC 6750 section 3). An API key is used when the route accepts keys and the request carries
+/// one; otherwise the route's JWT check applies.
 pub async fn authenticate<B>(
     snap: &Snapshot,
     svc: &ServiceRt,
@@ -19,6 +22,23 @@ pub async fn authenticate<B>(
     if !svc.auth {
         return Ok(None);
     }
+    let keys = snap.api_keys.as_ref().filter(|_| svc.accepts_api_key);
+    if let Some(k) = keys {
+        if let Some(value) = req.headers().get(&k.header) {
+            let now = hexgate_http::clock::Clock::System.now_secs();
+            return match k.store.check(value, now) {
+                Ok(identity) => Ok(Some(identity)),
+                Err(e) => {
+                    svc.metrics.auth_failure(e.label());
+                    Err(refusal(AuthError::ApiKey(e), svc))
+                }
+            };
+        }
+        if !svc.accepts_jwt {
+            svc.metrics.auth_failure("apikey_missing");
+            return Err(refusal(AuthError::MissingApiKey(k.header.to_string()), svc));
+        }
+    }
     let Some(auth) = &snap.auth else {
         return Err(GatewayError::Internal("authentication not configured".into()).into());
     };
@@ -26,13 +46,50 @@ pub async fn authenticate<B>(
         Ok(identity) => Ok(Some(identity)),
         Err(e) => {
             svc.metrics.auth_failure(e.label());
-            let challenge = challenge(&e);
-            Err(Reject::new(
-                GatewayError::Unauthorized(e),
-                vec![(header::WWW_AUTHENTICATE, challenge)],
-            ))
+            Err(refusal(e, svc))
         }
     }
+}
+
+/// A 401 with its challenge: `Bearer` on routes that take tokens, `ApiKey` on key-only routes.
+fn refusal(e: AuthError, svc: &ServiceRt) -> Reject {
+    let challenge = if svc.accepts_jwt {
+        challenge(&e)
+    } else {
+        HeaderValue::from_static("ApiKey realm=\"hexgate\"")
+    };
+    Reject::new(
+        GatewayError::Unauthorized(e),
+        vec![(header::WWW_AUTHENTICATE, challenge)],
+    )
+}
+
+/// Step 5: every scope the route requires must be granted, else 403 with the RFC 6750
+/// `insufficient_scope` challenge naming them.
+pub fn authorize(svc: &ServiceRt, identity: Option<&Identity>) -> Result<(), Reject> {
+    if svc.require_scopes.is_empty() {
+        return Ok(());
+    }
+    let missing = match identity {
+        Some(id) => id.missing_scopes(&svc.require_scopes),
+        None => svc.require_scopes.iter().map(String::as_str).collect(),
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    svc.metrics.auth_failure("insufficient_scope");
+    // Scopes were checked at load to be visible ASCII without quotes or backslashes.
+    let value = format!(
+        "Bearer realm=\"hexgate\", error=\"insufficient_scope\", scope=\"{}\"",
+        svc.require_scopes.join(" ")
+    );
+    let challenge = HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static(
+        "Bearer error=\"insufficient_scope\"",
+    ));
+    Err(Reject::new(
+        GatewayError::Forbidden(format!("missing scope: {}", missing.join(" "))),
+        vec![(header::WWW_AUTHENTICATE, challenge)],
+    ))
 }
 
 /// The WWW-Authenticate challenge for a refused token (RFC 6750 section 3): no error code when
@@ -43,6 +100,12 @@ fn challenge(e: &AuthError) -> HeaderValue {
     let description = match e {
         AuthError::Missing => return HeaderValue::from_static("Bearer realm=\"hexgate\""),
         AuthError::BadHeader => "the Authorization header is not a Bearer token",
+        AuthError::MissingApiKey(_) => return HeaderValue::from_static("Bearer realm=\"hexgate\""),
+        AuthError::ApiKey(k) => match k {
+            ApiKeyError::Malformed => "malformed API key",
+            ApiKeyError::Unknown => "unknown API key",
+            ApiKeyError::Expired => "API key expired",
+        },
         AuthError::Token(t) => match t {
             TokenError::TooLarge => "token too large",
             TokenError::Malformed(_) => "malformed token",

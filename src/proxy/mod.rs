@@ -6,8 +6,8 @@
 //! 1. framing, host, path (`edge`, `rules`): header-field policy, framing, canonical host
 //! 2. route (`route`): normalised path, `escapedSlashes`, ambiguous readings
 //! 3. size limits (`edge::declared_size`): 413 before anything is spent
-//! 4. authenticate (`authn`)
-//! 5. authorise: nothing yet (scopes, API keys and plans plug in here)
+//! 4. authenticate (`authn`): a JWT or an API key
+//! 5. authorise (`authn::authorize`): the route's `requireScopes`
 //! 6. limits (`limits`): rate limit and quota
 //! 7. the request upstream (`outgoing`): headers, path, body
 //! 8. pick upstream and forward (`forward`): retries, one failure recorder; HTTP/1.1 or
@@ -125,7 +125,8 @@ async fn run(
     edge::declared_size(&req, &svc)?;
     // 4. Authenticate.
     let identity = authn::authenticate(&cx.snap, &svc, &req).await?;
-    // 5. Authorise: nothing yet.
+    // 5. Authorise: the route's scopes.
+    authn::authorize(&svc, identity.as_deref())?;
     // 6. Limits.
     if let Some(policies) = &svc.limits {
         cx.response_headers = limits::check(

@@ -1,6 +1,7 @@
 //! JWT authentication: the key set (PEM files and/or a JWKS URL, refreshed in the background),
 //! the verified-token cache, and the per-request check that yields the consumer identity.
 
+pub mod apikeys;
 pub mod cache;
 pub mod jwt;
 pub mod keys;
@@ -31,6 +32,11 @@ pub enum AuthError {
     Missing,
     #[error("Authorization header must be \"Bearer <token>\"")]
     BadHeader,
+    /// A route that takes API keys only, and none came (the header's name).
+    #[error("401 Unauthorized: Missing {0} header")]
+    MissingApiKey(String),
+    #[error("{0}")]
+    ApiKey(#[from] apikeys::ApiKeyError),
     #[error("{0}")]
     Token(#[from] TokenError),
 }
@@ -40,6 +46,8 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing",
             AuthError::BadHeader => "malformed",
+            AuthError::MissingApiKey(_) => "apikey_missing",
+            AuthError::ApiKey(k) => k.label(),
             AuthError::Token(t) => t.label(),
         }
     }
@@ -53,6 +61,24 @@ pub use hexgate_metrics::AUTH_REASONS as REASONS;
 pub struct Identity {
     pub consumer: Arc<str>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Scopes granted: a JWT's `scope` (space-separated) or `scp` (array) claim, or an API
+    /// key's `scopes`.
+    pub scopes: Vec<String>,
+    /// The consumer's plan, when the credential names one.
+    pub plan: Option<Arc<str>>,
+    /// The API key's `id`, for a request authenticated by key.
+    pub key_id: Option<Arc<str>>,
+}
+
+impl Identity {
+    /// The scopes of `required` this identity lacks.
+    pub fn missing_scopes<'a>(&self, required: &'a [String]) -> Vec<&'a str> {
+        required
+            .iter()
+            .filter(|r| !self.scopes.iter().any(|s| s == *r))
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 pub struct KeySet {
@@ -220,6 +246,9 @@ impl Authenticator {
         Identity {
             consumer: Arc::from(v.consumer.as_str()),
             headers,
+            scopes: scopes_of(&v.claims),
+            plan: None,
+            key_id: None,
         }
     }
 
@@ -321,3 +350,19 @@ fn bearer(value: &HeaderValue) -> Result<&str, AuthError> {
 
 #[cfg(test)]
 mod tests;
+
+/// A token's scopes: `scope` (RFC 8693/9068: space-separated) or `scp` (an array, or a string).
+fn scopes_of(claims: &serde_json::Map<String, serde_json::Value>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if let Some(serde_json::Value::String(s)) = claims.get("scope") {
+        out.extend(s.split_whitespace().map(str::to_string));
+    }
+    match claims.get("scp") {
+        Some(serde_json::Value::Array(a)) => {
+            out.extend(a.iter().filter_map(|v| v.as_str()).map(str::to_string));
+        }
+        Some(serde_json::Value::String(s)) => out.extend(s.split_whitespace().map(str::to_string)),
+        _ => {}
+    }
+    out
+}

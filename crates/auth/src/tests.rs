@@ -6,6 +6,9 @@ fn cache_respects_exp_and_generation() {
     let id = Arc::new(Identity {
         consumer: Arc::from("a"),
         headers: Vec::new(),
+        scopes: Vec::new(),
+        plan: None,
+        key_id: None,
     });
     cache.insert("tok", 1, Some(100), id);
     assert!(cache.get("tok", 1, 99, Duration::ZERO).unwrap().is_some());
@@ -74,4 +77,25 @@ async fn expiry_follows_the_injected_clock() {
         ),
         "expired at exp, from the cache"
     );
+}
+
+#[test]
+fn scopes_come_from_scope_or_scp() {
+    let claims = |j: &str| match serde_json::from_str(j) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => panic!("{j}"),
+    };
+    assert_eq!(scopes_of(&claims(r#"{"scope":"a b  c"}"#)), ["a", "b", "c"]);
+    assert_eq!(scopes_of(&claims(r#"{"scp":["a","b",3]}"#)), ["a", "b"]);
+    assert_eq!(scopes_of(&claims(r#"{"scp":"a b"}"#)), ["a", "b"]);
+    assert!(scopes_of(&claims(r#"{"scope":7}"#)).is_empty());
+    let id = Identity {
+        consumer: Arc::from("c"),
+        headers: Vec::new(),
+        scopes: vec!["a".into(), "b".into()],
+        plan: None,
+        key_id: None,
+    };
+    let need = ["a".to_string(), "c".to_string(), "d".to_string()];
+    assert_eq!(id.missing_scopes(&need), ["c", "d"]);
 }

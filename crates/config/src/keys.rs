@@ -130,6 +130,7 @@ pub static TOP: &[KeyDecl] = &[
     key("rateLimitHeaders", Kind::Enum(&["draft", "legacy", "both", "none"]), Value("draft"), "RateLimit response fields: `draft` (`RateLimit-Policy` + `RateLimit`, draft-ietf-httpapi-ratelimit-headers), `legacy` (`RateLimit-Limit`/`-Remaining`/`-Reset`), `both`, `none`"),
     key("tls", Kind::Block(TLS), NONE, ""),
     key("authentication", Kind::Block(AUTHENTICATION), NONE, ""),
+    key("apiKeys", Kind::Block(API_KEYS), NONE, "API keys for machine clients, accepted on routes whose `authentication.methods` include `apiKey`"),
     key("rateLimiting", Kind::Block(RATE_LIMIT), Text("off"), "top level = one limit shared by all routes per key, per service = that route's own"),
     key("redis", Kind::Block(REDIS), NONE, ""),
     key("consul", Kind::Block(CONSUL), NONE, ""),
@@ -250,6 +251,7 @@ pub static SERVICE: &[KeyDecl] = &[
     key("rateLimiting", Kind::Block(RATE_LIMIT), Text("top-level value"), "this route's own rate limit (`enabled: false` turns the global one off here); keys as in the top-level `rateLimiting`"),
     key("quota", Kind::Block(QUOTA), NONE, "requests per period, counted per key; a quota keyed by consumer on a route without authentication is an error"),
     key("escapedSlashes", Kind::Enum(ESCAPED_SLASHES), Text("top-level value (`reject`)"), "`%2F`, `%5C` or a raw `\\` in the path: `reject` (400, as Traefik's encoded-character filter), `keep` (forwarded as they came, never a separator for routing; for APIs with `%2F` in ids), `decode` (separators: decoded before normalisation and routing, and the request may only land on a route that decodes too). `%00` is always a 400"),
+    key("requireScopes", Kind::List(Item::Any), Value("[]"), "scopes a credential must grant (all of them) for this route: from a JWT's `scope` (space-separated) or `scp` (array) claim, or an API key's `scopes`; else 403 with `WWW-Authenticate: Bearer error=\"insufficient_scope\"`"),
     key("allowedUpgrades", Kind::List(Item::Any), Text("top-level value (`[websocket]`)"), "`Upgrade` protocols tunnelled on this route (tokens such as `websocket`, any case); other `Upgrade` requests are forwarded as ordinary requests without it"),
 ];
 
@@ -267,6 +269,25 @@ pub static UPSTREAM_TLS: &[KeyDecl] = &[
 #[rustfmt::skip]
 pub static SERVICE_AUTHENTICATION: &[KeyDecl] = &[
     key("enabled", Kind::Bool, Text("global switch"), "per-route override: public and protected routes side by side"),
+    key("methods", Kind::List(Item::OneOf(&["jwt", "apiKey"])), Value("[jwt]"), "credentials accepted on this route: `jwt` (`Authorization: Bearer`), `apiKey` (the `apiKeys.header`); either one suffices"),
+];
+
+/// `apiKeys`.
+#[rustfmt::skip]
+pub static API_KEYS: &[KeyDecl] = &[
+    key("header", Kind::String, Value("X-Api-Key"), "request header carrying the key; removed before forwarding on routes that accept keys"),
+    required("file", Kind::String, "YAML list of keys (see [API keys and scopes](#api-keys-and-scopes)); relative paths as for `publicKeyPath`; watched: a change is live within a second, a broken file keeps the last good set"),
+];
+
+/// One entry of the `apiKeys.file` list.
+#[rustfmt::skip]
+pub static API_KEY_ENTRY: &[KeyDecl] = &[
+    required("id", Kind::String, "unique name of the key (logs and metrics name keys by this, never by the key)"),
+    required("consumer", Kind::String, "the consumer, sent upstream as `X-Consumer-Id`"),
+    key("plan", Kind::String, NONE, "the consumer's plan"),
+    required("hash", Kind::String, "`sha256:` and the key's SHA-256 in 64 hex digits (`hexgate apikey new` prints it)"),
+    key("expires", Kind::String, NONE, "RFC 3339 time (`2027-06-30T00:00:00Z`) or date (`2027-06-30`, midnight UTC) after which the key is refused"),
+    key("scopes", Kind::List(Item::Any), Value("[]"), "scopes the key grants (see `requireScopes`)"),
 ];
 
 /// The declaration of `name` among `decls`.

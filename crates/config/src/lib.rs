@@ -1,6 +1,7 @@
 //! Configuration: the seed-compatible YAML read into validated, typed values (all problems at once,
 //! each with file, line and key). `compile` turns a `Config` into the runtime snapshot.
 
+pub mod apikeys;
 pub mod duration;
 pub mod keys;
 pub mod read;

@@ -7,8 +7,8 @@ use crate::keys;
 use crate::read::{Fields, Reader};
 use crate::yaml::Node;
 use crate::{
-    BackendAddr, Config, EscapedSlashes, LimitKey, LoadBalancing, PathType, Quota, RateLimit,
-    Scheme, Service, Timeouts, UpstreamProtocol, UpstreamTls,
+    AuthMethod, BackendAddr, Config, EscapedSlashes, LimitKey, LoadBalancing, PathType, Quota,
+    RateLimit, Scheme, Service, Timeouts, UpstreamProtocol, UpstreamTls,
 };
 
 pub(crate) fn read_timeouts(
@@ -349,6 +349,7 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
         keys::SERVICE_TIMEOUTS,
         &top.timeouts,
     );
+    let mut auth_methods = vec![AuthMethod::Jwt];
     let authentication = match f.get("authentication") {
         Some(n) => {
             let af = r.fields(
@@ -356,10 +357,48 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
                 &f.key_path("authentication"),
                 keys::SERVICE_AUTHENTICATION,
             );
+            if let Some(list) = r.string_list(&af, "methods") {
+                let mut methods = Vec::new();
+                for (m, _) in list {
+                    let m = if m == "apiKey" {
+                        AuthMethod::ApiKey
+                    } else {
+                        AuthMethod::Jwt
+                    };
+                    if !methods.contains(&m) {
+                        methods.push(m);
+                    }
+                }
+                if methods.is_empty() {
+                    r.err(
+                        af.key_line("methods"),
+                        &af.key_path("methods"),
+                        "at least one of jwt, apiKey",
+                    );
+                } else {
+                    auth_methods = methods;
+                }
+            }
             r.bool(&af, "enabled")
         }
         None => None,
     };
+    let mut require_scopes = Vec::new();
+    for (scope, line) in r.string_list(&f, "requireScopes").unwrap_or_default() {
+        if scope.is_empty()
+            || !scope
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            r.err(
+                line,
+                &f.key_path("requireScopes"),
+                format!("{scope:?} is not a scope (RFC 6749: visible ASCII, no space, quote or backslash)"),
+            );
+        } else {
+            require_scopes.push(scope);
+        }
+    }
     let rate_limiting = f
         .get("rateLimiting")
         .map(|n| read_rate_limit(r, n, &f.key_path("rateLimiting")));
@@ -399,6 +438,8 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
             .unwrap_or_else(|| top.health_check_path.clone()),
         max_body_size: r.size(&f, "maxBodySize").or(top.max_body_size),
         authentication,
+        auth_methods,
+        require_scopes,
         rate_limiting,
         quota,
         name,

@@ -236,6 +236,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             _ => RateLimitHeaders::Draft,
         },
         authentication: Authentication::default(),
+        api_keys: None,
         tls: Tls {
             enabled: false,
             https_port: 8443,
@@ -309,6 +310,25 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         .get("rateLimiting")
         .map(|n| read_rate_limit(r, n, "rateLimiting"));
     cfg.authentication = read_auth(r, f.get("authentication"));
+    if let Some(n) = f.get("apiKeys") {
+        let af = r.fields(n, "apiKeys", keys::API_KEYS);
+        let header = r
+            .string(&af, "header")
+            .unwrap_or_else(|| "X-Api-Key".into());
+        match http::HeaderName::from_bytes(header.as_bytes()) {
+            Ok(h) if !matches!(h.as_str(), "authorization" | "host" | "cookie" | "content-type" | "content-length" | "transfer-encoding" | "connection") => {
+                cfg.api_keys = Some(crate::ApiKeys {
+                    header: h.as_str().to_string(),
+                    file: r.string(&af, "file").unwrap_or_default(),
+                });
+            }
+            _ => r.err(
+                af.key_line("header"),
+                "apiKeys.header",
+                format!("{header:?} cannot carry API keys (a valid header name that is not Authorization, Host, Cookie or a framing field)"),
+            ),
+        }
+    }
     if let Some(n) = f.get("tls") {
         let tf = r.fields(n, "tls", keys::TLS);
         cfg.tls.enabled = r.bool(&tf, "enabled").unwrap_or(false);
@@ -357,6 +377,23 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
                 );
             }
             let auth_on = svc.authentication.unwrap_or(cfg.authentication.enabled);
+            if auth_on
+                && svc.auth_methods.contains(&crate::AuthMethod::ApiKey)
+                && cfg.api_keys.is_none()
+            {
+                r.err(
+                    svc.line,
+                    &format!("{path}.authentication.methods"),
+                    "apiKey needs the top-level apiKeys block (header and file)",
+                );
+            }
+            if !auth_on && !svc.require_scopes.is_empty() {
+                r.err(
+                    svc.line,
+                    &format!("{path}.requireScopes"),
+                    "scopes come from a credential: turn authentication on for this route",
+                );
+            }
             if let Some(q) = &svc.quota {
                 if q.enabled && q.key == LimitKey::Consumer && !auth_on {
                     r.err(

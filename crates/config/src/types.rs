@@ -85,6 +85,23 @@ impl fmt::Display for BackendAddr {
     }
 }
 
+/// A credential a route accepts (`authentication.methods`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthMethod {
+    Jwt,
+    ApiKey,
+}
+
+/// `apiKeys`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeys {
+    /// The header name, lower case.
+    pub header: String,
+    pub file: String,
+}
+
 /// `upstreamProtocol`: which HTTP version a service's backends are spoken to in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -286,6 +303,10 @@ pub struct Service {
     pub health_check_path: String,
     pub max_body_size: Option<u64>,
     pub authentication: Option<bool>,
+    /// `authentication.methods` (default `[jwt]`).
+    pub auth_methods: Vec<AuthMethod>,
+    /// `requireScopes`.
+    pub require_scopes: Vec<String>,
     pub rate_limiting: Option<RateLimit>,
     pub quota: Option<Quota>,
     /// `escapedSlashes` for this route (default: the top-level value).
@@ -311,6 +332,7 @@ pub struct Config {
     pub rate_limiting: Option<RateLimit>,
     pub rate_limit_headers: RateLimitHeaders,
     pub authentication: Authentication,
+    pub api_keys: Option<ApiKeys>,
     pub tls: Tls,
     pub redis: Option<Redis>,
     pub consul: Consul,

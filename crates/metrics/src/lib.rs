@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
-pub const AUTH_REASONS: [&str; 13] = [
+pub const AUTH_REASONS: [&str; 18] = [
     "missing",
     "malformed",
     "too_large",
@@ -22,6 +22,11 @@ pub const AUTH_REASONS: [&str; 13] = [
     "issuer",
     "audience",
     "no_consumer",
+    "apikey_missing",
+    "apikey_malformed",
+    "apikey_unknown",
+    "apikey_expired",
+    "insufficient_scope",
 ];
 /// Labels of `hexgate_upstream_errors_total{reason}`, in counter order.
 pub const UPSTREAM_REASONS: [&str; 12] = [
