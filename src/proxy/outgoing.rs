@@ -409,11 +409,9 @@ pub fn prepare(
         request_id,
         scan.proxy,
     );
-    // The API key never goes upstream from a route that takes keys.
-    if svc.accepts_api_key {
-        if let Some(k) = &snap.api_keys {
-            parts.headers.remove(&k.header);
-        }
+    // An API key never goes upstream, whichever route it was sent to.
+    if let Some(k) = &snap.api_keys {
+        parts.headers.remove(&k.header);
     }
     // Identity headers come from the gateway only: whatever the client sent is dropped, always.
     if scan.identity {

@@ -275,7 +275,7 @@ pub static SERVICE_AUTHENTICATION: &[KeyDecl] = &[
 /// `apiKeys`.
 #[rustfmt::skip]
 pub static API_KEYS: &[KeyDecl] = &[
-    key("header", Kind::String, Value("X-Api-Key"), "request header carrying the key; removed before forwarding on routes that accept keys"),
+    key("header", Kind::String, Value("X-Api-Key"), "request header carrying the key; removed before forwarding, on every route"),
     required("file", Kind::String, "YAML list of keys (see [API keys and scopes](#api-keys-and-scopes)); relative paths as for `publicKeyPath`; watched: a change is live within a second, a broken file keeps the last good set"),
 ];
 
