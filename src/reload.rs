@@ -100,12 +100,12 @@ pub async fn watch_api_keys(state: Arc<State>) {
         let text = std::fs::read(&keys.file).ok();
         let unchanged =
             matches!(&seen, Some((path, _, last_text)) if *path == keys.file && *last_text == text);
-        let first = seen.is_none() || seen.as_ref().is_some_and(|(p, _, _)| *p != keys.file);
         seen = Some((keys.file.clone(), now, text.clone()));
-        if first || unchanged {
-            // The config load just read this file; nothing new to install.
+        if unchanged {
             continue;
         }
+        // A file seen for the first time is read too (it may have changed since the config
+        // load read it); installing the same keys again changes nothing.
         tokio::time::sleep(SETTLE).await;
         let Some(bytes) = std::fs::read(&keys.file)
             .ok()
