@@ -189,22 +189,31 @@ fn apikey_new(
             return ExitCode::from(2);
         }
     }
+    if let Some(t) = expires.as_deref().and_then(config::apikeys::parse_time) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if t <= now {
+            eprintln!("hexgate apikey new: warning: --expires is in the past; the key is refused from the start");
+        }
+    }
     let (key, hash) = hexgate::auth::apikeys::new_key();
     let id = id.unwrap_or_else(|| format!("{consumer}-{:08x}", fastrand::u32(..)));
-    println!("{key}");
-    println!("- id: \"{id}\"");
-    println!("  consumer: \"{consumer}\"");
+    let mut out = format!("{key}\n- id: \"{id}\"\n  consumer: \"{consumer}\"\n");
     if let Some(p) = plan {
-        println!("  plan: \"{p}\"");
+        out.push_str(&format!("  plan: \"{p}\"\n"));
     }
-    println!("  hash: \"{hash}\"");
+    out.push_str(&format!("  hash: \"{hash}\"\n"));
     if let Some(e) = expires {
-        println!("  expires: \"{e}\"");
+        out.push_str(&format!("  expires: \"{e}\"\n"));
     }
     if !scopes.is_empty() {
         let list: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
-        println!("  scopes: [{}]", list.join(", "));
+        out.push_str(&format!("  scopes: [{}]\n", list.join(", ")));
     }
+    // A closed pipe (`| head -1`) is not an error worth a panic.
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
     ExitCode::SUCCESS
 }
 

@@ -24,9 +24,16 @@ pub async fn authenticate<B>(
     }
     let keys = snap.api_keys.as_ref().filter(|_| svc.accepts_api_key);
     if let Some(k) = keys {
-        if let Some(value) = req.headers().get(&k.header) {
+        let mut values = req.headers().get_all(&k.header).iter();
+        if let Some(value) = values.next() {
             let now = hexgate_http::clock::Clock::System.now_secs();
-            return match k.store.check(value, now) {
+            // Two keys in one request are refused, not chosen between.
+            let checked = if values.next().is_some() {
+                Err(crate::auth::apikeys::ApiKeyError::Malformed)
+            } else {
+                k.store.check(value, now)
+            };
+            return match checked {
                 Ok(identity) => Ok(Some(identity)),
                 Err(e) => {
                     svc.metrics.auth_failure(e.label());

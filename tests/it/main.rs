@@ -3,6 +3,7 @@
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
 mod admin_security;
+mod apikeys;
 mod auth;
 mod cli;
 mod compile_diff;

@@ -368,7 +368,7 @@ impl Registry {
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {AUTH_FAILURES_TOTAL} Requests refused by JWT authentication, by service and reason.");
+        let _ = writeln!(out, "# HELP {AUTH_FAILURES_TOTAL} Requests refused by authentication (JWT, API key) or a missing scope, by service and reason.");
         let _ = writeln!(out, "# TYPE {AUTH_FAILURES_TOTAL} counter");
         for s in &services {
             for (i, reason) in AUTH_REASONS.iter().enumerate() {
