@@ -172,9 +172,15 @@ fn apikey_new(
     expires: Option<String>,
     scopes: Vec<String>,
 ) -> ExitCode {
-    let visible = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    let visible = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    };
     if !visible(&consumer) {
-        eprintln!("hexgate apikey new: --consumer must be visible ASCII without quotes");
+        eprintln!(
+            "hexgate apikey new: --consumer must be visible ASCII without quotes or backslashes"
+        );
         return ExitCode::from(2);
     }
     if let Some(e) = &expires {
@@ -185,7 +191,9 @@ fn apikey_new(
     }
     for v in plan.iter().chain(id.iter()).chain(scopes.iter()) {
         if !visible(v) {
-            eprintln!("hexgate apikey new: {v:?} must be visible ASCII without quotes");
+            eprintln!(
+                "hexgate apikey new: {v:?} must be visible ASCII without quotes or backslashes"
+            );
             return ExitCode::from(2);
         }
     }
@@ -203,7 +211,6 @@ fn apikey_new(
     if let Some(p) = plan {
         out.push_str(&format!("  plan: \"{p}\"\n"));
     }
-    out.push_str(&format!("  hash: \"{hash}\"\n"));
     if let Some(e) = expires {
         out.push_str(&format!("  expires: \"{e}\"\n"));
     }
@@ -211,6 +218,9 @@ fn apikey_new(
         let list: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
         out.push_str(&format!("  scopes: [{}]\n", list.join(", ")));
     }
+    // Last: an entry cut short while the file is written has no hash, so the whole file is
+    // refused rather than installed without its expiry or scopes.
+    out.push_str(&format!("  hash: \"{hash}\"\n"));
     // A closed pipe (`| head -1`) is not an error worth a panic.
     use std::io::Write as _;
     let _ = std::io::stdout().lock().write_all(out.as_bytes());

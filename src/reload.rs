@@ -13,9 +13,20 @@ const POLL: Duration = Duration::from_millis(500);
 /// How long a changed file must stay unchanged before it is loaded.
 const SETTLE: Duration = Duration::from_millis(100);
 
-fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+/// What says a file changed: modification time and size, and on Unix the inode and change time
+/// too (a file replaced by rename, or with its times reset, still shows as changed).
+type Stamp = (SystemTime, u64, u64, i64, i64);
+
+fn stamp(path: &PathBuf) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    #[cfg(unix)]
+    let (ino, ctime, ctime_ns) = {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.ctime(), m.ctime_nsec())
+    };
+    #[cfg(not(unix))]
+    let (ino, ctime, ctime_ns) = (0, 0, 0);
+    Some((m.modified().ok()?, m.len(), ino, ctime, ctime_ns))
 }
 
 fn do_reload(state: &State, why: &str) {
@@ -84,7 +95,7 @@ pub async fn watch(state: Arc<State>) {
 /// file that parses replaces the key set at once (a revoked key stops working within a second);
 /// one that does not is logged and the last good set stays. Config reloads read the file too.
 pub async fn watch_api_keys(state: Arc<State>) {
-    let mut seen: Option<(PathBuf, Option<(SystemTime, u64)>, Option<Vec<u8>>)> = None;
+    let mut seen: Option<(PathBuf, Option<Stamp>, Option<Vec<u8>>)> = None;
     loop {
         tokio::time::sleep(POLL).await;
         let snap = state.snapshot.load_full();
@@ -97,7 +108,13 @@ pub async fn watch_api_keys(state: Arc<State>) {
             Some((path, last, _)) if *path == keys.file && *last == now => continue,
             _ => {}
         }
-        let text = std::fs::read(&keys.file).ok();
+        let text = match std::fs::read(&keys.file) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(file = %keys.file.display(), error = %e, "API key file unreadable, keeping the last good keys");
+                None
+            }
+        };
         let unchanged =
             matches!(&seen, Some((path, _, last_text)) if *path == keys.file && *last_text == text);
         seen = Some((keys.file.clone(), now, text.clone()));

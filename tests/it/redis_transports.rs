@@ -175,7 +175,9 @@ async fn redis_over_tls_hosts_the_limits() {
         "one EVALSHA per request"
     );
     assert_eq!(
-        redis.cli(&["EXISTS", "hexgate:{q:users:alice}"]).trim(),
+        redis
+            .cli(&["EXISTS", &header_limit_key('q', "users", "alice")])
+            .trim(),
         "1"
     );
     // The gateway's connections are on the TLS port (the plain one only serves redis-cli).

@@ -657,3 +657,15 @@ pub fn hexgate_cli(consul: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The Redis key of a limit counted by a header's value: the value appears only as a digest
+/// (`h:` and the first 128 bits of its SHA-256 in hex), so a credential in the header is never
+/// written to Redis.
+pub fn header_limit_key(kind: char, scope: &str, value: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    let hex: String = d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("hexgate:{{{kind}:{scope}:h:{hex}}}")
+}

@@ -359,11 +359,18 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
             );
             if let Some(list) = r.string_list(&af, "methods") {
                 let mut methods = Vec::new();
-                for (m, _) in list {
-                    let m = if m == "apiKey" {
-                        AuthMethod::ApiKey
-                    } else {
-                        AuthMethod::Jwt
+                for (m, line) in list {
+                    let m = match m.as_str() {
+                        "apiKey" => AuthMethod::ApiKey,
+                        "jwt" => AuthMethod::Jwt,
+                        other => {
+                            r.err(
+                                line,
+                                &af.key_path("methods"),
+                                format!("unknown method {other:?} (jwt or apiKey)"),
+                            );
+                            continue;
+                        }
                     };
                     if !methods.contains(&m) {
                         methods.push(m);
@@ -379,7 +386,15 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
                     auth_methods = methods;
                 }
             }
-            r.bool(&af, "enabled")
+            let enabled = r.bool(&af, "enabled");
+            if af.has("methods") && enabled != Some(true) && !top.authentication.enabled {
+                r.err(
+                    af.key_line("methods"),
+                    &af.key_path("methods"),
+                    "methods apply to a route with authentication on: add enabled: true",
+                );
+            }
+            enabled
         }
         None => None,
     };

@@ -116,6 +116,30 @@ fn read_auth(r: &mut Reader, node: Option<&Node>) -> Authentication {
     a
 }
 
+/// Headers that cannot carry API keys: the gateway reads, sets, logs or echoes them, or they
+/// frame the message.
+fn reserved_for_keys(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "proxy-authorization"
+            | "host"
+            | "cookie"
+            | "content-type"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "forwarded"
+            | "x-request-id"
+            | "x-consumer-id"
+            | "x-real-ip"
+    ) || name.starts_with("x-forwarded-")
+}
+
 fn read_redis(r: &mut Reader, node: &Node) -> Redis {
     let f = r.fields(node, "redis", keys::REDIS);
     let address = r.string(&f, "address").filter(|s| !s.is_empty());
@@ -316,7 +340,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             .string(&af, "header")
             .unwrap_or_else(|| "X-Api-Key".into());
         match http::HeaderName::from_bytes(header.as_bytes()) {
-            Ok(h) if !matches!(h.as_str(), "authorization" | "host" | "cookie" | "content-type" | "content-length" | "transfer-encoding" | "connection") => {
+            Ok(h) if !reserved_for_keys(h.as_str()) => {
                 cfg.api_keys = Some(crate::ApiKeys {
                     header: h.as_str().to_string(),
                     file: r.string(&af, "file").unwrap_or_default(),
@@ -325,7 +349,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             _ => r.err(
                 af.key_line("header"),
                 "apiKeys.header",
-                format!("{header:?} cannot carry API keys (a valid header name that is not Authorization, Host, Cookie or a framing field)"),
+                format!("{header:?} cannot carry API keys: use a header the gateway does not read, set or log (such as X-Api-Key)"),
             ),
         }
     }

@@ -236,8 +236,10 @@ impl Limiter {
             match k {
                 KeyKind::Ip => ip.to_string(),
                 KeyKind::Consumer => consumer.unwrap_or("-").to_string(),
-                KeyKind::Header(h) => match headers.get(h).and_then(|v| v.to_str().ok()) {
-                    Some(v) if !v.is_empty() => v.to_string(),
+                // The value is hashed: it may be a credential (an API key), and counter names
+                // end up in Redis, where anyone who can list keys would read it.
+                KeyKind::Header(h) => match headers.get(h).map(|v| v.as_bytes()) {
+                    Some(v) if !v.is_empty() => header_digest(v),
                     _ => format!("ip:{ip}"),
                 },
             }
@@ -418,6 +420,17 @@ impl Limiter {
         }
         out
     }
+}
+
+/// `h:` and the first 128 bits of the SHA-256 of a header value, in hex.
+fn header_digest(value: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, value);
+    let mut out = String::with_capacity(34);
+    out.push_str("h:");
+    for b in &d.as_ref()[..16] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
 }
 
 fn push_escaped(out: &mut String, s: &str) {
