@@ -42,21 +42,34 @@ pub struct Listeners {
     admin: TcpListener,
 }
 
+/// Accept queue of the public listeners. tokio (mio) binds with the standard library's 128, which
+/// a burst of new connections overflows (nginx uses 511); the kernel caps it at
+/// `net.core.somaxconn`.
+const PUBLIC_BACKLOG: u32 = 1024;
+
+/// A public listener on `addr` with [`PUBLIC_BACKLOG`] (SO_REUSEADDR as tokio sets it).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(PUBLIC_BACKLOG)
+}
+
 impl Listeners {
     /// Binds the listeners of `cfg`; `tls` is the HTTPS acceptor the compile step built.
     pub async fn bind(cfg: &Config, tls: Option<TlsAcceptor>) -> Result<Listeners, ServerError> {
         let public_addr = SocketAddr::new(cfg.gateway_bind, cfg.gateway_port);
-        let public = TcpListener::bind(public_addr)
-            .await
-            .map_err(|e| ServerError::Bind(public_addr, e))?;
+        let public = listen(public_addr).map_err(|e| ServerError::Bind(public_addr, e))?;
         let https = if cfg.tls.enabled {
             let acceptor = tls.ok_or_else(|| {
                 ServerError::Tls("no certificate compiled for tls.enabled".into())
             })?;
             let addr = SocketAddr::new(cfg.gateway_bind, cfg.tls.https_port);
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| ServerError::Bind(addr, e))?;
+            let l = listen(addr).map_err(|e| ServerError::Bind(addr, e))?;
             Some((l, acceptor))
         } else {
             None
