@@ -274,6 +274,18 @@ impl Unshaped {
     }
 }
 
+/// A request sent again from the copy of its head and `body`.
+fn rebuild(
+    (method, uri, headers): (http::Method, http::Uri, http::HeaderMap),
+    body: Body,
+) -> Request<Body> {
+    let mut r = Request::new(body);
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.headers_mut() = headers;
+    r
+}
+
 static TE: http::HeaderName = http::HeaderName::from_static("te");
 
 /// Sends `out` to a backend of its service, retrying a request that was never written (or a
@@ -485,12 +497,8 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                             Some(p) => p.replay().map(Body::full),
                         };
                         match (replay, body) {
-                            (Some((method, uri, headers)), Some(body)) => {
-                                let mut r = Request::new(body);
-                                *r.method_mut() = method;
-                                *r.uri_mut() = uri;
-                                *r.headers_mut() = headers;
-                                req = r;
+                            (Some(head), Some(body)) => {
+                                req = rebuild(head, body);
                                 continue;
                             }
                             _ => return Err(GatewayError::Upstream(err.to_string())),
@@ -506,12 +514,8 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                     attempts.failed(idx, &backend, "connection_error").is_ok()
                 };
                 match replay {
-                    Some((method, uri, headers)) if retry && replayable => {
-                        let mut r = Request::new(Body::Empty);
-                        *r.method_mut() = method;
-                        *r.uri_mut() = uri;
-                        *r.headers_mut() = headers;
-                        req = r;
+                    Some(head) if retry && replayable => {
+                        req = rebuild(head, Body::Empty);
                         continue;
                     }
                     _ => return Err(GatewayError::Upstream(err.to_string())),

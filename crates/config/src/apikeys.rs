@@ -3,8 +3,8 @@
 
 use crate::keys;
 use crate::read::Reader;
-use crate::yaml::{self, Kind, Node};
-use crate::{ConfigError, ConfigErrors};
+use crate::yaml::{Kind, Node};
+use crate::ConfigErrors;
 
 /// One key of the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,14 +28,7 @@ pub fn parse_api_keys(text: &str, file: &str) -> Result<Vec<ApiKeyEntry>, Config
     {
         return Ok(Vec::new());
     }
-    let root = yaml::parse(text).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.to_string(),
-            line: e.line,
-            key: String::new(),
-            message: format!("YAML syntax error at column {}: {}", e.col, e.message),
-        }])
-    })?;
+    let root = crate::parse_yaml(text, file)?;
     let mut r = Reader::new(file);
     let items: &[Node] = match &root.kind {
         Kind::Seq(items) => items,
@@ -131,12 +124,7 @@ pub fn parse_api_keys(text: &str, file: &str) -> Result<Vec<ApiKeyEntry>, Config
             line: item.line,
         });
     }
-    if r.errors.is_empty() {
-        Ok(out)
-    } else {
-        r.errors.sort_by_key(|e| e.line);
-        Err(ConfigErrors(r.errors))
-    }
+    r.finish(out)
 }
 
 /// `sha256:` and 64 hex digits.

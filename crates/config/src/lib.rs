@@ -103,22 +103,22 @@ fn load_file_with(
 
 /// Parses and validates config text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    let root = yaml::parse(text).map_err(|e| {
+    let root = parse_yaml(text, file)?;
+    let mut r = Reader::new(file);
+    let cfg = top::read_config(&mut r, &root);
+    r.finish(cfg)
+}
+
+/// The YAML tree of `text`, or its syntax error at its line in `file`.
+pub(crate) fn parse_yaml(text: &str, file: &str) -> Result<yaml::Node, ConfigErrors> {
+    yaml::parse(text).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: file.to_string(),
             line: e.line,
             key: String::new(),
             message: format!("YAML syntax error at column {}: {}", e.col, e.message),
         }])
-    })?;
-    let mut r = Reader::new(file);
-    let cfg = top::read_config(&mut r, &root);
-    if r.errors.is_empty() {
-        Ok(cfg)
-    } else {
-        r.errors.sort_by_key(|e| e.line);
-        Err(ConfigErrors(r.errors))
-    }
+    })
 }
 
 /// Parses "10.0.0.0/8" or "127.0.0.1" into (network, prefix length).

@@ -68,6 +68,16 @@ impl Reader {
         }
     }
 
+    /// `value` when nothing was wrong, else every problem in line order.
+    pub fn finish<T>(mut self, value: T) -> Result<T, crate::ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            self.errors.sort_by_key(|e| e.line);
+            Err(crate::ConfigErrors(self.errors))
+        }
+    }
+
     pub fn err(&mut self, line: usize, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.clone(),
