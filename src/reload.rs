@@ -29,6 +29,82 @@ fn stamp(path: &PathBuf) -> Option<Stamp> {
     Some((m.modified().ok()?, m.len(), ino, ctime, ctime_ns))
 }
 
+/// A file watched by polling, for both watchers below: what a poll found.
+enum Seen {
+    Same,
+    /// New contents that held still for `SETTLE`.
+    Changed(Vec<u8>),
+    Unreadable(std::io::Error),
+}
+
+/// The last stamp and contents of a watched file. A file is reported changed only when its
+/// contents differ and held still for `SETTLE` (one being written, truncated then filled, is
+/// looked at again on the next poll); an unreadable file is reported once per stamp.
+struct FileWatch {
+    path: PathBuf,
+    stamp: Option<Stamp>,
+    /// None until the first contents were taken in: the first poll then reports them.
+    text: Option<Vec<u8>>,
+}
+
+impl FileWatch {
+    /// Watching from what the file holds now (the caller has just read it).
+    fn from_now(path: PathBuf) -> FileWatch {
+        let mut w = FileWatch {
+            path,
+            stamp: None,
+            text: None,
+        };
+        w.rebase();
+        w
+    }
+
+    /// Watching from nothing: the first poll reports the file as changed.
+    fn from_nothing(path: PathBuf) -> FileWatch {
+        FileWatch {
+            path,
+            stamp: None,
+            text: None,
+        }
+    }
+
+    /// Takes what the file holds now as seen.
+    fn rebase(&mut self) {
+        self.stamp = stamp(&self.path);
+        self.text = std::fs::read(&self.path).ok();
+    }
+
+    async fn poll(&mut self) -> Seen {
+        let now = stamp(&self.path);
+        if self.text.is_some() && now == self.stamp {
+            return Seen::Same;
+        }
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let first = now != self.stamp || self.text.is_none();
+                self.stamp = now;
+                return if first {
+                    Seen::Unreadable(e)
+                } else {
+                    Seen::Same
+                };
+            }
+        };
+        if self.text.as_ref() == Some(&text) {
+            self.stamp = now;
+            return Seen::Same;
+        }
+        tokio::time::sleep(SETTLE).await;
+        if std::fs::read(&self.path).ok().as_ref() != Some(&text) || stamp(&self.path) != now {
+            return Seen::Same;
+        }
+        self.stamp = now;
+        self.text = Some(text.clone());
+        Seen::Changed(text)
+    }
+}
+
 fn do_reload(state: &State, why: &str) {
     match state.reload() {
         Ok(generation) => tracing::info!(generation, trigger = why, "config reloaded"),
@@ -48,8 +124,7 @@ pub async fn watch(state: Arc<State>) {
     let Source::File(path) = state.source.clone() else {
         return;
     };
-    let mut last = stamp(&path);
-    let mut last_text = std::fs::read(&path).ok();
+    let mut file = FileWatch::from_now(path);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -66,25 +141,12 @@ pub async fn watch(state: Arc<State>) {
         let sighup = std::future::pending::<()>();
         tokio::select! {
             _ = sighup => {
-                last = stamp(&path);
-                last_text = std::fs::read(&path).ok();
+                file.rebase();
                 do_reload(&state, "SIGHUP");
             }
             _ = tokio::time::sleep(POLL) => {
-                let now = stamp(&path);
-                if now != last {
-                    let text = std::fs::read(&path).ok();
-                    if text.is_some() && text != last_text {
-                        // Only a file that holds still is loaded: one being written (truncated,
-                        // then filled) is looked at again on the next poll.
-                        tokio::time::sleep(SETTLE).await;
-                        if std::fs::read(&path).ok() != text || stamp(&path) != now {
-                            continue;
-                        }
-                        last_text = text;
-                        do_reload(&state, "file change");
-                    }
-                    last = now;
+                if let Seen::Changed(_) = file.poll().await {
+                    do_reload(&state, "file change");
                 }
             }
         }
@@ -95,52 +157,42 @@ pub async fn watch(state: Arc<State>) {
 /// file that parses replaces the key set at once (a revoked key stops working within a second);
 /// one that does not is logged and the last good set stays. Config reloads read the file too.
 pub async fn watch_api_keys(state: Arc<State>) {
-    let mut seen: Option<(PathBuf, Option<Stamp>, Option<Vec<u8>>)> = None;
+    let mut file: Option<FileWatch> = None;
     loop {
         tokio::time::sleep(POLL).await;
         let snap = state.snapshot.load_full();
         let Some(keys) = &snap.api_keys else {
-            seen = None;
+            file = None;
             continue;
         };
-        let now = stamp(&keys.file);
-        match &seen {
-            Some((path, last, _)) if *path == keys.file && *last == now => continue,
-            _ => {}
-        }
-        let text = match std::fs::read(&keys.file) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::error!(file = %keys.file.display(), error = %e, "API key file unreadable, keeping the last good keys");
-                None
-            }
-        };
-        let unchanged =
-            matches!(&seen, Some((path, _, last_text)) if *path == keys.file && *last_text == text);
-        seen = Some((keys.file.clone(), now, text.clone()));
-        if unchanged {
-            continue;
-        }
         // A file seen for the first time is read too (it may have changed since the config
         // load read it); installing the same keys again changes nothing.
-        tokio::time::sleep(SETTLE).await;
-        let Some(bytes) = std::fs::read(&keys.file)
-            .ok()
-            .filter(|t| Some(t) == text.as_ref())
-        else {
-            // Still being written: looked at again on the next poll.
-            seen = None;
-            continue;
+        let w = match &mut file {
+            Some(w) if w.path == keys.file => w,
+            _ => file.insert(FileWatch::from_nothing(keys.file.clone())),
         };
         let shown = keys.file.display().to_string();
-        match crate::config::apikeys::parse_api_keys(&String::from_utf8_lossy(&bytes), &shown) {
-            Ok(entries) => {
-                keys.store.replace(&entries);
-                tracing::info!(file = %shown, keys = entries.len(), "API keys reloaded");
+        match w.poll().await {
+            Seen::Same => {}
+            Seen::Unreadable(e) => {
+                tracing::error!(file = %shown, error = %e, "API key file unreadable, keeping the last good keys");
             }
-            Err(errors) => {
-                for e in &errors.0 {
-                    tracing::error!("API key file rejected, keeping the last good keys: {e}");
+            Seen::Changed(bytes) => {
+                match crate::config::apikeys::parse_api_keys(
+                    &String::from_utf8_lossy(&bytes),
+                    &shown,
+                ) {
+                    Ok(entries) => {
+                        keys.store.replace(&entries);
+                        tracing::info!(file = %shown, keys = entries.len(), "API keys reloaded");
+                    }
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            tracing::error!(
+                                "API key file rejected, keeping the last good keys: {e}"
+                            );
+                        }
+                    }
                 }
             }
         }
