@@ -4,18 +4,22 @@
 
 mod admin_security;
 mod apikeys;
+mod apikeys_consul;
 mod auth;
 mod cli;
 mod compile_diff;
 mod consul;
+mod consumer_metrics;
 mod daemons;
 mod demo;
 mod edge;
 mod grpc;
 mod hardening;
+mod ledger;
 mod lifecycle;
 mod limits;
 mod limits_diff;
+mod plans;
 mod proxy;
 mod raw;
 mod redis_transports;

@@ -276,7 +276,8 @@ pub static SERVICE_AUTHENTICATION: &[KeyDecl] = &[
 #[rustfmt::skip]
 pub static API_KEYS: &[KeyDecl] = &[
     key("header", Kind::String, Value("X-Api-Key"), "request header carrying the key; removed before forwarding, on every route"),
-    required("file", Kind::String, "YAML list of keys (see [API keys and scopes](#api-keys-and-scopes)); relative paths as for `publicKeyPath`; watched: a change is live within a second, a broken file keeps the last good set"),
+    key("file", Kind::String, NONE, "YAML list of keys (see [API keys and scopes](#api-keys-and-scopes)); relative paths as for `publicKeyPath`; watched: a change is live within a second, a broken file keeps the last good set. Set `file` or `consulKey`"),
+    key("consulKey", Kind::String, NONE, "Consul KV key holding the same YAML list (`consul` settings apply); followed with blocking queries, so a change is live on every instance within a second; a broken value keeps the last good set"),
 ];
 
 /// One entry of the `apiKeys.file` list.

@@ -341,9 +341,34 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             .unwrap_or_else(|| "X-Api-Key".into());
         match http::HeaderName::from_bytes(header.as_bytes()) {
             Ok(h) if !reserved_for_keys(h.as_str()) => {
+                let file = r.string(&af, "file").filter(|s| !s.is_empty());
+                let consul_key = r.string(&af, "consulKey").filter(|s| !s.is_empty());
+                match (&file, &consul_key) {
+                    (Some(_), Some(_)) => r.err(
+                        af.key_line("consulKey"),
+                        "apiKeys.consulKey",
+                        "set apiKeys.file or apiKeys.consulKey, not both",
+                    ),
+                    (None, None) => r.err(
+                        af.line,
+                        "apiKeys",
+                        "needs file (a YAML list of keys) or consulKey (a Consul KV key holding one)",
+                    ),
+                    _ => {}
+                }
+                if let Some(k) = &consul_key {
+                    if k.starts_with('/') || k.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+                        r.err(
+                            af.key_line("consulKey"),
+                            "apiKeys.consulKey",
+                            format!("{k:?} is not a Consul KV key (segments separated by /, no leading /, no empty, . or .. segment)"),
+                        );
+                    }
+                }
                 cfg.api_keys = Some(crate::ApiKeys {
                     header: h.as_str().to_string(),
-                    file: r.string(&af, "file").unwrap_or_default(),
+                    file: file.unwrap_or_default(),
+                    consul_key,
                 });
             }
             _ => r.err(

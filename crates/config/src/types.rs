@@ -99,7 +99,10 @@ pub enum AuthMethod {
 pub struct ApiKeys {
     /// The header name, lower case.
     pub header: String,
+    /// `apiKeys.file`; empty when the keys come from `consul_key`.
     pub file: String,
+    /// `apiKeys.consulKey`: the Consul KV key holding the key list.
+    pub consul_key: Option<String>,
 }
 
 /// `upstreamProtocol`: which HTTP version a service's backends are spoken to in.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
-pub const AUTH_REASONS: [&str; 18] = [
+pub const AUTH_REASONS: [&str; 20] = [
     "missing",
     "malformed",
     "too_large",
@@ -27,6 +27,8 @@ pub const AUTH_REASONS: [&str; 18] = [
     "apikey_unknown",
     "apikey_expired",
     "insufficient_scope",
+    "plan_unknown",
+    "plan_missing",
 ];
 /// Labels of `hexgate_upstream_errors_total{reason}`, in counter order.
 pub const UPSTREAM_REASONS: [&str; 12] = [
@@ -46,7 +48,7 @@ pub const UPSTREAM_REASONS: [&str; 12] = [
 /// Labels of `hexgate_ratelimit_decisions_total{result}`, in counter order.
 pub const LIMIT_RESULTS: [&str; 4] = ["allowed", "limited", "failed_open", "failed_closed"];
 /// Labels of `hexgate_ratelimit_decisions_total{limit}`, in counter order.
-pub const LIMITS: [&str; 2] = ["rate", "quota"];
+pub const LIMITS: [&str; 4] = ["rate", "quota", "plan_rate", "plan_quota"];
 
 pub const HTTP_REQUESTS_TOTAL: &str = "hexgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "hexgate_http_request_duration_seconds";
@@ -170,7 +172,7 @@ pub struct ServiceMetrics {
     /// Indexed like `auth::REASONS`.
     pub auth_failures: [AtomicU64; AUTH_REASONS.len()],
     /// [limit][result], indexed like `limits::LIMITS` and `limits::RESULTS`.
-    pub limit_decisions: [[AtomicU64; 4]; 2],
+    pub limit_decisions: [[AtomicU64; 4]; LIMITS.len()],
 }
 
 impl ServiceMetrics {
