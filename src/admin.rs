@@ -82,7 +82,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 let fut: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(respond(&state, req).await) });
+                    Box::pin(async move { Ok::<_, Infallible>(respond(&state, req, peer).await) });
                 fut
             });
             if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
@@ -153,7 +153,11 @@ impl Drop for PeerSlot {
 /// One admin request: header policy, then the token, then the endpoint. With a token
 /// configured, a request that did not present it is answered with `Connection: close`, and hyper
 /// ends the connection after that response: only authenticated clients keep connections open.
-async fn respond(state: &State, mut req: Request<Incoming>) -> Response<Body> {
+async fn respond(
+    state: &State,
+    mut req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Body> {
     let snap = state.snapshot.load_full();
     let guarded = snap.admin_token.is_some();
     if let Err(e) = snap.settings.header_policy.apply(req.headers_mut()) {
@@ -188,12 +192,40 @@ async fn respond(state: &State, mut req: Request<Incoming>) -> Response<Body> {
             r
         }
         _ if path == "/admin/sd" => service_discovery(state, &req).await,
+        _ if path == "/admin/quotas" || path == "/admin/quotas/credit" => {
+            // Who asked, for the audit log: the token's fingerprint (never the token), or no
+            // token (a loopback-only admin listener), and the peer address.
+            let who = match &auth {
+                Some(Ok(())) => format!(
+                    "admin-token {} from {}",
+                    token_fingerprint(&state.snapshot.load()),
+                    peer.ip()
+                ),
+                _ => format!("no admin token, from {}", peer.ip()),
+            };
+            let (status, body) =
+                crate::ledger::handle(state, req.method(), path, req.uri().query(), &who).await;
+            let mut r = json(body);
+            *r.status_mut() = status;
+            r
+        }
         _ => handle(state, req),
     };
     match auth {
         Some(Err(_)) => closing(r),
         _ => r,
     }
+}
+
+/// `sha256:` and the first 12 hex digits of the SHA-256 of the admin token: names the token in
+/// the audit log without revealing it.
+fn token_fingerprint(snap: &crate::snapshot::Snapshot) -> String {
+    let Some(token) = snap.admin_token.as_deref() else {
+        return "none".into();
+    };
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = d.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// `r` with `Connection: close`: hyper closes the connection once it is written.

@@ -75,8 +75,25 @@ pub struct Compiled {
     pub admin_token: Option<Arc<str>>,
     /// Per service (same order as `config.services`), its `upstreamTls` built.
     pub upstream_tls: Vec<Option<Arc<hexgate_upstream::ClientTls>>>,
-    /// `apiKeys.file` (resolved) and the keys read from it.
-    pub api_keys: Option<(PathBuf, Vec<hexgate_config::apikeys::ApiKeyEntry>)>,
+    /// Where the API keys come from and, for `apiKeys.file`, the keys read from it (always
+    /// empty for `apiKeys.consulKey`: see [`ApiKeySource::Consul`]).
+    pub api_keys: Option<(ApiKeySource, Vec<hexgate_config::apikeys::ApiKeyEntry>)>,
+}
+
+/// Where a config's API keys come from. The same source across a reload keeps its key store
+/// (`snapshot::ApiKeysRt`); the watcher (`reload::watch_api_keys`) follows the current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiKeySource {
+    /// `apiKeys.file`, resolved: read here at every start, `validate` and reload (a broken file
+    /// is refused like any other config problem), then watched.
+    File(PathBuf),
+    /// `apiKeys.consulKey`. The compile step does no network work, so it does not read the
+    /// value: `validate` says nothing about it (`validate --connect` fetches and parses it),
+    /// `run` fetches it before serving (a few seconds at most; without an answer it starts with
+    /// no keys, every key refused, until Consul answers), and a reload to a new key starts
+    /// with no keys until the watcher's first answer, a fraction of a second later. Then it is
+    /// followed with blocking queries.
+    Consul(String),
 }
 
 /// Compiles `config`: all of its problems at once, or the compiled config.
@@ -148,7 +165,11 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         || config
             .services
             .iter()
-            .any(|s| s.consul_service_name.is_some());
+            .any(|s| s.consul_service_name.is_some())
+        || config
+            .api_keys
+            .as_ref()
+            .is_some_and(|k| k.consul_key.is_some());
     if consul_used {
         if let Some(ca) = crate::discovery::consul::ca_file(&config.consul) {
             let checked = files
@@ -181,6 +202,10 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
     }
     let mut key_file_errors = Vec::new();
     let api_keys = match &config.api_keys {
+        Some(k) if k.consul_key.is_some() => k
+            .consul_key
+            .clone()
+            .map(|key| (ApiKeySource::Consul(key), Vec::new())),
         Some(k) => {
             let path = resolve(files, &k.file, config.base_dir.as_deref());
             match files.read(&path) {
@@ -190,7 +215,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
                         &text,
                         &path.display().to_string(),
                     ) {
-                        Ok(entries) => Some((path, entries)),
+                        Ok(entries) => Some((ApiKeySource::File(path), entries)),
                         Err(e) => {
                             key_file_errors.extend(e.0);
                             None

@@ -1,5 +1,6 @@
 //! `hexgate validate --connect`: after the compile step, what a config needs the network for
-//! (the JWKS URL, each Redis node, Consul), tried once each within a few seconds.
+//! (the JWKS URL, each Redis node, Consul, the API key list in Consul KV), tried once each
+//! within a few seconds.
 
 use std::time::Duration;
 
@@ -54,9 +55,11 @@ pub async fn checks(cfg: &Config) -> Vec<Check> {
             ));
         }
     }
+    let keys_key = cfg.api_keys.as_ref().and_then(|k| k.consul_key.as_deref());
     let consul = cfg.consul.address.is_some()
         || cfg.consul.register
-        || cfg.services.iter().any(|s| s.consul_service_name.is_some());
+        || cfg.services.iter().any(|s| s.consul_service_name.is_some())
+        || keys_key.is_some();
     if consul {
         match consul_client(&cfg.consul) {
             Ok(c) => {
@@ -71,11 +74,45 @@ pub async fn checks(cfg: &Config) -> Vec<Check> {
                     }
                 };
                 checks.push((format!("Consul {}", c.addr), within(leader).await));
+                if let Some(key) = keys_key {
+                    checks.push((
+                        format!("Consul key {key} (apiKeys.consulKey)"),
+                        within(api_keys_value(&c, key)).await,
+                    ));
+                }
             }
             Err(e) => checks.push(("Consul".into(), Err(e.to_string()))),
         }
     }
     checks
+}
+
+/// Fetches the API key list at `key` and parses it as `run` would: a missing key fails here
+/// (`run` would start with no keys), and so does a value that does not parse (each problem at
+/// its line, never a key: the list holds only digests).
+async fn api_keys_value(c: &ConsulClient, key: &str) -> Result<String, String> {
+    let (value, _) = c
+        .kv_get(key, 0, Duration::ZERO)
+        .await
+        .map_err(|e| match e {
+            ConsulError::Http(_, e) => e.to_string(),
+            other => other.to_string(),
+        })?;
+    let Some((text, _)) = value else {
+        return Err(
+            "the key does not exist (the gateway would start with no API keys, every key refused)"
+                .into(),
+        );
+    };
+    match crate::config::apikeys::parse_api_keys(&text, &crate::discovery::kv::source_name(key)) {
+        Ok(entries) => Ok(format!("{} API key(s)", entries.len())),
+        Err(errors) => Err(errors
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")),
+    }
 }
 
 /// Connects to one Redis node as the limiter does (its pipelined client: TLS with the system

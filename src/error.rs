@@ -26,6 +26,9 @@ pub enum GatewayError {
     /// Authenticated, but not allowed here (a scope the route requires is not granted).
     #[error("403 Forbidden: {0}")]
     Forbidden(String),
+    /// The consumer's plan is unknown, or it has none and there is no default plan.
+    #[error("403 Forbidden: {0}")]
+    PlanRefused(#[from] crate::limits::PlanError),
     #[error("limit store unavailable")]
     LimitsUnavailable,
     #[error("bad request path: {0}")]
@@ -81,7 +84,7 @@ impl GatewayError {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::Forbidden(_) | GatewayError::PlanRefused(_) => StatusCode::FORBIDDEN,
             GatewayError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -124,6 +127,7 @@ impl GatewayError {
             | GatewayError::UnsupportedTransferCoding
             | GatewayError::Unauthorized(_)
             | GatewayError::Forbidden(_)
+            | GatewayError::PlanRefused(_)
             | GatewayError::TooManyRequests => Side::Client,
             GatewayError::LimitsUnavailable => Side::Gateway,
             GatewayError::NoHealthyBackend

@@ -22,6 +22,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod health;
+pub mod ledger;
 pub mod lingering;
 pub mod listen;
 pub mod proxy;

@@ -577,6 +577,9 @@ fn run_from_consul(key: String, overrides: Overrides) -> anyhow::Result<()> {
     run_gateway_at(compiled, Source::ConsulKv(key), None, index, overrides)
 }
 
+/// How long `run` waits for the API keys of `apiKeys.consulKey` before serving without them.
+const KEYS_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Starts a gateway from its compiled config (every start, from a file, Consul KV or the demo,
 /// goes through `compile::compile` first, TLS included, with the overrides applied).
 fn run_gateway_at(
@@ -593,14 +596,24 @@ fn run_gateway_at(
         }
         let cfg = compiled.config.clone();
         let listeners = Listeners::bind(&cfg, compiled.tls.take()).await?;
+        let keys_in_consul = cfg
+            .api_keys
+            .as_ref()
+            .and_then(|k| k.consul_key.clone());
         let needs_consul = cfg.consul.register
             || cfg.services.iter().any(|s| s.consul_service_name.is_some())
-            || matches!(source, Source::ConsulKv(_));
+            || matches!(source, Source::ConsulKv(_))
+            || keys_in_consul.is_some();
         let consul = if needs_consul {
             Some(consul_client(&cfg.consul)?)
         } else {
             None
         };
+        // The API key watcher's client: the one above, else one made anyway (quietly: nothing
+        // needs Consul yet) in case a reload switches to `apiKeys.consulKey`.
+        let keys_consul = consul
+            .clone()
+            .or_else(|| consul_client(&cfg.consul).ok());
         let registration = if cfg.consul.register {
             consul
                 .clone()
@@ -613,6 +626,19 @@ fn run_gateway_at(
             _ => None,
         };
         let state = State::new(compiled, source, consul, overrides);
+        // API keys from Consul are fetched before serving when Consul answers soon; otherwise
+        // the gateway serves with none (every key refused) until the watcher gets them.
+        let (keys_ready, first_keys) = tokio::sync::oneshot::channel();
+        tokio::spawn(hexgate::reload::watch_api_keys(
+            state.clone(),
+            keys_consul,
+            Some(keys_ready),
+        ));
+        if let Some(key) = &keys_in_consul {
+            if tokio::time::timeout(KEYS_FIRST_WAIT, first_keys).await.is_err() {
+                tracing::warn!(key = %key, "no answer from Consul for apiKeys.consulKey within {}s: serving with no API keys (every key refused) until it answers", KEYS_FIRST_WAIT.as_secs());
+            }
+        }
         tracing::info!(
             public = ?listeners.public_addr(),
             https = ?listeners.https_addr(),
@@ -624,7 +650,6 @@ fn run_gateway_at(
         }
         tokio::spawn(hexgate::health::run(state.clone()));
         tokio::spawn(hexgate::reload::watch(state.clone()));
-        tokio::spawn(hexgate::reload::watch_api_keys(state.clone()));
         if let Some((client, key)) = kv {
             tokio::spawn(hexgate::discovery::kv::watch(
                 state.clone(),

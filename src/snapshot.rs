@@ -41,13 +41,16 @@ pub struct ServiceRt {
     pub accepts_api_key: bool,
     /// `requireScopes`.
     pub require_scopes: Vec<String>,
+    /// The consumer's plan limits apply here (authenticated, `plans` configured, not opted out).
+    pub plans: bool,
 }
 
-/// `apiKeys`: the header keys come in, the file, and the key set (kept across reloads that keep
-/// the file, and refreshed by the key-file watcher between reloads).
+/// `apiKeys`: the header keys come in, where the keys come from (the file or the Consul KV key),
+/// and the key set (kept across reloads that keep the same source, and refreshed by
+/// `reload::watch_api_keys` between reloads).
 pub struct ApiKeysRt {
     pub header: HeaderName,
-    pub file: std::path::PathBuf,
+    pub source: crate::compile::ApiKeySource,
     pub store: Arc<crate::auth::apikeys::ApiKeyStore>,
 }
 
@@ -117,6 +120,8 @@ pub struct Snapshot {
     /// Bearer token the admin listener requires (all paths but /healthz and /readyz).
     pub admin_token: Option<Arc<str>>,
     pub api_keys: Option<ApiKeysRt>,
+    /// `plans` with `planClaim` and `defaultPlan`, when plans are configured.
+    pub plans: Option<crate::limits::Plans>,
 }
 
 impl Snapshot {
@@ -143,20 +148,25 @@ impl Snapshot {
             .api_keys
             .as_ref()
             .zip(api_keys)
-            .and_then(|(cfg, (file, entries))| {
+            .and_then(|(cfg, (source, entries))| {
+                use crate::compile::ApiKeySource;
                 let header = crate::auth::apikeys::header_name(&cfg.header)?;
-                // The same file keeps its store (and whatever the watcher installed), refreshed
-                // with what compile just read.
+                // The same source keeps its store (and whatever the watcher installed): a file
+                // refreshed with what compile just read, a Consul key as the watcher left it
+                // (compile does not read it). A new source starts from what compile read (none
+                // for a Consul key, until the watcher's first answer).
                 let store = match prev_keys {
-                    Some(p) if p.file == file => {
-                        p.store.replace(&entries);
+                    Some(p) if p.source == source => {
+                        if let ApiKeySource::File(_) = source {
+                            p.store.replace(&entries);
+                        }
                         p.store.clone()
                     }
                     _ => Arc::new(crate::auth::apikeys::ApiKeyStore::new(&entries)),
                 };
                 Some(ApiKeysRt {
                     header,
-                    file,
+                    source,
                     store,
                 })
             });
@@ -218,6 +228,9 @@ impl Snapshot {
                 accepts_jwt: s.auth_methods.contains(&crate::config::AuthMethod::Jwt),
                 accepts_api_key: s.auth_methods.contains(&crate::config::AuthMethod::ApiKey),
                 require_scopes: s.require_scopes.clone(),
+                plans: s.plans
+                    && !config.plans.is_empty()
+                    && s.authentication.unwrap_or(config.authentication.enabled),
             });
             routes.push(Route {
                 path: s.path.clone(),
@@ -245,6 +258,7 @@ impl Snapshot {
             shown: shown_config(&config),
         };
         Snapshot {
+            plans: crate::limits::Plans::build(&config),
             admin_token,
             api_keys,
             settings,

@@ -8,26 +8,40 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use super::ConnInfo;
 use crate::auth::Identity;
 use crate::error::{GatewayError, Reject};
-use crate::limits::RoutePolicies;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::state::State;
 
-/// Charges the request to the route's limits. Allowed: the RateLimit fields for the response.
-/// Refused: 429 with those fields and Retry-After, or 503 when the store is unavailable and the
-/// failure mode is closed.
+/// Charges the request to the route's limits and its consumer's plan. Allowed: the RateLimit
+/// fields for the response. Refused: 429 with those fields and Retry-After; 403 when the
+/// consumer's plan is unknown or it has none (and there is no default plan); 503 when the store
+/// is unavailable and the failure mode is closed.
 pub async fn check<B>(
     state: &State,
     snap: &Snapshot,
     svc: &ServiceRt,
-    policies: &RoutePolicies,
     conn: ConnInfo,
     identity: Option<&Identity>,
     req: &Request<B>,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, Reject> {
+    let plan = match (&snap.plans, identity) {
+        (Some(plans), Some(id)) if svc.plans => match plans.resolve(id.plan.as_deref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                svc.metrics.auth_failure(e.label());
+                return Err(GatewayError::PlanRefused(e).into());
+            }
+        },
+        _ => None,
+    };
+    let route = svc.limits.as_ref();
+    if route.is_none() && plan.is_none_or(|p| p.rate.is_none() && p.quota.is_none()) {
+        return Ok(Vec::new());
+    }
     let ip = client_ip(snap, conn.peer.ip(), req.headers());
     // Boxed, so a route without limits does not carry the limiter's state in its future.
     let verdict = Box::pin(state.limiter.check(
-        policies,
+        route,
+        plan.map(|p| &**p),
         &svc.metrics,
         ip,
         identity.map(|i| &*i.consumer),

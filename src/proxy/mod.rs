@@ -69,6 +69,8 @@ pub struct Context {
     /// The HTTP status of a refusal sent as a gRPC answer (which is an HTTP 200): what metrics
     /// count, so a refused gRPC call shows as the 429 or 503 it is.
     refused: Option<u16>,
+    /// The authenticated consumer, once authentication found one (per-consumer metrics).
+    pub consumer: Option<Arc<str>>,
 }
 
 /// Entry point for every request on the public listeners.
@@ -90,6 +92,7 @@ pub async fn handle(
         response_headers: Vec::new(),
         grpc: grpc::Grpc::of(req.headers()),
         refused: None,
+        consumer: None,
         conn,
         snap,
     };
@@ -125,20 +128,13 @@ async fn run(
     edge::declared_size(&req, &svc)?;
     // 4. Authenticate.
     let identity = authn::authenticate(&cx.snap, &svc, &req).await?;
+    cx.consumer = identity.as_ref().map(|i| i.consumer.clone());
     // 5. Authorise: the route's scopes.
     authn::authorize(&svc, identity.as_deref())?;
-    // 6. Limits.
-    if let Some(policies) = &svc.limits {
-        cx.response_headers = limits::check(
-            state,
-            &cx.snap,
-            &svc,
-            policies,
-            cx.conn,
-            identity.as_deref(),
-            &req,
-        )
-        .await?;
+    // 6. Limits: the route's, and the consumer's plan's.
+    if svc.limits.is_some() || svc.plans {
+        cx.response_headers =
+            limits::check(state, &cx.snap, &svc, cx.conn, identity.as_deref(), &req).await?;
     }
     // 7. The request as its backend gets it.
     let out = outgoing::prepare(
@@ -163,6 +159,9 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
     let elapsed = cx.start.elapsed();
     let code = cx.refused.unwrap_or(resp.status().as_u16());
     cx.metrics.record(&cx.method, code, elapsed);
+    if let Some(consumer) = &cx.consumer {
+        cx.metrics.record_consumer(consumer, code);
+    }
     if let Ok(v) = HeaderValue::from_str(&cx.request_id) {
         resp.headers_mut().insert(X_REQUEST_ID, v);
     }

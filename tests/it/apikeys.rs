@@ -15,7 +15,7 @@ use http_body_util::Empty;
 use crate::support::*;
 
 /// `sha256:` and the lower-case hex SHA-256 of `key`, as the key file stores it.
-fn key_hash(key: &str) -> String {
+pub(crate) fn key_hash(key: &str) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
     let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
@@ -58,7 +58,7 @@ fn apikey_new(args: &[&str]) -> (String, String) {
 }
 
 /// One GET with `fields`, each value given as bytes (so non-visible bytes can be sent).
-async fn get_raw(
+pub(crate) async fn get_raw(
     port: u16,
     path: &str,
     fields: &[(&str, &[u8])],
@@ -73,7 +73,7 @@ async fn get_raw(
 }
 
 /// One GET with an optional API key (in `header`) and an optional bearer token.
-async fn call(
+pub(crate) async fn call(
     port: u16,
     path: &str,
     header: &str,
@@ -92,7 +92,7 @@ async fn call(
 }
 
 /// `hexgate_auth_failures_total{service,reason}` (0 when absent).
-async fn auth_failures(gw: &Gateway, service: &str, reason: &str) -> u64 {
+pub(crate) async fn auth_failures(gw: &Gateway, service: &str, reason: &str) -> u64 {
     let want = format!("hexgate_auth_failures_total{{service=\"{service}\",reason=\"{reason}\"}} ");
     gw.metrics()
         .await
@@ -102,7 +102,7 @@ async fn auth_failures(gw: &Gateway, service: &str, reason: &str) -> u64 {
 }
 
 /// The JSON error body's `error` text.
-fn error_text(body: &str) -> String {
+pub(crate) fn error_text(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body)
         .unwrap_or_else(|e| panic!("not a JSON error body ({e}): {body}"));
     v["error"]
@@ -112,7 +112,7 @@ fn error_text(body: &str) -> String {
 }
 
 /// `hexgate token` signed with DIR/keys/private.pem for `sub`, with extra `--claim`s.
-fn cli_token(dir: &Path, sub: &str, claims: &[&str]) -> String {
+pub(crate) fn cli_token(dir: &Path, sub: &str, claims: &[&str]) -> String {
     let mut cmd = Command::new(bin());
     cmd.args(["token", "--key"])
         .arg(dir.join("keys/private.pem"))

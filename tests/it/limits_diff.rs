@@ -79,7 +79,7 @@ async fn wait_closed_connected(l: &Limiter, m: &ServiceMetrics) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for _ in 0..2000 {
         if !l
-            .check(&p, m, ip, Some("probe"), &HeaderMap::new())
+            .check(Some(&p), None, m, ip, Some("probe"), &HeaderMap::new())
             .await
             .unavailable
         {
@@ -99,7 +99,7 @@ async fn wait_open_connected(l: &Limiter, m: &ServiceMetrics, registry: &Registr
     let deadline = Instant::now() + Duration::from_secs(10);
     for _ in 0..2000 {
         let before = registry.redis_errors.load(Ordering::Relaxed);
-        l.check(&p, m, ip, Some("probe"), &HeaderMap::new()).await;
+        l.check(Some(&p), None, m, ip, Some("probe"), &HeaderMap::new()).await;
         if registry.redis_errors.load(Ordering::Relaxed) == before {
             return;
         }
@@ -309,7 +309,7 @@ struct Pair<'a> {
 async fn one(l: &Limiter, m: &ServiceMetrics, routes: &[RoutePolicies], r: Req) -> Verdict {
     let ip: IpAddr = IPS[r.ip].parse().unwrap();
     let consumer = CONSUMERS[r.consumer];
-    l.check(&routes[r.route], m, ip, consumer, &HeaderMap::new())
+    l.check(Some(&routes[r.route]), None, m, ip, consumer, &HeaderMap::new())
         .await
 }
 
@@ -576,7 +576,7 @@ async fn issue_rate_and_quota_admit_exactly_the_quota_in_both_stores() {
         }
         let mut admitted = Vec::new();
         for i in 0..60u64 {
-            let v = l.check(&p, &m, ip, Some("alice"), &HeaderMap::new()).await;
+            let v = l.check(Some(&p), None, &m, ip, Some("alice"), &HeaderMap::new()).await;
             assert!(!v.unavailable, "{store}: Redis failed");
             if v.retry_after.is_none() {
                 admitted.push(i);
@@ -681,7 +681,7 @@ async fn redis_killed_open_decides_as_memory_closed_is_unavailable() {
     for (i, p) in routes.iter().chain([&probe_policies()]).enumerate() {
         for _ in 0..3 {
             let v = closed
-                .check(p, &m, ip, Some("bob"), &HeaderMap::new())
+                .check(Some(p), None, &m, ip, Some("bob"), &HeaderMap::new())
                 .await;
             assert!(
                 v.unavailable,

@@ -86,6 +86,20 @@ impl ApiKeyStore {
         self.keys.load().len()
     }
 
+    /// The plans the keys of `consumer` name (for the quota ledger), sorted, without repeats.
+    pub fn plans_of(&self, consumer: &str) -> Vec<Arc<str>> {
+        let mut plans: Vec<Arc<str>> = self
+            .keys
+            .load()
+            .values()
+            .filter(|k| &*k.identity.consumer == consumer)
+            .filter_map(|k| k.identity.plan.clone())
+            .collect();
+        plans.sort();
+        plans.dedup();
+        plans
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -104,6 +104,8 @@ pub struct Authenticator {
     jwks_url: Option<String>,
     refresh: tokio::sync::Mutex<Option<Instant>>,
     forward_claims: Vec<(String, HeaderName)>,
+    /// `planClaim`: the claim naming the consumer's plan.
+    plan_claim: Option<String>,
     pub strip_authorization: bool,
     metrics: Arc<Registry>,
     /// Seconds until the next scheduled JWKS refresh (from Cache-Control max-age).
@@ -155,6 +157,7 @@ impl Authenticator {
             jwks_url: cfg.jwks_url.clone(),
             refresh: tokio::sync::Mutex::new(None),
             forward_claims,
+            plan_claim: cfg.plan_claim.clone(),
             strip_authorization: cfg.strip_authorization,
             metrics,
             refresh_after_secs: AtomicU64::new(DEFAULT_JWKS_MAX_AGE.as_secs()),
@@ -247,7 +250,16 @@ impl Authenticator {
             consumer: Arc::from(v.consumer.as_str()),
             headers,
             scopes: scopes_of(&v.claims),
-            plan: None,
+            // A plan claim that is not a string names no plan the gateway knows: it is kept
+            // as its JSON text, so it is refused as an unknown plan rather than ignored.
+            plan: self
+                .plan_claim
+                .as_ref()
+                .and_then(|c| match v.claims.get(c) {
+                    Some(serde_json::Value::String(s)) => Some(Arc::from(s.as_str())),
+                    Some(serde_json::Value::Null) | None => None,
+                    Some(other) => Some(Arc::from(other.to_string().as_str())),
+                }),
             key_id: None,
         }
     }

@@ -32,6 +32,9 @@ pub enum Kind {
     Block(&'static [KeyDecl]),
     /// A list of mappings with the declared keys only.
     Blocks(&'static [KeyDecl]),
+    /// A mapping of names (letters, digits, `-`, `_`, `.`) to mappings with the declared keys
+    /// only; paths write the name as `NAME` (`plans.NAME.quota`).
+    Named(&'static [KeyDecl]),
 }
 
 /// What the items of a [`Kind::List`] may be.
@@ -130,6 +133,7 @@ pub static TOP: &[KeyDecl] = &[
     key("rateLimitHeaders", Kind::Enum(&["draft", "legacy", "both", "none"]), Value("draft"), "RateLimit response fields: `draft` (`RateLimit-Policy` + `RateLimit`, draft-ietf-httpapi-ratelimit-headers), `legacy` (`RateLimit-Limit`/`-Remaining`/`-Reset`), `both`, `none`"),
     key("tls", Kind::Block(TLS), NONE, ""),
     key("authentication", Kind::Block(AUTHENTICATION), NONE, ""),
+    key("plans", Kind::Named(PLAN), Value("{}"), "consumer plans by name (`free`, `pro`): each plan's limits apply per consumer on authenticated routes, see [Plans](#plans)"),
     key("apiKeys", Kind::Block(API_KEYS), NONE, "API keys for machine clients, accepted on routes whose `authentication.methods` include `apiKey`"),
     key("rateLimiting", Kind::Block(RATE_LIMIT), Text("off"), "top level = one limit shared by all routes per key, per service = that route's own"),
     key("redis", Kind::Block(REDIS), NONE, ""),
@@ -181,6 +185,8 @@ pub static AUTHENTICATION: &[KeyDecl] = &[
     key("consumerClaim", Kind::String, Value("sub"), "claim that identifies the consumer (forwarded as `X-Consumer-Id`, used by quotas)"),
     key("forwardClaims", Kind::Map, Value("{}"), "claim → request header, e.g. `{role: X-Consumer-Role}`"),
     key("stripAuthorization", Kind::Bool, Value("false"), "remove the `Authorization` header before forwarding"),
+    key("planClaim", Kind::String, NONE, "JWT claim naming the consumer's plan (an API key's plan comes from its entry); needs `plans`"),
+    key("defaultPlan", Kind::String, NONE, "plan of consumers whose token or key names none; without it such consumers are refused (403 `plan_missing`) on routes that apply plans. Must name a plan"),
 ];
 
 /// `rateLimiting` (top level and per service).
@@ -251,6 +257,7 @@ pub static SERVICE: &[KeyDecl] = &[
     key("rateLimiting", Kind::Block(RATE_LIMIT), Text("top-level value"), "this route's own rate limit (`enabled: false` turns the global one off here); keys as in the top-level `rateLimiting`"),
     key("quota", Kind::Block(QUOTA), NONE, "requests per period, counted per key; a quota keyed by consumer on a route without authentication is an error"),
     key("escapedSlashes", Kind::Enum(ESCAPED_SLASHES), Text("top-level value (`reject`)"), "`%2F`, `%5C` or a raw `\\` in the path: `reject` (400, as Traefik's encoded-character filter), `keep` (forwarded as they came, never a separator for routing; for APIs with `%2F` in ids), `decode` (separators: decoded before normalisation and routing, and the request may only land on a route that decodes too). `%00` is always a 400"),
+    key("plans", Kind::Bool, Value("true"), "apply the consumer's plan limits on this route (authenticated routes, when `plans` are configured); `false` opts out. The route's own `rateLimiting` and `quota` apply as well"),
     key("requireScopes", Kind::List(Item::Any), Value("[]"), "scopes a credential must grant (all of them) for this route: from a JWT's `scope` (space-separated) or `scp` (array) claim, or an API key's `scopes`; else 403 with `WWW-Authenticate: Bearer error=\"insufficient_scope\"`"),
     key("allowedUpgrades", Kind::List(Item::Any), Text("top-level value (`[websocket]`)"), "`Upgrade` protocols tunnelled on this route (tokens such as `websocket`, any case); other `Upgrade` requests are forwarded as ordinary requests without it"),
 ];
@@ -270,6 +277,27 @@ pub static UPSTREAM_TLS: &[KeyDecl] = &[
 pub static SERVICE_AUTHENTICATION: &[KeyDecl] = &[
     key("enabled", Kind::Bool, Text("global switch"), "per-route override: public and protected routes side by side"),
     key("methods", Kind::List(Item::OneOf(&["jwt", "apiKey"])), Value("[jwt]"), "credentials accepted on this route: `jwt` (`Authorization: Bearer`), `apiKey` (the `apiKeys.header`); either one suffices"),
+];
+
+/// `plans.NAME`: one plan.
+#[rustfmt::skip]
+pub static PLAN: &[KeyDecl] = &[
+    key("rateLimiting", Kind::Block(PLAN_RATE), NONE, "the plan's rate limit, per consumer, shared by every route that applies plans"),
+    key("quota", Kind::Block(PLAN_QUOTA), NONE, "the plan's quota, per consumer, shared by every route that applies plans and by every instance"),
+];
+
+/// `plans.NAME.rateLimiting`.
+#[rustfmt::skip]
+pub static PLAN_RATE: &[KeyDecl] = &[
+    required("ratePerSecond", Kind::Number { min_exclusive: 0.0 }, "requests allowed per second, on average"),
+    key("burst", Kind::Int { min: 1, max: 1_000_000_000 }, Value("1"), "requests allowed at once on top of the rate"),
+];
+
+/// `plans.NAME.quota`.
+#[rustfmt::skip]
+pub static PLAN_QUOTA: &[KeyDecl] = &[
+    required("limit", Kind::Int { min: 1, max: u32::MAX as u64 }, "requests allowed per `period`"),
+    required("period", Kind::Duration, "the window, e.g. `24h`, `1d`; at least `1s`. A consumer moved to a plan with the same period keeps its count"),
 ];
 
 /// `apiKeys`.
@@ -319,6 +347,7 @@ pub fn all() -> Vec<(String, &'static KeyDecl)> {
             match d.kind {
                 Kind::Block(children) => walk(&path, children, out),
                 Kind::Blocks(children) => walk(&format!("{path}[]"), children, out),
+                Kind::Named(children) => walk(&format!("{path}.NAME"), children, out),
                 _ => {}
             }
         }
@@ -353,6 +382,7 @@ impl Kind {
             Kind::Map => "mapping".into(),
             Kind::Block(_) => "mapping".into(),
             Kind::Blocks(_) => "list of mappings".into(),
+            Kind::Named(_) => "mapping of names to mappings".into(),
         }
     }
 }

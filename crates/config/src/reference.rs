@@ -70,6 +70,10 @@ fn rows(out: &mut String, prefix: &str, decls: &'static [KeyDecl], seen: &mut Ve
                     rows(out, &path, children, seen);
                 }
             }
+            Kind::Named(children) => {
+                row(out, &path, d);
+                rows(out, &format!("{path}.NAME"), children, seen);
+            }
             _ => row(out, &path, d),
         }
     }

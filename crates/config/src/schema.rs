@@ -20,6 +20,8 @@ const NUMBER: &str = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$
 /// A bare number of seconds, or Go duration segments with `d` added.
 const DURATION: &str = r"^\s*(\+?[0-9]+|(([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h|d))+)\s*$";
 /// Bytes, or a number with a binary k, m or g suffix.
+/// A name in a mapping of names (`plans`): letters, digits, `-`, `_`, `.`.
+const NAME: &str = r"^[A-Za-z0-9._-]+$";
 const SIZE: &str = r"^\s*\+?[0-9]+\s*[kKmMgG]?\s*$";
 
 /// The schema of the whole config file.
@@ -85,6 +87,11 @@ fn key(d: &KeyDecl) -> Value {
         Kind::Blocks(children) => {
             json!({"type": ["array", "null"], "items": block(children, false)})
         }
+        Kind::Named(children) => json!({
+            "type": ["object", "null"],
+            "propertyNames": {"pattern": NAME},
+            "additionalProperties": block(children, false),
+        }),
     };
     if !d.doc.is_empty() {
         s["description"] = json!(d.doc);
@@ -147,7 +154,7 @@ fn default(d: &KeyDecl) -> Option<Value> {
                 .filter(|s| !s.is_empty())
                 .collect::<Vec<_>>())
         }
-        Kind::Map => json!({}),
+        Kind::Map | Kind::Named(_) => json!({}),
         _ => json!(v),
     })
 }

@@ -77,6 +77,91 @@ fn read_limit_key(r: &mut Reader, f: &Fields, default: LimitKey) -> LimitKey {
     }
 }
 
+/// `plans`: a mapping of plan names to their limits (always per consumer, always on).
+pub(crate) fn read_plans(
+    r: &mut Reader,
+    node: &Node,
+) -> std::collections::BTreeMap<String, crate::Plan> {
+    let mut plans = std::collections::BTreeMap::new();
+    let crate::yaml::Kind::Map(entries) = &node.kind else {
+        r.err(
+            node.line,
+            "plans",
+            format!(
+                "expected a mapping of plan names, found a {}",
+                node.type_name()
+            ),
+        );
+        return plans;
+    };
+    for (name, line, n) in entries {
+        let path = format!("plans.{name}");
+        if !valid_name(name) {
+            r.err(
+                *line,
+                &path,
+                "a plan name is letters, digits, '-', '_' or '.'",
+            );
+            continue;
+        }
+        if plans.contains_key(name) {
+            r.err(*line, &path, "duplicate plan");
+            continue;
+        }
+        let f = r.fields(n, &path, keys::PLAN);
+        let rate_limiting = f.get("rateLimiting").map(|n| {
+            let rf = r.fields(n, &f.key_path("rateLimiting"), keys::PLAN_RATE);
+            let rate = r.float(&rf, "ratePerSecond");
+            if !rf.has("ratePerSecond") {
+                r.err(rf.line, &rf.key_path("ratePerSecond"), "required");
+            }
+            RateLimit {
+                enabled: true,
+                rate_per_second: rate.unwrap_or(1.0),
+                burst: r.uint(&rf, "burst").unwrap_or(1),
+                key: LimitKey::Consumer,
+            }
+        });
+        let quota = f.get("quota").map(|n| {
+            let qf = r.fields(n, &f.key_path("quota"), keys::PLAN_QUOTA);
+            for k in ["limit", "period"] {
+                if !qf.has(k) {
+                    r.err(qf.line, &qf.key_path(k), "required");
+                }
+            }
+            let period = r.duration(&qf, "period");
+            if period.is_some_and(|p| p < Duration::from_secs(1)) {
+                r.err(
+                    qf.key_line("period"),
+                    &qf.key_path("period"),
+                    "must be at least 1s",
+                );
+            }
+            Quota {
+                enabled: true,
+                limit: r.uint(&qf, "limit").unwrap_or(1),
+                period: period.unwrap_or(Duration::from_secs(60)),
+                key: LimitKey::Consumer,
+            }
+        });
+        plans.insert(
+            name.clone(),
+            crate::Plan {
+                rate_limiting,
+                quota,
+            },
+        );
+    }
+    plans
+}
+
+/// A name of a service or plan: letters, digits, `-`, `_`, `.`.
+pub(crate) fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
     let f = r.fields(node, path, keys::QUOTA);
     let enabled = r.bool(&f, "enabled").unwrap_or(false);
@@ -455,6 +540,7 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
         authentication,
         auth_methods,
         require_scopes,
+        plans: r.bool(&f, "plans").unwrap_or(true),
         rate_limiting,
         quota,
         name,

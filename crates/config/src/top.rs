@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::keys;
-use crate::read::{Fields, Reader};
+use crate::read::{suggest, Fields, Reader};
 use crate::service::{
     read_escaped_slashes, read_lb, read_rate_limit, read_service, read_timeouts, read_upgrades,
 };
@@ -105,6 +105,8 @@ fn read_auth(r: &mut Reader, node: Option<&Node>) -> Authentication {
         }
     }
     a.strip_authorization = r.bool(&f, "stripAuthorization").unwrap_or(false);
+    a.plan_claim = r.string(&f, "planClaim").filter(|s| !s.is_empty());
+    a.default_plan = r.string(&f, "defaultPlan").filter(|s| !s.is_empty());
     if a.enabled && a.public_key_path.is_none() && a.public_keys.is_empty() && a.jwks_url.is_none()
     {
         r.err(
@@ -114,6 +116,18 @@ fn read_auth(r: &mut Reader, node: Option<&Node>) -> Authentication {
         );
     }
     a
+}
+
+/// The line of `authentication.KEY` (else of the `authentication` block).
+fn line_of_auth_key(f: &Fields, key: &str) -> usize {
+    match f.get("authentication").map(|n| &n.kind) {
+        Some(yaml::Kind::Map(entries)) => entries
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, l, _)| *l)
+            .unwrap_or(f.key_line("authentication")),
+        _ => f.key_line("authentication"),
+    }
 }
 
 /// Headers that cannot carry API keys: the gateway reads, sets, logs or echoes them, or they
@@ -261,6 +275,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         },
         authentication: Authentication::default(),
         api_keys: None,
+        plans: Default::default(),
         tls: Tls {
             enabled: false,
             https_port: 8443,
@@ -334,6 +349,31 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         .get("rateLimiting")
         .map(|n| read_rate_limit(r, n, "rateLimiting"));
     cfg.authentication = read_auth(r, f.get("authentication"));
+    if let Some(n) = f.get("plans") {
+        cfg.plans = crate::service::read_plans(r, n);
+    }
+    if let Some(p) = &cfg.authentication.default_plan {
+        if !cfg.plans.contains_key(p) {
+            let names: Vec<&str> = cfg.plans.keys().map(String::as_str).collect();
+            let hint = match suggest(p, &names) {
+                Some(s) => format!(" (did you mean \"{s}\"?)"),
+                None if names.is_empty() => " (no plans are configured)".to_string(),
+                None => format!(" (plans: {})", names.join(", ")),
+            };
+            r.err(
+                line_of_auth_key(&f, "defaultPlan"),
+                "authentication.defaultPlan",
+                format!("{p:?} is not a plan{hint}"),
+            );
+        }
+    }
+    if cfg.authentication.plan_claim.is_some() && cfg.plans.is_empty() {
+        r.err(
+            line_of_auth_key(&f, "planClaim"),
+            "authentication.planClaim",
+            "names the plan claim, but no plans are configured (add a top-level plans block)",
+        );
+    }
     if let Some(n) = f.get("apiKeys") {
         let af = r.fields(n, "apiKeys", keys::API_KEYS);
         let header = r

@@ -222,6 +222,16 @@ pub struct Quota {
     pub key: LimitKey,
 }
 
+/// `plans.NAME`: a plan's limits, counted per consumer (the name is the map key).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// Keyed by consumer, enabled.
+    pub rate_limiting: Option<RateLimit>,
+    /// Keyed by consumer, enabled.
+    pub quota: Option<Quota>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Authentication {
@@ -239,6 +249,10 @@ pub struct Authentication {
     pub consumer_claim: String,
     pub forward_claims: Vec<(String, String)>,
     pub strip_authorization: bool,
+    /// `planClaim`: the JWT claim naming the consumer's plan.
+    pub plan_claim: Option<String>,
+    /// `defaultPlan`: the plan of consumers whose credential names none.
+    pub default_plan: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -310,6 +324,8 @@ pub struct Service {
     pub auth_methods: Vec<AuthMethod>,
     /// `requireScopes`.
     pub require_scopes: Vec<String>,
+    /// `plans`: whether the consumer's plan limits apply on this route (when authenticated).
+    pub plans: bool,
     pub rate_limiting: Option<RateLimit>,
     pub quota: Option<Quota>,
     /// `escapedSlashes` for this route (default: the top-level value).
@@ -336,6 +352,8 @@ pub struct Config {
     pub rate_limit_headers: RateLimitHeaders,
     pub authentication: Authentication,
     pub api_keys: Option<ApiKeys>,
+    /// `plans`, by name.
+    pub plans: std::collections::BTreeMap<String, Plan>,
     pub tls: Tls,
     pub redis: Option<Redis>,
     pub consul: Consul,

@@ -106,13 +106,11 @@ impl Window {
         self.period_us.div_ceil(BUCKETS)
     }
 
-    /// Decides at `now` over the buckets `(index, count)`; the caller adds one to `cur` when
-    /// allowed. Buckets older than the window are ignored (the caller may drop them).
-    pub fn decide(&self, buckets: &VecDeque<(u64, u64)>, now: u64) -> Decision {
-        let w = self.width_us();
-        let cur = now / w;
-        let oldest = cur.saturating_sub(BUCKETS);
-        let mut total = 0u64;
+    /// What the buckets `(index, count)` hold at `now`: the sum of the buckets in the window
+    /// (a credit is a negative count, so the sum may be below zero) and the oldest of them.
+    pub fn usage(&self, buckets: &VecDeque<(u64, i64)>, now: u64) -> (i64, Option<u64>) {
+        let oldest = (now / self.width_us()).saturating_sub(BUCKETS);
+        let mut total = 0i64;
         let mut first: Option<u64> = None;
         for (idx, count) in buckets {
             if *idx >= oldest {
@@ -120,8 +118,23 @@ impl Window {
                 first = Some(first.map_or(*idx, |f: u64| f.min(*idx)));
             }
         }
+        (total, first)
+    }
+
+    /// Microseconds from `now` until the bucket `first` leaves the window.
+    pub fn leaves_in_us(&self, first: u64, now: u64) -> u64 {
+        ((first + BUCKETS + 1) * self.width_us()).saturating_sub(now)
+    }
+
+    /// Decides at `now` over the buckets `(index, count)`; the caller adds one to `cur` when
+    /// allowed. Buckets older than the window are ignored (the caller may drop them).
+    pub fn decide(&self, buckets: &VecDeque<(u64, i64)>, now: u64) -> Decision {
+        let w = self.width_us();
+        let cur = now / w;
+        let (total, first) = self.usage(buckets, now);
         let reset_at = |first: u64| (first + BUCKETS + 1) * w;
-        if total + 1 > self.limit {
+        let limit = i64::try_from(self.limit).unwrap_or(i64::MAX);
+        if total.saturating_add(1) > limit {
             let reset = first.map(|f| reset_at(f).saturating_sub(now)).unwrap_or(w);
             Decision {
                 allowed: false,
@@ -134,7 +147,7 @@ impl Window {
             let first = first.unwrap_or(cur);
             Decision {
                 allowed: true,
-                remaining: self.limit - total - 1,
+                remaining: (limit - total - 1) as u64,
                 reset_us: reset_at(first).saturating_sub(now),
                 retry_after_us: 0,
                 bucket: Some(cur),
@@ -145,16 +158,27 @@ impl Window {
 
 enum Slot {
     Tat(u64),
-    Buckets(VecDeque<(u64, u64)>),
+    /// `(bucket index, count)`, oldest first; a credit is a negative count.
+    Buckets(VecDeque<(u64, i64)>),
 }
 
 struct Entry {
     slot: Slot,
+    /// Quotas: the tag of the last check (a plan's), for the ledger; 0 when none.
+    tag: u64,
     /// Microseconds after which the entry carries no information and may be dropped.
     expires: u64,
 }
 
 const SHARDS: usize = 16;
+
+/// Adds `n` to bucket `cur`, the newest (appended when absent).
+fn add_to(buckets: &mut VecDeque<(u64, i64)>, cur: u64, n: i64) {
+    match buckets.back_mut() {
+        Some((i, c)) if *i == cur => *c += n,
+        _ => buckets.push_back((cur, n)),
+    }
+}
 
 /// The in-memory store: the embedded default, and the fallback when Redis fails open.
 pub struct MemoryStore {
@@ -211,6 +235,7 @@ impl MemoryStore {
                     key.to_string(),
                     Entry {
                         slot: Slot::Tat(t),
+                        tag: 0,
                         expires: t,
                     },
                 );
@@ -219,31 +244,79 @@ impl MemoryStore {
         })
     }
 
+    /// Charges one request to the quota `key` (tagged `tag`, 0 for none) when it fits.
     pub fn quota(&self, key: &str, w: &Window, now: u64) -> Decision {
+        self.quota_tagged(key, w, 0, now)
+    }
+
+    pub fn quota_tagged(&self, key: &str, w: &Window, tag: u64, now: u64) -> Decision {
+        self.with_window(key, w, now, |entry, buckets| {
+            if tag != 0 {
+                entry.tag = tag;
+            }
+            let d = w.decide(buckets, now);
+            if let Some(cur) = d.bucket {
+                add_to(buckets, cur, 1);
+                entry.expires = now + w.period_us + w.width_us();
+            }
+            d
+        })
+    }
+
+    /// The quota `key` at `now` without charging it: the sum of its window, microseconds until
+    /// its oldest counted bucket leaves, and its tag.
+    pub fn quota_peek(&self, key: &str, w: &Window, now: u64) -> (i64, u64, u64) {
+        self.with_window(key, w, now, |entry, buckets| {
+            let (total, first) = w.usage(buckets, now);
+            let leaves = first.map_or(0, |f| w.leaves_in_us(f, now));
+            (total, leaves, entry.tag)
+        })
+    }
+
+    /// `amount` more requests in the window of `key` from `now`: a negative count in the
+    /// current bucket, which leaves the window with it.
+    pub fn quota_credit(&self, key: &str, w: &Window, amount: u64, now: u64) {
+        self.with_window(key, w, now, |entry, buckets| {
+            let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+            add_to(buckets, now / w.width_us(), -amount);
+            entry.expires = now + w.period_us + w.width_us();
+        })
+    }
+
+    /// Forgets the counter `key`; whether there was one.
+    pub fn remove(&self, key: &str) -> bool {
+        let mut map = match self.shards[shard_of(key)].lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.remove(key).is_some()
+    }
+
+    /// Runs `f` on the window entry of `key` (created empty), its expired buckets dropped.
+    fn with_window<R>(
+        &self,
+        key: &str,
+        w: &Window,
+        now: u64,
+        f: impl FnOnce(&mut Entry, &mut VecDeque<(u64, i64)>) -> R,
+    ) -> R {
         self.with_shard(key, now, |map| {
             let entry = map.entry(key.to_string()).or_insert_with(|| Entry {
                 slot: Slot::Buckets(VecDeque::new()),
+                tag: 0,
                 expires: 0,
             });
-            if !matches!(entry.slot, Slot::Buckets(_)) {
-                entry.slot = Slot::Buckets(VecDeque::new());
-            }
-            let Slot::Buckets(buckets) = &mut entry.slot else {
-                unreachable!("set just above")
+            let mut buckets = match std::mem::replace(&mut entry.slot, Slot::Tat(0)) {
+                Slot::Buckets(b) => b,
+                Slot::Tat(_) => VecDeque::new(),
             };
             let oldest = (now / w.width_us()).saturating_sub(BUCKETS);
             while buckets.front().is_some_and(|(i, _)| *i < oldest) {
                 buckets.pop_front();
             }
-            let d = w.decide(buckets, now);
-            if let Some(cur) = d.bucket {
-                match buckets.back_mut() {
-                    Some((i, c)) if *i == cur => *c += 1,
-                    _ => buckets.push_back((cur, 1)),
-                }
-                entry.expires = now + w.period_us + w.width_us();
-            }
-            d
+            let r = f(entry, &mut buckets);
+            entry.slot = Slot::Buckets(buckets);
+            r
         })
     }
 
@@ -259,7 +332,7 @@ impl MemoryStore {
         }) = map.get_mut(key)
         {
             if let Some((_, c)) = b.iter_mut().find(|(i, _)| *i == bucket) {
-                *c = c.saturating_sub(1);
+                *c -= 1;
             }
         }
     }

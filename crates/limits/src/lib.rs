@@ -56,8 +56,56 @@ pub struct RoutePolicies {
     pub rate: Option<RatePolicy>,
     pub quota: Option<QuotaPolicy>,
     pub headers: HeaderMode,
-    /// The precomputed `RateLimit-Policy` value.
+    /// The route's items of the `RateLimit-Policy` value.
     pub policy_header: Option<HeaderValue>,
+}
+
+fn header_mode(cfg: &Config) -> HeaderMode {
+    match cfg.rate_limit_headers {
+        RateLimitHeaders::Legacy => HeaderMode::Legacy,
+        RateLimitHeaders::Both => HeaderMode::Both,
+        RateLimitHeaders::None => HeaderMode::None,
+        RateLimitHeaders::Draft => HeaderMode::Draft,
+    }
+}
+
+fn rate_policy(scope: String, r: &RateLimit) -> RatePolicy {
+    RatePolicy {
+        scope,
+        gcra: Gcra::new(r.rate_per_second, r.burst),
+        key: r.key.clone(),
+        burst: r.burst,
+        window_secs: ((r.burst as f64 / r.rate_per_second).ceil() as u64).max(1),
+    }
+}
+
+fn quota_policy(scope: String, q: &Quota) -> QuotaPolicy {
+    QuotaPolicy {
+        scope,
+        window: Window::new(q.limit, q.period),
+        key: q.key.clone(),
+        limit: q.limit,
+        period_secs: q.period.as_secs().max(1),
+    }
+}
+
+/// The `RateLimit-Policy` items of a rate limit and a quota, named `rate` and `quota` with
+/// `prefix` before them.
+fn policy_items(prefix: &str, rate: Option<&RatePolicy>, quota: Option<&QuotaPolicy>) -> String {
+    let mut items = Vec::new();
+    if let Some(r) = rate {
+        items.push(format!(
+            "\"{prefix}rate\";q={};w={}",
+            r.burst, r.window_secs
+        ));
+    }
+    if let Some(q) = quota {
+        items.push(format!(
+            "\"{prefix}quota\";q={};w={}",
+            q.limit, q.period_secs
+        ));
+    }
+    items.join(", ")
 }
 
 impl RoutePolicies {
@@ -68,49 +116,160 @@ impl RoutePolicies {
         quota: Option<&Quota>,
     ) -> Option<RoutePolicies> {
         let rate = match svc_rate {
-            Some(r) => r.enabled.then(|| (service.to_string(), r)),
+            Some(r) => r.enabled.then(|| rate_policy(service.to_string(), r)),
             None => cfg
                 .rate_limiting
                 .as_ref()
                 .filter(|r| r.enabled)
-                .map(|r| ("global".to_string(), r)),
-        }
-        .map(|(scope, r)| RatePolicy {
-            scope,
-            gcra: Gcra::new(r.rate_per_second, r.burst),
-            key: r.key.clone(),
-            burst: r.burst,
-            window_secs: ((r.burst as f64 / r.rate_per_second).ceil() as u64).max(1),
-        });
-        let quota = quota.filter(|q| q.enabled).map(|q| QuotaPolicy {
-            scope: service.to_string(),
-            window: Window::new(q.limit, q.period),
-            key: q.key.clone(),
-            limit: q.limit,
-            period_secs: q.period.as_secs().max(1),
-        });
+                .map(|r| rate_policy("global".to_string(), r)),
+        };
+        let quota = quota
+            .filter(|q| q.enabled)
+            .map(|q| quota_policy(service.to_string(), q));
         if rate.is_none() && quota.is_none() {
             return None;
         }
-        let headers = match cfg.rate_limit_headers {
-            RateLimitHeaders::Legacy => HeaderMode::Legacy,
-            RateLimitHeaders::Both => HeaderMode::Both,
-            RateLimitHeaders::None => HeaderMode::None,
-            RateLimitHeaders::Draft => HeaderMode::Draft,
-        };
-        let mut policy = Vec::new();
-        if let Some(r) = &rate {
-            policy.push(format!("\"rate\";q={};w={}", r.burst, r.window_secs));
-        }
-        if let Some(q) = &quota {
-            policy.push(format!("\"quota\";q={};w={}", q.limit, q.period_secs));
-        }
+        let items = policy_items("", rate.as_ref(), quota.as_ref());
         Some(RoutePolicies {
             rate,
             quota,
-            headers,
-            policy_header: HeaderValue::from_str(&policy.join(", ")).ok(),
+            headers: header_mode(cfg),
+            policy_header: HeaderValue::from_str(&items).ok(),
         })
+    }
+}
+
+/// The scope of every plan's rate-limit counter: one per consumer whatever the plan, so a
+/// consumer moved to another plan keeps its state. `@` cannot start a service name.
+pub const PLAN_RATE_SCOPE: &str = "@plan";
+
+/// The scope of the plan quota counters with this period: a consumer moved to a plan with the
+/// same period keeps its count (a count over another window length cannot be carried over).
+pub fn plan_quota_scope(period_secs: u64) -> String {
+    format!("@plan/{period_secs}")
+}
+
+/// One plan's limits, counted per consumer.
+#[derive(Debug, Clone)]
+pub struct PlanPolicy {
+    pub name: Arc<str>,
+    /// Kept with the plan's quota counters, so the ledger can name the plan that last counted.
+    pub tag: u64,
+    pub rate: Option<RatePolicy>,
+    pub quota: Option<QuotaPolicy>,
+    /// The plan's items of the `RateLimit-Policy` value (`plan-rate`, `plan-quota`).
+    items: String,
+    /// `rateLimitHeaders`.
+    pub headers: HeaderMode,
+}
+
+/// `plans`, `authentication.planClaim` and `authentication.defaultPlan`, built with the snapshot.
+#[derive(Debug, Clone)]
+pub struct Plans {
+    by_name: std::collections::HashMap<Arc<str>, Arc<PlanPolicy>>,
+    /// The JWT claim naming the plan.
+    pub claim: Option<String>,
+    pub default: Option<Arc<PlanPolicy>>,
+}
+
+/// Why a consumer has no plan limits to apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("unknown plan {0:?}")]
+    Unknown(String),
+    #[error("the consumer has no plan and no default plan is configured")]
+    Missing,
+}
+
+impl PlanError {
+    /// The `hexgate_auth_failures_total` reason.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PlanError::Unknown(_) => "plan_unknown",
+            PlanError::Missing => "plan_missing",
+        }
+    }
+}
+
+/// A stable non-zero number for a plan name (FNV-1a, 52 bits so it stays exact in Lua's
+/// doubles).
+pub fn plan_tag(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h & ((1 << 52) - 1)).max(1)
+}
+
+impl Plans {
+    /// None when no plans are configured.
+    pub fn build(cfg: &Config) -> Option<Plans> {
+        if cfg.plans.is_empty() {
+            return None;
+        }
+        let by_name: std::collections::HashMap<Arc<str>, Arc<PlanPolicy>> = cfg
+            .plans
+            .iter()
+            .map(|(name, p)| {
+                let rate = p
+                    .rate_limiting
+                    .as_ref()
+                    .map(|r| rate_policy(PLAN_RATE_SCOPE.to_string(), r));
+                let quota = p
+                    .quota
+                    .as_ref()
+                    .map(|q| quota_policy(plan_quota_scope(q.period.as_secs().max(1)), q));
+                let items = policy_items("plan-", rate.as_ref(), quota.as_ref());
+                let name: Arc<str> = Arc::from(name.as_str());
+                let plan = PlanPolicy {
+                    tag: plan_tag(&name),
+                    name: name.clone(),
+                    rate,
+                    quota,
+                    items,
+                    headers: header_mode(cfg),
+                };
+                (name, Arc::new(plan))
+            })
+            .collect();
+        let default = cfg
+            .authentication
+            .default_plan
+            .as_deref()
+            .and_then(|d| by_name.get(d).cloned());
+        Some(Plans {
+            by_name,
+            claim: cfg.authentication.plan_claim.clone(),
+            default,
+        })
+    }
+
+    /// The plan a credential names, else the default plan.
+    pub fn resolve(&self, named: Option<&str>) -> Result<&Arc<PlanPolicy>, PlanError> {
+        match named {
+            Some(n) => self
+                .by_name
+                .get(n)
+                .ok_or_else(|| PlanError::Unknown(n.to_string())),
+            None => self.default.as_ref().ok_or(PlanError::Missing),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<PlanPolicy>> {
+        self.by_name.get(name)
+    }
+
+    /// The plan whose tag this is.
+    pub fn by_tag(&self, tag: u64) -> Option<&Arc<PlanPolicy>> {
+        self.by_name.values().find(|p| p.tag == tag)
+    }
+
+    /// Every plan, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<PlanPolicy>> {
+        let mut v: Vec<_> = self.by_name.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.into_iter()
     }
 }
 
@@ -218,15 +377,16 @@ impl Limiter {
         }
     }
 
-    /// Runs the route's limits for one request, with one rule whatever the store: both limits are
-    /// charged (in Redis, both scripts sent together on one multiplexed connection), and a quota
-    /// slot taken by a request that the rate limit refused is given back, once, where it was taken
-    /// (awaited, within the store timeout, so the next decision sees it). A limit that Redis
-    /// could not decide is decided in memory (failureMode open) or makes the request
-    /// `unavailable` (failureMode closed).
+    /// Runs a request's limits (the route's and its consumer's plan's), with one rule whatever
+    /// the store: every limit is charged (in Redis, the scripts sent together on one multiplexed
+    /// connection), and when one refuses, the quota slots the others took are given back, once,
+    /// where they were taken (awaited, within the store timeout, so the next decision sees it).
+    /// A limit that Redis could not decide is decided in memory (failureMode open) or makes the
+    /// request `unavailable` (failureMode closed).
     pub async fn check(
         &self,
-        p: &RoutePolicies,
+        route: Option<&RoutePolicies>,
+        plan: Option<&PlanPolicy>,
         metrics: &ServiceMetrics,
         ip: IpAddr,
         consumer: Option<&str>,
@@ -244,161 +404,173 @@ impl Limiter {
                 },
             }
         };
-        let rate_limit = p
-            .rate
-            .as_ref()
-            .map(|r| (r, self.key('r', &r.scope, &ident(&r.key))));
-        let quota_limit = p
-            .quota
-            .as_ref()
-            .map(|q| (q, self.key('q', &q.scope, &ident(&q.key))));
+        // The limits, in the order of `LIMITS` (their metric index).
+        let mut charges: Vec<Charge> = Vec::with_capacity(4);
+        let add_rate = |charges: &mut Vec<Charge>, r: &RatePolicy, metric: usize| {
+            charges.push(Charge {
+                key: self.key('r', &r.scope, &ident(&r.key)),
+                limit: Limit::Rate(r.gcra, r.burst),
+                metric,
+            })
+        };
+        if let Some(r) = route.and_then(|p| p.rate.as_ref()) {
+            add_rate(&mut charges, r, 0);
+        }
+        if let Some(q) = route.and_then(|p| p.quota.as_ref()) {
+            charges.push(Charge {
+                key: self.key('q', &q.scope, &ident(&q.key)),
+                limit: Limit::Quota(q.window, 0),
+                metric: 1,
+            });
+        }
+        if let Some(r) = plan.and_then(|p| p.rate.as_ref()) {
+            add_rate(&mut charges, r, 2);
+        }
+        if let Some((q, p)) = plan.and_then(|p| p.quota.as_ref().map(|q| (q, p))) {
+            charges.push(Charge {
+                key: self.key('q', &q.scope, &ident(&q.key)),
+                limit: Limit::Quota(q.window, p.tag),
+                metric: 3,
+            });
+        }
 
-        let (mut rate_failed, mut quota_failed) = (false, false);
-        let (rate, mut quota) = match &self.redis {
-            None => {
-                let now = self.clock.now_us();
-                (
-                    rate_limit
-                        .as_ref()
-                        .map(|(r, k)| self.memory.rate(k, &r.gcra, now)),
-                    quota_limit
-                        .as_ref()
-                        .map(|(q, k)| self.memory.quota(k, &q.window, now)),
-                )
+        let decided = self.decide(&charges).await;
+        let Some((mut decisions, failed)) = decided else {
+            for c in &charges {
+                metrics.limit_decision(c.metric, 3);
             }
-            Some(store) => {
-                let at = self.clock.manual_us();
-                let (r, q) = match (&rate_limit, &quota_limit) {
-                    (Some((rp, rk)), Some((qp, qk))) => {
-                        let (r, q) = store
-                            .rate_and_quota((rk, &rp.gcra), (qk, &qp.window), at)
-                            .await;
-                        (Some(r), Some(q))
-                    }
-                    (Some((rp, rk)), None) => (Some(store.rate(rk, &rp.gcra, at).await), None),
-                    (None, Some((qp, qk))) => (None, Some(store.quota(qk, &qp.window, at).await)),
-                    (None, None) => (None, None),
-                };
-                for e in [&r, &q]
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|d| d.as_ref().err())
-                {
-                    self.warn_redis(e);
-                }
-                rate_failed = matches!(r, Some(Err(_)));
-                quota_failed = matches!(q, Some(Err(_)));
-                if (rate_failed || quota_failed) && self.failure_mode == FailureMode::Closed {
-                    for (i, present) in [r.is_some(), q.is_some()].into_iter().enumerate() {
-                        if present {
-                            metrics.limit_decision(i, 3);
-                        }
-                    }
-                    return Verdict {
-                        unavailable: true,
-                        ..Verdict::default()
-                    };
-                }
-                // failureMode open: what Redis could not decide is decided in memory.
-                let now = if rate_failed || quota_failed {
-                    self.clock.now_us()
-                } else {
-                    0
-                };
-                (
-                    match (r, &rate_limit) {
-                        (Some(Err(_)), Some((rp, rk))) => Some(self.memory.rate(rk, &rp.gcra, now)),
-                        (r, _) => r.and_then(Result::ok),
-                    },
-                    match (q, &quota_limit) {
-                        (Some(Err(_)), Some((qp, qk))) => {
-                            Some(self.memory.quota(qk, &qp.window, now))
-                        }
-                        (q, _) => q.and_then(Result::ok),
-                    },
-                )
-            }
+            return Verdict {
+                unavailable: true,
+                ..Verdict::default()
+            };
         };
 
-        // Give back the quota slot of a request the rate limit refused, in the store that counted
-        // it; it no longer counts, so one more request remains.
-        if let (Some(r), Some(q), Some((_, qk))) = (&rate, &mut quota, &quota_limit) {
-            if !r.allowed && q.allowed {
-                if let Some(bucket) = q.bucket {
-                    let given_back = match &self.redis {
-                        Some(store) if !quota_failed => match store.refund(qk, bucket).await {
-                            Ok(()) => true,
-                            Err(e) => {
-                                self.warn_redis(&e);
-                                false
-                            }
-                        },
-                        _ => {
-                            self.memory.refund(qk, bucket);
-                            true
+        // One limit refused: the quota slots the others took no longer count; give each back
+        // in the store that counted it, so one more request remains there.
+        if decisions.iter().any(|d| !d.allowed) {
+            for ((c, d), failed) in charges.iter().zip(&mut decisions).zip(&failed) {
+                let (Limit::Quota(..), true, Some(bucket)) = (&c.limit, d.allowed, d.bucket) else {
+                    continue;
+                };
+                let given_back = match &self.redis {
+                    Some(store) if !failed => match store.refund(&c.key, bucket).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            self.warn_redis(&e);
+                            false
                         }
-                    };
-                    if given_back {
-                        q.remaining += 1;
+                    },
+                    _ => {
+                        self.memory.refund(&c.key, bucket);
+                        true
                     }
+                };
+                if given_back {
+                    d.remaining += 1;
                 }
             }
         }
 
-        let result_idx = |d: &Decision, failed: bool| match (d.allowed, failed) {
-            (false, _) => 1,
-            (true, true) => 2,
-            (true, false) => 0,
-        };
-        if let Some(d) = &rate {
-            metrics.limit_decision(0, result_idx(d, rate_failed));
+        for ((c, d), failed) in charges.iter().zip(&decisions).zip(&failed) {
+            let result = match (d.allowed, failed) {
+                (false, _) => 1,
+                (true, true) => 2,
+                (true, false) => 0,
+            };
+            metrics.limit_decision(c.metric, result);
         }
-        if let Some(d) = &quota {
-            metrics.limit_decision(1, result_idx(d, quota_failed));
-        }
-        let retry_after = [rate.as_ref(), quota.as_ref()]
-            .into_iter()
-            .flatten()
+        let retry_after = decisions
+            .iter()
             .filter(|d| !d.allowed)
             .map(|d| secs_ceil(d.retry_after_us).max(1))
             .max();
+        let mode = route.map_or(plan.map_or(HeaderMode::None, |p| p.headers), |r| r.headers);
         Verdict {
-            headers: self.fields(p, rate, quota),
+            headers: self.fields(route, plan, mode, &charges, &decisions),
             retry_after,
             unavailable: false,
         }
     }
 
+    /// Decides every charge: in memory, or in Redis with failed ones decided in memory
+    /// (failureMode open). None when Redis failed and failureMode is closed. With the decisions,
+    /// which ones Redis failed.
+    async fn decide(&self, charges: &[Charge]) -> Option<(Vec<Decision>, Vec<bool>)> {
+        let Some(store) = &self.redis else {
+            let now = self.clock.now_us();
+            let d = charges
+                .iter()
+                .map(|c| self.decide_in_memory(c, now))
+                .collect();
+            return Some((d, vec![false; charges.len()]));
+        };
+        let calls: Vec<redis::Call> = charges
+            .iter()
+            .map(|c| match &c.limit {
+                Limit::Rate(g, _) => redis::Call::Rate(&c.key, g),
+                Limit::Quota(w, tag) => redis::Call::Quota(&c.key, w, *tag),
+            })
+            .collect();
+        let results = store.batch(&calls, self.clock.manual_us()).await;
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            self.warn_redis(e);
+        }
+        let failed: Vec<bool> = results.iter().map(Result::is_err).collect();
+        if failed.iter().any(|f| *f) && self.failure_mode == FailureMode::Closed {
+            return None;
+        }
+        // failureMode open: what Redis could not decide is decided in memory.
+        let now = self.clock.now_us();
+        let d = charges
+            .iter()
+            .zip(results)
+            .map(|(c, r)| r.unwrap_or_else(|_| self.decide_in_memory(c, now)))
+            .collect();
+        Some((d, failed))
+    }
+
+    fn decide_in_memory(&self, c: &Charge, now: u64) -> Decision {
+        match &c.limit {
+            Limit::Rate(g, _) => self.memory.rate(&c.key, g, now),
+            Limit::Quota(w, tag) => self.memory.quota_tagged(&c.key, w, *tag, now),
+        }
+    }
+
     fn fields(
         &self,
-        p: &RoutePolicies,
-        rate: Option<Decision>,
-        quota: Option<Decision>,
+        route: Option<&RoutePolicies>,
+        plan: Option<&PlanPolicy>,
+        mode: HeaderMode,
+        charges: &[Charge],
+        decisions: &[Decision],
     ) -> Vec<(HeaderName, HeaderValue)> {
         let mut out = Vec::new();
-        if p.headers == HeaderMode::None {
+        if mode == HeaderMode::None {
             return out;
         }
-        let items: Vec<(&str, u64, Decision)> = [
-            rate.zip(p.rate.as_ref()).map(|(d, r)| ("rate", r.burst, d)),
-            quota
-                .zip(p.quota.as_ref())
-                .map(|(d, q)| ("quota", q.limit, d)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if matches!(p.headers, HeaderMode::Draft | HeaderMode::Both) {
-            if let Some(v) = &p.policy_header {
-                out.push((RATELIMIT_POLICY.clone(), v.clone()));
+        if matches!(mode, HeaderMode::Draft | HeaderMode::Both) {
+            let policy = match (route.and_then(|r| r.policy_header.as_ref()), plan) {
+                (Some(v), Some(p)) if !p.items.is_empty() => {
+                    let mut joined = v.as_bytes().to_vec();
+                    joined.extend_from_slice(b", ");
+                    joined.extend_from_slice(p.items.as_bytes());
+                    HeaderValue::from_bytes(&joined).ok()
+                }
+                (Some(v), _) => Some(v.clone()),
+                (None, Some(p)) => HeaderValue::from_str(&p.items).ok(),
+                (None, None) => None,
+            };
+            if let Some(v) = policy {
+                out.push((RATELIMIT_POLICY.clone(), v));
             }
             let mut value = String::with_capacity(64);
-            for (i, (name, _, d)) in items.iter().enumerate() {
+            for (i, (c, d)) in charges.iter().zip(decisions).enumerate() {
                 use std::fmt::Write as _;
                 let sep = if i == 0 { "" } else { ", " };
                 let _ = write!(
                     value,
-                    "{sep}\"{name}\";r={};t={}",
+                    "{sep}\"{}\";r={};t={}",
+                    ITEM_NAMES[c.metric],
                     d.remaining,
                     secs_ceil(d.reset_us)
                 );
@@ -407,10 +579,14 @@ impl Limiter {
                 out.push((RATELIMIT.clone(), v));
             }
         }
-        if matches!(p.headers, HeaderMode::Legacy | HeaderMode::Both) {
+        if matches!(mode, HeaderMode::Legacy | HeaderMode::Both) {
             // The most restrictive policy: the one with the fewest requests left.
-            if let Some((_, limit, d)) = items.iter().min_by_key(|(_, _, d)| d.remaining) {
-                out.push((RATELIMIT_LIMIT.clone(), HeaderValue::from(*limit)));
+            if let Some((c, d)) = charges
+                .iter()
+                .zip(decisions)
+                .min_by_key(|(_, d)| d.remaining)
+            {
+                out.push((RATELIMIT_LIMIT.clone(), HeaderValue::from(c.limit.size())));
                 out.push((RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining)));
                 out.push((
                     RATELIMIT_RESET.clone(),
@@ -419,6 +595,113 @@ impl Limiter {
             }
         }
         out
+    }
+}
+
+/// A quota counter as the ledger reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUsage {
+    /// Requests counted in the window, less credits (may be below zero after a credit).
+    pub sum: i64,
+    /// Microseconds until the oldest counted request leaves the window (0: nothing counted).
+    pub leaves_us: u64,
+    /// The tag of the last check (a plan's, see [`plan_tag`]); 0 when none.
+    pub tag: u64,
+}
+
+impl QuotaUsage {
+    /// Whether the counter holds anything.
+    pub fn exists(&self) -> bool {
+        self.sum != 0 || self.leaves_us != 0 || self.tag != 0
+    }
+}
+
+/// The quota ledger (the admin API's reads and corrections), in the store requests are counted
+/// in: memory, or Redis. Each call is atomic against concurrent requests (one Lua script, or
+/// the memory shard's lock).
+impl Limiter {
+    fn now_for_store(&self) -> Option<u64> {
+        self.clock.manual_us()
+    }
+
+    /// The counter of quota `q` for `id` (a consumer), without charging it.
+    pub async fn quota_read(
+        &self,
+        q: &QuotaPolicy,
+        id: &str,
+    ) -> Result<QuotaUsage, redis::StoreError> {
+        let key = self.key('q', &q.scope, id);
+        let (sum, leaves_us, tag) = match &self.redis {
+            Some(store) => {
+                store
+                    .quota_peek(&key, &q.window, self.now_for_store())
+                    .await?
+            }
+            None => self.memory.quota_peek(&key, &q.window, self.clock.now_us()),
+        };
+        Ok(QuotaUsage {
+            sum,
+            leaves_us,
+            tag,
+        })
+    }
+
+    /// Deletes the counter of quota `q` for `id`; whether there was one.
+    pub async fn quota_reset(&self, q: &QuotaPolicy, id: &str) -> Result<bool, redis::StoreError> {
+        let key = self.key('q', &q.scope, id);
+        match &self.redis {
+            Some(store) => store.remove(&key).await,
+            None => Ok(self.memory.remove(&key)),
+        }
+    }
+
+    /// `amount` more requests for `id` in the current window of quota `q`.
+    pub async fn quota_credit(
+        &self,
+        q: &QuotaPolicy,
+        id: &str,
+        amount: u64,
+    ) -> Result<(), redis::StoreError> {
+        let key = self.key('q', &q.scope, id);
+        match &self.redis {
+            Some(store) => {
+                store
+                    .quota_credit(&key, &q.window, amount, self.now_for_store())
+                    .await
+            }
+            None => {
+                self.memory
+                    .quota_credit(&key, &q.window, amount, self.clock.now_us());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The `RateLimit` item names of the limits, indexed like `LIMITS`.
+const ITEM_NAMES: [&str; 4] = ["rate", "quota", "plan-rate", "plan-quota"];
+
+/// One limit charged for a request: its store key, its parameters and its `LIMITS` index.
+struct Charge {
+    key: String,
+    limit: Limit,
+    metric: usize,
+}
+
+enum Limit {
+    /// The GCRA parameters and the burst (what `RateLimit-Limit` shows).
+    Rate(Gcra, u64),
+    /// The window and the tag kept with the counter (0 for none).
+    Quota(Window, u64),
+}
+
+impl Limit {
+    /// The number of requests the limit allows (`RateLimit-Limit`).
+    fn size(&self) -> u64 {
+        match self {
+            Limit::Rate(_, burst) => *burst,
+            Limit::Quota(w, _) => w.limit,
+        }
     }
 }
 

@@ -43,15 +43,20 @@ end
 return {1, math.floor((limit - (new_tat - now)) / interval), new_tat - now, 0}
 "#;
 
-/// ARGV: limit, bucket width_us, buckets[, now_us] (as for GCRA_LUA).
-const WINDOW_LUA: &str = r#"
+/// The part of the window scripts that reads a quota hash: its fields are bucket indexes (counts;
+/// a credit is a negative count) and `t`, the tag of the last check (a plan's, for the ledger).
+/// ARGV: limit, bucket width_us, buckets, tag[, now_us] (as for GCRA_LUA). Sets `now`, `w`,
+/// `n`, `cur`, `total` (the window's sum) and `first` (its oldest bucket, or nil); drops expired
+/// buckets.
+macro_rules! window_read {
+    () => {
+        r#"
 pcall(redis.replicate_commands)
-local now = tonumber(ARGV[4])
+local now = tonumber(ARGV[5])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local limit = tonumber(ARGV[1])
 local w = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local cur = math.floor(now / w)
@@ -59,33 +64,77 @@ local oldest = cur - n
 local vals = redis.call('HGETALL', KEYS[1])
 local total = 0
 local first = nil
+local tag = 0
 for i = 1, #vals, 2 do
   local idx = tonumber(vals[i])
-  if idx < oldest then
+  if idx == nil then
+    if vals[i] == 't' then tag = tonumber(vals[i + 1]) or 0 end
+  elseif idx < oldest then
     redis.call('HDEL', KEYS[1], vals[i])
   else
     total = total + tonumber(vals[i + 1])
     if first == nil or idx < first then first = idx end
   end
 end
+local function keep()
+  if not ARGV[5] then
+    redis.call('PEXPIRE', KEYS[1], math.floor((n + 1) * w / 1000) + 1000)
+  end
+end
+"#
+    };
+}
+
+/// Charges one request when it fits (ARGV as for `window_read!`).
+const WINDOW_LUA: &str = concat!(
+    window_read!(),
+    r#"
+local limit = tonumber(ARGV[1])
+if ARGV[4] ~= '0' then redis.call('HSET', KEYS[1], 't', ARGV[4]); keep() end
 if total + 1 > limit then
   local reset = w
   if first ~= nil then reset = (first + n + 1) * w - now end
   return {0, 0, reset, reset, cur}
 end
 redis.call('HINCRBY', KEYS[1], cur, 1)
-if not ARGV[4] then
-  redis.call('PEXPIRE', KEYS[1], math.floor((n + 1) * w / 1000) + 1000)
-end
+keep()
 if first == nil then first = cur end
 return {1, limit - total - 1, (first + n + 1) * w - now, 0, cur}
+"#
+);
+
+/// The ledger's read (ARGV as for `window_read!`, limit and tag unused): `{sum, microseconds
+/// until the oldest counted bucket leaves, tag}`.
+const PEEK_LUA: &str = concat!(
+    window_read!(),
+    r#"
+local leaves = 0
+if first ~= nil then leaves = (first + n + 1) * w - now end
+return {total, leaves, tag}
+"#
+);
+
+/// The ledger's credit (ARGV as for `window_read!`, ARGV[1] the amount): a negative count in the
+/// current bucket, so `amount` more requests fit until it leaves the window. Replies `{sum}`.
+const CREDIT_LUA: &str = concat!(
+    window_read!(),
+    r#"
+redis.call('HINCRBY', KEYS[1], cur, -tonumber(ARGV[1]))
+keep()
+return {total - tonumber(ARGV[1])}
+"#
+);
+
+/// The ledger's reset: the counter is deleted. Replies `{1}` when there was one.
+const RESET_LUA: &str = r#"
+return {redis.call('DEL', KEYS[1])}
 "#;
 
 /// Gives back one admission counted in bucket ARGV[1]; replies `{0}` (every limit script replies
 /// with an array of integers, which is what the store reads).
 const REFUND_LUA: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
-if v ~= nil and v > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
+if v ~= nil then redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
 return {0}
 "#;
 
@@ -142,6 +191,9 @@ pub struct RedisStore {
     gcra: Lua,
     window: Lua,
     refund: Lua,
+    peek: Lua,
+    credit: Lua,
+    reset: Lua,
     pub timeout: Duration,
     metrics: Arc<Registry>,
 }
@@ -176,6 +228,9 @@ impl RedisStore {
             gcra: Lua::new(GCRA_LUA),
             window: Lua::new(WINDOW_LUA),
             refund: Lua::new(REFUND_LUA),
+            peek: Lua::new(PEEK_LUA),
+            credit: Lua::new(CREDIT_LUA),
+            reset: Lua::new(RESET_LUA),
             timeout: cfg.timeout,
             metrics,
         });
@@ -322,55 +377,87 @@ impl RedisStore {
         }
     }
 
-    /// A rate limit and a quota for one request, both EVALSHAs sent together (on a single Redis
-    /// as one write with one reply read and one timeout). `now`: a manual clock's time (tests),
-    /// else `None` and the scripts use Redis's.
-    pub async fn rate_and_quota(
+    /// The limits of one request, their EVALSHAs sent together (on a single Redis as one write
+    /// with one reply read and one timeout); a decision per call, in order. `now`: a manual
+    /// clock's time (tests), else `None` and the scripts use Redis's.
+    pub async fn batch(
         &self,
-        rate: (&str, &Gcra),
-        quota: (&str, &Window),
+        calls: &[Call<'_>],
         now: Option<u64>,
-    ) -> (Result<Decision, StoreError>, Result<Decision, StoreError>) {
-        let (rk, g) = rate;
-        let (qk, w) = quota;
-        let (rate_args, rn) = with_now([g.interval_us, g.burst, 0], now);
-        let (quota_args, qn) = with_now([w.limit, w.width_us(), BUCKETS, 0], now);
-        match self
-            .eval(&[
-                (&self.gcra, rk, &rate_args[..rn]),
-                (&self.window, qk, &quota_args[..qn]),
-            ])
-            .await
-        {
-            Ok(v) if v.len() == 2 => (decision(&v[0]), quota_decision(&v[1])),
-            Ok(_) => (Err(StoreError::Reply), Err(StoreError::Reply)),
+    ) -> Vec<Result<Decision, StoreError>> {
+        let args: Vec<([u64; 5], usize)> = calls
+            .iter()
+            .map(|c| match c {
+                Call::Rate(_, g) => {
+                    let (a, n) = with_now([g.interval_us, g.burst, 0], now);
+                    ([a[0], a[1], a[2], 0, 0], n)
+                }
+                Call::Quota(_, w, tag) => with_now([w.limit, w.width_us(), BUCKETS, *tag, 0], now),
+            })
+            .collect();
+        let evals: Vec<(&Lua, &str, &[u64])> = calls
+            .iter()
+            .zip(&args)
+            .map(|(c, (a, n))| match c {
+                Call::Rate(k, _) => (&self.gcra, *k, &a[..*n]),
+                Call::Quota(k, _, _) => (&self.window, *k, &a[..*n]),
+            })
+            .collect();
+        match self.eval(&evals).await {
+            Ok(v) if v.len() == calls.len() => calls
+                .iter()
+                .zip(&v)
+                .map(|(c, r)| match c {
+                    Call::Rate(..) => decision(r),
+                    Call::Quota(..) => quota_decision(r),
+                })
+                .collect(),
+            Ok(_) => calls.iter().map(|_| Err(StoreError::Reply)).collect(),
             Err(e) => {
-                let again = StoreError::Server(e.to_string());
-                (Err(e), Err(again))
+                let text = e.to_string();
+                let mut out = vec![Err(e)];
+                out.extend((1..calls.len()).map(|_| Err(StoreError::Server(text.clone()))));
+                out
             }
         }
     }
 
-    pub async fn rate(
-        &self,
-        key: &str,
-        g: &Gcra,
-        now: Option<u64>,
-    ) -> Result<Decision, StoreError> {
-        let (args, n) = with_now([g.interval_us, g.burst, 0], now);
-        let v = self.eval(&[(&self.gcra, key, &args[..n])]).await?;
-        decision(v.first().ok_or(StoreError::Reply)?)
-    }
-
-    pub async fn quota(
+    /// The ledger's read of the quota `key`: its sum, microseconds until its oldest counted
+    /// bucket leaves the window, and its tag.
+    pub async fn quota_peek(
         &self,
         key: &str,
         w: &Window,
         now: Option<u64>,
-    ) -> Result<Decision, StoreError> {
-        let (args, n) = with_now([w.limit, w.width_us(), BUCKETS, 0], now);
-        let v = self.eval(&[(&self.window, key, &args[..n])]).await?;
-        quota_decision(v.first().ok_or(StoreError::Reply)?)
+    ) -> Result<(i64, u64, u64), StoreError> {
+        let (args, n) = with_now([0, w.width_us(), BUCKETS, 0, 0], now);
+        let v = self.eval(&[(&self.peek, key, &args[..n])]).await?;
+        match v.first().map(|v| &v[..]) {
+            Some([total, leaves, tag, ..]) => {
+                Ok((*total, (*leaves).max(0) as u64, (*tag).max(0) as u64))
+            }
+            _ => Err(StoreError::Reply),
+        }
+    }
+
+    /// The ledger's credit: `amount` more requests in the current window of `key`.
+    pub async fn quota_credit(
+        &self,
+        key: &str,
+        w: &Window,
+        amount: u64,
+        now: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let (args, n) = with_now([amount, w.width_us(), BUCKETS, 0, 0], now);
+        self.eval(&[(&self.credit, key, &args[..n])])
+            .await
+            .map(|_| ())
+    }
+
+    /// The ledger's reset: deletes the counter `key`; whether there was one.
+    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        let v = self.eval(&[(&self.reset, key, &[])]).await?;
+        Ok(v.first().and_then(|v| v.first()).is_some_and(|n| *n > 0))
     }
 
     pub async fn refund(&self, key: &str, bucket: u64) -> Result<(), StoreError> {
@@ -378,6 +465,13 @@ impl RedisStore {
             .await
             .map(|_| ())
     }
+}
+
+/// One limit of a request for [`RedisStore::batch`]: its key and parameters (a quota's tag, 0 for
+/// none, is kept with the counter for the ledger).
+pub enum Call<'a> {
+    Rate(&'a str, &'a Gcra),
+    Quota(&'a str, &'a Window, u64),
 }
 
 /// Script arguments whose last slot is the optional `now`: the array and how many to send.

@@ -41,7 +41,14 @@ async fn memory_quota_holds_when_the_rate_limit_refuses() {
     let mut admitted = Vec::new();
     for i in 0..60u64 {
         let v = limiter
-            .check(&p, &metrics, ip, Some("alice"), &HeaderMap::new())
+            .check(
+                Some(&p),
+                None,
+                &metrics,
+                ip,
+                Some("alice"),
+                &HeaderMap::new(),
+            )
             .await;
         assert!(!v.unavailable);
         if v.retry_after.is_none() {
@@ -53,7 +60,7 @@ async fn memory_quota_holds_when_the_rate_limit_refuses() {
     assert_eq!(admitted, vec![0, 1, 2, 5, 10], "admitted request numbers");
     // Another consumer still has its whole quota.
     let v = limiter
-        .check(&p, &metrics, ip, Some("bob"), &HeaderMap::new())
+        .check(Some(&p), None, &metrics, ip, Some("bob"), &HeaderMap::new())
         .await;
     assert!(v.retry_after.is_none());
 }
@@ -72,7 +79,14 @@ async fn a_rate_refusal_reports_the_quota_slot_it_gave_back() {
     let mut fields = Vec::new();
     for _ in 0..5 {
         let v = limiter
-            .check(&p, &metrics, ip, Some("alice"), &HeaderMap::new())
+            .check(
+                Some(&p),
+                None,
+                &metrics,
+                ip,
+                Some("alice"),
+                &HeaderMap::new(),
+            )
             .await;
         let (_, value) = v
             .headers

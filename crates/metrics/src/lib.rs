@@ -1,5 +1,14 @@
 //! Prometheus metrics: names as constants, lock-free handles resolved per routing snapshot (the
 //! request path never hashes a label set), and the text exposition written at scrape time.
+//!
+//! One series set is not fixed in advance: `hexgate_consumer_requests_total{service,consumer,code}`
+//! names at most [`consumers::TOP`] consumers per service (a Space-Saving sketch picks them, see
+//! [`consumers`]) and counts everyone else under `consumer="other"`, so its size stays bounded
+//! whatever the number of consumers.
+
+pub mod consumers;
+
+use std::borrow::Cow;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -49,6 +58,8 @@ pub const UPSTREAM_REASONS: [&str; 12] = [
 pub const LIMIT_RESULTS: [&str; 4] = ["allowed", "limited", "failed_open", "failed_closed"];
 /// Labels of `hexgate_ratelimit_decisions_total{limit}`, in counter order.
 pub const LIMITS: [&str; 4] = ["rate", "quota", "plan_rate", "plan_quota"];
+/// Labels of `hexgate_quota_ledger_changes_total{action}`, in counter order.
+pub const LEDGER_ACTIONS: [&str; 2] = ["reset", "credit"];
 
 pub const HTTP_REQUESTS_TOTAL: &str = "hexgate_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "hexgate_http_request_duration_seconds";
@@ -64,6 +75,11 @@ pub const JWKS_REFRESHES_TOTAL: &str = "hexgate_jwks_refreshes_total";
 pub const RATELIMIT_DECISIONS_TOTAL: &str = "hexgate_ratelimit_decisions_total";
 pub const REDIS_ERRORS_TOTAL: &str = "hexgate_redis_errors_total";
 pub const REDIS_REQUEST_DURATION: &str = "hexgate_redis_request_duration_seconds";
+/// Authenticated requests by service, consumer (the top [`consumers::TOP`] per service, the
+/// rest as `other`) and status code.
+pub const CONSUMER_REQUESTS_TOTAL: &str = "hexgate_consumer_requests_total";
+/// Quota ledger changes made through the admin endpoints, by action ([`LEDGER_ACTIONS`]).
+pub const QUOTA_LEDGER_CHANGES_TOTAL: &str = "hexgate_quota_ledger_changes_total";
 
 /// Service label used for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -82,6 +98,30 @@ const CODES: [u16; 24] = [
     200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 413, 429, 431,
     500, 501, 502, 503, 504,
 ];
+
+/// A label value as the text format wants it: backslash, double quote and newline escaped.
+pub fn escape_label(v: &str) -> Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
 
 pub fn method_index(m: &http::Method) -> usize {
     match *m {
@@ -173,6 +213,8 @@ pub struct ServiceMetrics {
     pub auth_failures: [AtomicU64; AUTH_REASONS.len()],
     /// [limit][result], indexed like `limits::LIMITS` and `limits::RESULTS`.
     pub limit_decisions: [[AtomicU64; 4]; LIMITS.len()],
+    /// Authenticated requests by consumer and code, bounded (see [`consumers`]).
+    consumers: Mutex<consumers::ConsumerTable>,
 }
 
 impl ServiceMetrics {
@@ -185,6 +227,7 @@ impl ServiceMetrics {
             grpc: Mutex::new(Vec::new()),
             auth_failures: Default::default(),
             limit_decisions: Default::default(),
+            consumers: Mutex::new(consumers::ConsumerTable::new()),
         }
     }
 
@@ -227,6 +270,22 @@ impl ServiceMetrics {
         }
     }
 
+    /// Counts an authenticated request of `consumer` answered with `code`: one short lock, no
+    /// allocation for a consumer already named.
+    pub fn record_consumer(&self, consumer: &Arc<str>, code: u16) {
+        self.record_consumer_at(consumer, code, now_us());
+    }
+
+    /// [`Self::record_consumer`] at `now_us` (µs since the Unix epoch, as
+    /// `hexgate_http::clock::Clock::now_us` gives it): epochs end by this time.
+    pub fn record_consumer_at(&self, consumer: &Arc<str>, code: u16, now_us: u64) {
+        let mut t = match self.consumers.lock() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        t.record(consumer, code, now_us);
+    }
+
     pub fn record(&self, method: &http::Method, code: u16, elapsed: Duration) {
         let m = &self.methods[method_index(method)];
         m.count(code);
@@ -246,6 +305,8 @@ pub struct Registry {
     pub jwks_refresh_failure: AtomicU64,
     pub redis_errors: AtomicU64,
     pub redis_duration: Histogram,
+    /// Indexed like [`LEDGER_ACTIONS`].
+    pub ledger_changes: [AtomicU64; LEDGER_ACTIONS.len()],
 }
 
 impl Registry {
@@ -270,6 +331,14 @@ impl Registry {
             self.last_reload_success.store(now, Ordering::Relaxed);
         } else {
             self.reloads_failure.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a quota ledger change by its action (one of [`LEDGER_ACTIONS`]; others are
+    /// ignored).
+    pub fn record_ledger_change(&self, action: &str) {
+        if let Some(i) = LEDGER_ACTIONS.iter().position(|a| *a == action) {
+            self.ledger_changes[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -400,6 +469,45 @@ impl Registry {
                 }
             }
         }
+        let _ = writeln!(out, "# HELP {QUOTA_LEDGER_CHANGES_TOTAL} Quota ledger changes made through the admin endpoints, by action.");
+        let _ = writeln!(out, "# TYPE {QUOTA_LEDGER_CHANGES_TOTAL} counter");
+        for (i, action) in LEDGER_ACTIONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{QUOTA_LEDGER_CHANGES_TOTAL}{{action=\"{action}\"}} {}",
+                self.ledger_changes[i].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP {CONSUMER_REQUESTS_TOTAL} Authenticated requests, by service, consumer (the top {} per service, the rest as \"other\") and status code.", consumers::TOP);
+        let _ = writeln!(out, "# TYPE {CONSUMER_REQUESTS_TOTAL} counter");
+        for s in &services {
+            // Copied out, so the request path waits for the copy only, not for the writing.
+            let mut series = match s.consumers.lock() {
+                Ok(t) => t.series(),
+                Err(p) => p.into_inner().series(),
+            };
+            // Named consumers by name, then other.
+            series.sort_by(|a, b| match (&a.0, &b.0) {
+                (Some(x), Some(y)) => x.cmp(y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            });
+            for (consumer, codes) in &series {
+                let consumer = consumer
+                    .as_deref()
+                    .map_or(Cow::Borrowed(consumers::OTHER), escape_label);
+                let mut codes: Vec<(u16, u64)> = codes.iter().collect();
+                codes.sort_unstable();
+                for (code, v) in codes {
+                    let _ = writeln!(
+                        out,
+                        "{CONSUMER_REQUESTS_TOTAL}{{service=\"{}\",consumer=\"{consumer}\",code=\"{code}\"}} {v}",
+                        s.name
+                    );
+                }
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP {REDIS_ERRORS_TOTAL} Redis limit calls that failed or timed out."
@@ -482,5 +590,45 @@ impl Registry {
             self.last_reload_success.load(Ordering::Relaxed)
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert!(matches!(escape_label("plain-name.1"), Cow::Borrowed(_)));
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn consumer_and_ledger_series_are_rendered() {
+        let r = Registry::default();
+        let s = r.service("orders");
+        let quote: Arc<str> = Arc::from("we\"ird\\name");
+        let alice: Arc<str> = Arc::from("alice");
+        s.record_consumer(&alice, 200);
+        s.record_consumer(&alice, 200);
+        s.record_consumer(&alice, 429);
+        s.record_consumer(&quote, 200);
+        r.record_ledger_change("credit");
+        r.record_ledger_change("nonsense");
+        let out = r.render(&[]);
+        for want in [
+            "# TYPE hexgate_consumer_requests_total counter\n",
+            "hexgate_consumer_requests_total{service=\"orders\",consumer=\"alice\",code=\"200\"} 2\n",
+            "hexgate_consumer_requests_total{service=\"orders\",consumer=\"alice\",code=\"429\"} 1\n",
+            "hexgate_consumer_requests_total{service=\"orders\",consumer=\"we\\\"ird\\\\name\",code=\"200\"} 1\n",
+            "# TYPE hexgate_quota_ledger_changes_total counter\n",
+            "hexgate_quota_ledger_changes_total{action=\"reset\"} 0\n",
+            "hexgate_quota_ledger_changes_total{action=\"credit\"} 1\n",
+        ] {
+            assert!(out.contains(want), "{want} missing:\n{out}");
+        }
+        assert!(!out.contains("consumer=\"other\""), "{out}");
     }
 }
