@@ -102,6 +102,69 @@ impl Drop for RedisServer {
     }
 }
 
+/// A three-master Redis Cluster of real redis-servers on free loopback ports (no replicas),
+/// stopped with its nodes.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, creates the cluster and waits until every node reports it ok.
+    pub fn start() -> RedisCluster {
+        require_tool("redis-cli");
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                // The cluster bus port is given too (its default, port + 10000, is not reserved).
+                let bus = free_port().to_string();
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(cluster.addrs())
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster
+            .nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// `127.0.0.1:PORT` of each node.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The gateway's `redis` block for this cluster.
+    pub fn config(&self) -> String {
+        let list: Vec<String> = self.addrs().iter().map(|a| format!("\"{a}\"")).collect();
+        format!("redis:\n  cluster: [{}]\n  timeout: 2s\n", list.join(", "))
+    }
+}
+
 /// A real `consul agent -dev` on free loopback ports (DNS and gRPC off), stopped by pid on drop.
 pub struct ConsulAgent {
     pub http_port: u16,

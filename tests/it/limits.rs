@@ -1,7 +1,7 @@
 //! Rate limits and quotas through the real gateway, in memory and through a real redis-server
 //! (single and cluster): exact sharing across instances, failure modes, script reloads.
 
-use std::process::Command;
+use crate::daemons::RedisCluster;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -346,47 +346,10 @@ async fn redis_down_fail_closed_gives_503_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_hosts_the_limits() {
-    require_tool("redis-cli");
-    let nodes: Vec<RedisServer> = (0..3)
-        .map(|_| {
-            // The cluster bus port is given too (its default, port + 10000, is not reserved).
-            let bus = free_port().to_string();
-            RedisServer::start_with(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-                "--cluster-port",
-                &bus,
-            ])
-        })
-        .collect();
-    let addrs: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let out = Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&addrs)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !nodes
-        .iter()
-        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-    {
-        assert!(Instant::now() < deadline, "cluster never became ok");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let cluster = RedisCluster::start();
+    let nodes = &cluster.nodes;
     let b = TestBackend::start(Behaviour::Hello).await;
-    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
-    let redis = format!("redis:\n  cluster: [{}]\n  timeout: 2s\n", list.join(", "));
+    let redis = cluster.config();
     let limits = "    quota: {enabled: true, limit: 3, period: 1h, key: \"header:x-api-key\"}\n";
     let gw = Gateway::start(&yaml(&b, limits, &redis)).await;
     // Calls made before the cluster connection is up fail open (and stay counted): wait until
