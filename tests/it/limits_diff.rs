@@ -99,7 +99,8 @@ async fn wait_open_connected(l: &Limiter, m: &ServiceMetrics, registry: &Registr
     let deadline = Instant::now() + Duration::from_secs(10);
     for _ in 0..2000 {
         let before = registry.redis_errors.load(Ordering::Relaxed);
-        l.check(Some(&p), None, m, ip, Some("probe"), &HeaderMap::new()).await;
+        l.check(Some(&p), None, m, ip, Some("probe"), &HeaderMap::new())
+            .await;
         if registry.redis_errors.load(Ordering::Relaxed) == before {
             return;
         }
@@ -309,8 +310,15 @@ struct Pair<'a> {
 async fn one(l: &Limiter, m: &ServiceMetrics, routes: &[RoutePolicies], r: Req) -> Verdict {
     let ip: IpAddr = IPS[r.ip].parse().unwrap();
     let consumer = CONSUMERS[r.consumer];
-    l.check(Some(&routes[r.route]), None, m, ip, consumer, &HeaderMap::new())
-        .await
+    l.check(
+        Some(&routes[r.route]),
+        None,
+        m,
+        ip,
+        consumer,
+        &HeaderMap::new(),
+    )
+    .await
 }
 
 /// Drives `steps` random steps through both limiters. `exact_batches`: compare the requests of a
@@ -576,7 +584,9 @@ async fn issue_rate_and_quota_admit_exactly_the_quota_in_both_stores() {
         }
         let mut admitted = Vec::new();
         for i in 0..60u64 {
-            let v = l.check(Some(&p), None, &m, ip, Some("alice"), &HeaderMap::new()).await;
+            let v = l
+                .check(Some(&p), None, &m, ip, Some("alice"), &HeaderMap::new())
+                .await;
             assert!(!v.unavailable, "{store}: Redis failed");
             if v.retry_after.is_none() {
                 admitted.push(i);
@@ -699,4 +709,92 @@ async fn redis_killed_open_decides_as_memory_closed_is_unavailable() {
         .map(|l| l[3].load(Ordering::Relaxed))
         .sum();
     assert!(failed_closed > 0, "{down}: fail-closed decisions counted");
+}
+
+/// Plans and the quota ledger, memory against Redis on one manual clock: random sequences of
+/// requests (a route's limits with a consumer's plan, plans switched between requests), ledger
+/// reads, credits and resets, and time steps; every verdict (RateLimit fields and Retry-After
+/// included) and every read must match. A consumer id with `{`, `}`, `:` and `%` is among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_and_ledger_decide_alike_in_both_stores() {
+    let redis = RedisServer::start();
+    let seed = seed();
+    eprintln!("plans/ledger seed {seed} (replay: LIMITS_DIFF_SEED={seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let plans_yaml = "plans:\n  small: {rateLimiting: {ratePerSecond: 2, burst: 3}, quota: {limit: 6, period: 1m}}\n  big: {quota: {limit: 9, period: 1m}}\n  hourly: {quota: {limit: 4, period: 1h}}\n";
+    let with_plans = |redis: Option<(u16, &str)>| {
+        let mut yaml = format!("rateLimitHeaders: both\n{plans_yaml}");
+        if let Some((port, prefix)) = redis {
+            yaml.push_str(&format!(
+                "redis:\n  address: \"127.0.0.1:{port}\"\n  timeout: 5s\n  failureMode: closed\n  keyPrefix: \"{prefix}\"\n"
+            ));
+        }
+        yaml.push_str("services: []\n");
+        hexgate::config::parse(&yaml, "plans_diff.yaml").unwrap_or_else(|e| panic!("{e}"))
+    };
+    let plans = hexgate::limits::Plans::build(&with_plans(None)).expect("plans");
+    let names = ["small", "big", "hourly"];
+    let route = RoutePolicies::build(
+        &config("both", None),
+        "svc",
+        None,
+        Some(&quota(7, Duration::from_secs(120), "consumer")),
+    )
+    .unwrap();
+    let ip: IpAddr = IPS[0].parse().unwrap();
+    for case in 0..30 {
+        let clock = ManualClock::new(EPOCH + rng.u64(0..3600 * S));
+        let registry = Arc::new(Registry::default());
+        let m = registry.service("svc");
+        let memory = Limiter::with_clock(
+            &with_plans(None),
+            registry.clone(),
+            Clock::Manual(clock.clone()),
+        );
+        let prefix = format!("plans{case}:");
+        let on_redis = Limiter::with_clock(
+            &with_plans(Some((redis.port, &prefix))),
+            registry.clone(),
+            Clock::Manual(clock.clone()),
+        );
+        wait_closed_connected(&on_redis, &m).await;
+        let consumers = ["c0", "c1", "c{2}:%"];
+        for step in 0..150 {
+            let ctx = format!("seed {seed} case {case} step {step}");
+            let who = consumers[rng.usize(..consumers.len())];
+            let plan = plans.get(names[rng.usize(..names.len())]).unwrap();
+            let q = plan.quota.as_ref().unwrap();
+            match rng.u8(..10) {
+                0..=5 => {
+                    let with_route = rng.bool();
+                    let r = with_route.then_some(&route);
+                    let a = memory
+                        .check(r, Some(plan), &m, ip, Some(who), &HeaderMap::new())
+                        .await;
+                    let b = on_redis
+                        .check(r, Some(plan), &m, ip, Some(who), &HeaderMap::new())
+                        .await;
+                    assert_eq!(
+                        (a.retry_after, &a.headers, a.unavailable),
+                        (b.retry_after, &b.headers, b.unavailable),
+                        "{ctx}: check {who} on {}",
+                        plan.name
+                    );
+                }
+                6 => {
+                    let n = rng.u64(1..4);
+                    memory.quota_credit(q, who, n).await.unwrap();
+                    on_redis.quota_credit(q, who, n).await.unwrap();
+                }
+                7 => {
+                    memory.quota_reset(q, who).await.unwrap();
+                    on_redis.quota_reset(q, who).await.unwrap();
+                }
+                _ => clock.advance_us(rng.u64(0..20 * S)),
+            }
+            let a = memory.quota_read(q, who).await.unwrap();
+            let b = on_redis.quota_read(q, who).await.unwrap();
+            assert_eq!(a, b, "{ctx}: read {who} on {}", plan.name);
+        }
+    }
 }

@@ -266,6 +266,14 @@ impl MemoryStore {
     /// The quota `key` at `now` without charging it: the sum of its window, microseconds until
     /// its oldest counted bucket leaves, and its tag.
     pub fn quota_peek(&self, key: &str, w: &Window, now: u64) -> (i64, u64, u64) {
+        // A read creates nothing.
+        let exists = match self.shards[shard_of(key)].lock() {
+            Ok(m) => m.contains_key(key),
+            Err(p) => p.into_inner().contains_key(key),
+        };
+        if !exists {
+            return (0, 0, 0);
+        }
         self.with_window(key, w, now, |entry, buckets| {
             let (total, first) = w.usage(buckets, now);
             let leaves = first.map_or(0, |f| w.leaves_in_us(f, now));

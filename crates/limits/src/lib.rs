@@ -646,12 +646,15 @@ impl Limiter {
         })
     }
 
-    /// Deletes the counter of quota `q` for `id`; whether there was one.
-    pub async fn quota_reset(&self, q: &QuotaPolicy, id: &str) -> Result<bool, redis::StoreError> {
+    /// Deletes the counter of quota `q` for `id` (a no-op when there is none).
+    pub async fn quota_reset(&self, q: &QuotaPolicy, id: &str) -> Result<(), redis::StoreError> {
         let key = self.key('q', &q.scope, id);
         match &self.redis {
             Some(store) => store.remove(&key).await,
-            None => Ok(self.memory.remove(&key)),
+            None => {
+                self.memory.remove(&key);
+                Ok(())
+            }
         }
     }
 

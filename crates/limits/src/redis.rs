@@ -125,7 +125,8 @@ return {total - tonumber(ARGV[1])}
 "#
 );
 
-/// The ledger's reset: the counter is deleted. Replies `{1}` when there was one.
+/// The ledger's reset: the counter is deleted. Replies `{1}` when there was one (unused: a
+/// counter holding only a tag or expired buckets exists here and not in memory).
 const RESET_LUA: &str = r#"
 return {redis.call('DEL', KEYS[1])}
 "#;
@@ -454,10 +455,9 @@ impl RedisStore {
             .map(|_| ())
     }
 
-    /// The ledger's reset: deletes the counter `key`; whether there was one.
-    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        let v = self.eval(&[(&self.reset, key, &[])]).await?;
-        Ok(v.first().and_then(|v| v.first()).is_some_and(|n| *n > 0))
+    /// The ledger's reset: deletes the counter `key`.
+    pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.eval(&[(&self.reset, key, &[])]).await.map(|_| ())
     }
 
     pub async fn refund(&self, key: &str, bucket: u64) -> Result<(), StoreError> {
