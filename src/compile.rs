@@ -513,6 +513,20 @@ mod tests {
     }
 
     #[test]
+    fn api_keys_in_consul_are_not_read_by_the_compile_step() {
+        let c = cfg("apiKeys:\n  consulKey: hexgate/apikeys\nservices: []\n");
+        let compiled = compile(c, &Mem::default(), Scope::Start).expect("compiles");
+        let (source, entries) = compiled.api_keys.expect("api keys");
+        assert_eq!(source, ApiKeySource::Consul("hexgate/apikeys".into()));
+        assert!(entries.is_empty());
+        let c = cfg("apiKeys:\n  file: /k/keys.yaml\nservices: []\n");
+        let Err(errors) = compile(c, &Mem::default(), Scope::Reload) else {
+            panic!("a missing key file accepted");
+        };
+        assert_eq!(errors.0[0].key, "apiKeys.file", "{errors}");
+    }
+
+    #[test]
     fn a_service_without_upstream_tls_files_compiles_to_none() {
         let c = cfg("services:\n  - name: a\n    path: /a/\n    backends: [\"https://10.0.0.1\", \"h2c://10.0.0.2:50051\"]\n  - name: b\n    path: /b/\n    backends: [\"https://10.0.0.1\"]\n    upstreamTls:\n      serverName: billing.internal\n      insecureSkipVerify: true\n");
         let compiled = compile(c, &Mem::default(), Scope::Start).expect("compiles");

@@ -70,14 +70,9 @@ pub async fn serve_hello(listener: TcpListener) {
 }
 
 /// The demo's configuration, in the same YAML a user would write. `keys` is the directory
-/// holding the demo's freshly generated key pair; the demo's API key file is written there too
-/// (see [`write_api_key_file`]), as the config names it and loading the config reads it. A
-/// failure to write it is reported here and then by the config's load, which names the file.
+/// holding the demo's freshly generated key pair and its API key file ([`write_api_key_file`]).
 pub fn config_yaml(port: u16, admin_port: u16, backend_ports: [u16; 3], keys: &str) -> String {
     let [a, b, c] = backend_ports;
-    if let Err(e) = write_api_key_file(std::path::Path::new(keys)) {
-        eprintln!("hexgate demo: cannot write the demo API key file in {keys}: {e}");
-    }
     format!(
         r#"gatewayPort: "{port}"
 adminPort: "{admin_port}"

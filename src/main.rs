@@ -84,7 +84,8 @@ enum Command {
         /// Path to the config file.
         file: PathBuf,
         /// After the offline checks pass, try what needs the network (the JWKS URL, Redis,
-        /// Consul): one line each, non-zero exit if any failed.
+        /// Consul, the API key list at apiKeys.consulKey): one line each, non-zero exit if any
+        /// failed.
         #[arg(long)]
         connect: bool,
     },
@@ -357,9 +358,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// A fresh RS256 key pair for the demo, and a day-long token for "alice".
+/// A fresh RS256 key pair and the API key file for the demo, and a day-long token for "alice".
 fn demo_keys(dir: &std::path::Path) -> anyhow::Result<String> {
     tools::keygen(dir, Alg::RS256, true)?;
+    hexgate::demo::write_api_key_file(dir)
+        .with_context(|| format!("writing the demo API key file in {}", dir.display()))?;
     let private = dir.join("private.pem");
     token(
         &private,
@@ -470,6 +473,11 @@ fn validate(file: &std::path::Path, connect: bool) -> ExitCode {
                 cfg.gateway_port,
                 cfg.admin_port
             );
+            if let Some(key) = cfg.api_keys.as_ref().and_then(|k| k.consul_key.as_deref()) {
+                if !connect {
+                    println!("apiKeys.consulKey {key}: the key list in Consul is not read offline (--connect fetches and parses it)");
+                }
+            }
             if connect && !connect_checks(&cfg) {
                 return ExitCode::from(1);
             }

@@ -160,7 +160,7 @@ pub async fn watch(state: Arc<State>) {
 /// How long a blocking query on `apiKeys.consulKey` waits before Consul answers anyway.
 const KEYS_WAIT: Duration = Duration::from_secs(55);
 /// How often a watcher blocked on Consul looks whether a reload changed the key source.
-const SOURCE_CHECK: Duration = Duration::from_millis(100);
+const SOURCE_CHECK: Duration = Duration::from_millis(50);
 
 /// Backoff after `failures` failed Consul queries in a row: 1 s, 2 s, 4 s, 8 s, then 10 s.
 fn keys_backoff(failures: u32) -> Duration {
@@ -198,9 +198,14 @@ async fn source_moved(state: &State, store: &Arc<ApiKeyStore>) {
 /// stays, a missing key is an empty set (logged once). A failed query keeps the last good set
 /// and backs off.
 async fn follow_consul_keys(state: &State, client: &ConsulClient, w: &mut KvKeys) {
+    // Without an index the query answers at once (and times out after 10 s, not 65).
+    let wait = if w.index == 0 {
+        Duration::ZERO
+    } else {
+        KEYS_WAIT
+    };
     let answer = tokio::select! {
-        // Without an index the query answers at once (and times out after 10 s, not 65).
-        a = client.kv_get(&w.key, w.index, if w.index == 0 { Duration::ZERO } else { KEYS_WAIT }) => a,
+        a = client.kv_get(&w.key, w.index, wait) => a,
         _ = source_moved(state, &w.store) => return,
     };
     match answer {
@@ -247,8 +252,7 @@ fn install_consul_keys(w: &KvKeys, value: Option<&str>) {
         tracing::warn!(key = %w.key, "apiKeys.consulKey does not exist in Consul: no API keys (every key refused) until it does");
         return;
     };
-    match crate::config::apikeys::parse_api_keys(text, &crate::discovery::kv::source_name(&w.key))
-    {
+    match crate::config::apikeys::parse_api_keys(text, &crate::discovery::kv::source_name(&w.key)) {
         Ok(entries) => {
             w.store.replace(&entries);
             tracing::info!(key = %w.key, keys = entries.len(), "API keys loaded from Consul");

@@ -148,16 +148,16 @@ impl Snapshot {
             .api_keys
             .as_ref()
             .zip(api_keys)
-            .and_then(|(cfg, (source, entries))| {
-                use crate::compile::ApiKeySource;
+            .and_then(|(cfg, (src, entries))| {
                 let header = crate::auth::apikeys::header_name(&cfg.header)?;
-                // The same source keeps its store (and whatever the watcher installed): a file
-                // refreshed with what compile just read, a Consul key as the watcher left it
-                // (compile does not read it). A new source starts from what compile read (none
-                // for a Consul key, until the watcher's first answer).
+                // The same source keeps its store (and what the watcher installed):
+                // a file refreshed with what compile just read, a Consul key as the
+                // watcher left it (compile does not read it). A new source starts
+                // from what compile read (none for a Consul key, until the watcher's
+                // first answer).
                 let store = match prev_keys {
-                    Some(p) if p.source == source => {
-                        if let ApiKeySource::File(_) = source {
+                    Some(p) if p.source == src => {
+                        if let crate::compile::ApiKeySource::File(_) = src {
                             p.store.replace(&entries);
                         }
                         p.store.clone()
@@ -166,7 +166,7 @@ impl Snapshot {
                 };
                 Some(ApiKeysRt {
                     header,
-                    source,
+                    source: src,
                     store,
                 })
             });

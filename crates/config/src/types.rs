@@ -100,6 +100,7 @@ pub struct ApiKeys {
     /// The header name, lower case.
     pub header: String,
     /// `apiKeys.file`; empty when the keys come from `consul_key`.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub file: String,
     /// `apiKeys.consulKey`: the Consul KV key holding the key list.
     pub consul_key: Option<String>,
