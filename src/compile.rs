@@ -211,10 +211,14 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
             match files.read(&path) {
                 Ok(bytes) => {
                     let text = String::from_utf8_lossy(&bytes);
-                    match hexgate_config::apikeys::parse_api_keys(
-                        &text,
-                        &path.display().to_string(),
-                    ) {
+                    let shown = path.display().to_string();
+                    let known = |p: &str| config.plans.contains_key(p);
+                    match hexgate_config::apikeys::parse_api_keys(&text, &shown).and_then(|e| {
+                        if !config.plans.is_empty() {
+                            hexgate_config::apikeys::check_plans(&e, &shown, &known)?;
+                        }
+                        Ok(e)
+                    }) {
                         Ok(entries) => Some((ApiKeySource::File(path), entries)),
                         Err(e) => {
                             key_file_errors.extend(e.0);

@@ -24,8 +24,7 @@ use crate::state::State;
 /// The scope name of a consumer's plan quota.
 pub const PLAN_SCOPE: &str = "plan";
 
-/// Most requests one credit may add.
-pub const MAX_CREDIT: u64 = 1_000_000_000;
+pub use crate::limits::MAX_CREDIT;
 
 /// A ledger answer: status and JSON body.
 pub type Answer = (StatusCode, Value);
@@ -69,8 +68,8 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
     q.consumer = consumer
         .filter(|c| !c.is_empty())
         .ok_or("the consumer parameter is required (?consumer=ID)")?;
-    if q.consumer.len() > 256 || q.consumer.chars().any(char::is_control) {
-        return Err("the consumer is at most 256 characters, no control characters".into());
+    if q.consumer.len() > 1024 || q.consumer.chars().any(char::is_control) {
+        return Err("the consumer is at most 1024 bytes, no control characters".into());
     }
     Ok(q)
 }
@@ -173,15 +172,14 @@ async fn counters<'s>(
 }
 
 fn shown(c: &Counter, u: &QuotaUsage) -> Value {
-    let limit = i64::try_from(c.limit).unwrap_or(i64::MAX);
     json!({
         "scope": c.scope,
         "plan": c.plan.as_deref(),
         "limit": c.limit,
         "periodSeconds": c.policy.period_secs,
-        "used": u.sum.max(0),
-        "credit": (-u.sum).max(0),
-        "remaining": (limit - u.sum).max(0),
+        "used": u.used,
+        "credit": u.credit,
+        "remaining": u.remaining(c.limit),
         "resetSeconds": u.leaves_us.div_ceil(1_000_000),
     })
 }
@@ -249,9 +247,12 @@ pub async fn handle(
                 if let Err(e) = state.limiter.quota_reset(c.policy, &q.consumer).await {
                     return unavailable(e.to_string());
                 }
-                state.metrics.record_ledger_change("reset");
-                tracing::info!(by = %who, consumer = %q.consumer, scope = %c.scope, plan = ?c.plan.as_deref(), "quota reset");
+                // Values quoted and escaped, so a consumer id cannot forge the line's fields.
+                tracing::info!(by = %who, consumer = ?q.consumer, scope = ?c.scope, plan = ?c.plan.as_deref(), "quota reset");
                 reset.push(c.scope.clone());
+            }
+            if !reset.is_empty() {
+                state.metrics.record_ledger_change("reset");
             }
             reset.dedup();
             (
@@ -289,19 +290,23 @@ pub async fn handle(
                     ),
                 );
             };
-            if let Err(e) = state
-                .limiter
-                .quota_credit(c.policy, &q.consumer, amount)
-                .await
-            {
-                return unavailable(e.to_string());
-            }
-            state.metrics.record_ledger_change("credit");
-            tracing::info!(by = %who, consumer = %q.consumer, scope = %c.scope, plan = ?c.plan.as_deref(), amount, "quota credited");
-            let after = match state.limiter.quota_read(c.policy, &q.consumer).await {
-                Ok(u) => u,
+            // One step: the credit and the counter after it (no second read that could fail
+            // after the credit was given, inviting a retry that would give it twice).
+            let after = match state.limiter.quota_credit(c.policy, &q.consumer, amount).await {
+                Ok((true, after)) => after,
+                Ok((false, now)) => {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "the window already holds a credit of {}: at most {MAX_CREDIT} in one window",
+                            now.credit
+                        ),
+                    )
+                }
                 Err(e) => return unavailable(e.to_string()),
             };
+            state.metrics.record_ledger_change("credit");
+            tracing::info!(by = %who, consumer = ?q.consumer, scope = ?c.scope, plan = ?c.plan.as_deref(), amount, "quota credited");
             (
                 StatusCode::OK,
                 json!({ "consumer": q.consumer, "credited": amount, "quota": shown(c, &after) }),

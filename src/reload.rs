@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use crate::auth::apikeys::ApiKeyStore;
 use crate::compile::ApiKeySource;
 use crate::discovery::consul::ConsulClient;
+use crate::snapshot::Snapshot;
 use crate::state::{Source, State};
 
 const POLL: Duration = Duration::from_millis(500);
@@ -218,7 +219,7 @@ async fn follow_consul_keys(state: &State, client: &ConsulClient, w: &mut KvKeys
             w.index = if index < w.index { 0 } else { index };
             let value = value.map(|(text, _)| text);
             if w.seen.as_ref() != Some(&value) {
-                install_consul_keys(w, value.as_deref());
+                install_consul_keys(w, value.as_deref(), &state.snapshot.load());
                 w.seen = Some(value);
             }
             if w.index == 0 {
@@ -246,13 +247,16 @@ async fn follow_consul_keys(state: &State, client: &ConsulClient, w: &mut KvKeys
 }
 
 /// Installs a value of the key list read from Consul (None: the key does not exist).
-fn install_consul_keys(w: &KvKeys, value: Option<&str>) {
+fn install_consul_keys(w: &KvKeys, value: Option<&str>, snap: &Snapshot) {
     let Some(text) = value else {
         w.store.replace(&[]);
         tracing::warn!(key = %w.key, "apiKeys.consulKey does not exist in Consul: no API keys (every key refused) until it does");
         return;
     };
-    match crate::config::apikeys::parse_api_keys(text, &crate::discovery::kv::source_name(&w.key)) {
+    let shown = crate::discovery::kv::source_name(&w.key);
+    match crate::config::apikeys::parse_api_keys(text, &shown)
+        .and_then(|e| known_plans(snap, e, &shown))
+    {
         Ok(entries) => {
             w.store.replace(&entries);
             tracing::info!(key = %w.key, keys = entries.len(), "API keys loaded from Consul");
@@ -318,7 +322,7 @@ pub async fn watch_api_keys(
                     Some(w) if w.path == *path => w,
                     _ => file.insert(FileWatch::from_nothing(path.clone())),
                 };
-                poll_key_file(w, &keys.store).await;
+                poll_key_file(w, &keys.store, &snap).await;
             }
             ApiKeySource::Consul(key) => {
                 file = None;
@@ -350,8 +354,22 @@ pub async fn watch_api_keys(
     }
 }
 
+/// `entries` when every plan they name is one of the snapshot's plans (or no plans are
+/// configured), else the keys naming others, by line: the list is refused and the last good set
+/// stays, as for a list that does not parse.
+fn known_plans(
+    snap: &Snapshot,
+    entries: Vec<crate::config::apikeys::ApiKeyEntry>,
+    shown: &str,
+) -> Result<Vec<crate::config::apikeys::ApiKeyEntry>, crate::config::ConfigErrors> {
+    if let Some(plans) = &snap.plans {
+        crate::config::apikeys::check_plans(&entries, shown, &|p| plans.get(p).is_some())?;
+    }
+    Ok(entries)
+}
+
 /// One poll of the key file: a change that parses replaces the key set in `store`.
-async fn poll_key_file(w: &mut FileWatch, store: &ApiKeyStore) {
+async fn poll_key_file(w: &mut FileWatch, store: &ApiKeyStore, snap: &Snapshot) {
     let shown = w.path.display().to_string();
     match w.poll().await {
         Seen::Same => {}
@@ -359,7 +377,9 @@ async fn poll_key_file(w: &mut FileWatch, store: &ApiKeyStore) {
             tracing::error!(file = %shown, error = %e, "API key file unreadable, keeping the last good keys");
         }
         Seen::Changed(bytes) => {
-            match crate::config::apikeys::parse_api_keys(&String::from_utf8_lossy(&bytes), &shown) {
+            match crate::config::apikeys::parse_api_keys(&String::from_utf8_lossy(&bytes), &shown)
+                .and_then(|e| known_plans(snap, e, &shown))
+            {
                 Ok(entries) => {
                     store.replace(&entries);
                     tracing::info!(file = %shown, keys = entries.len(), "API keys reloaded");

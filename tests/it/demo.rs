@@ -340,8 +340,8 @@ async fn api_key_walkthrough(banner: &str, admin: u16, order_backend: u16) {
     assert_eq!(codes, [200, 200, 429], "after a credit of 2");
     let q = plan_quota(&ledger.json().await).clone();
     assert_eq!(
-        (&q["used"], &q["remaining"]),
-        (&q["limit"], &0.into()),
+        (&q["used"], &q["credit"], &q["remaining"]),
+        (&7.into(), &2.into(), &0.into()),
         "{q}"
     );
 

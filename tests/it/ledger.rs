@@ -225,10 +225,25 @@ async fn ledger_matches_traffic_and_corrects_it_under_load_across_two_instances(
     );
     let plan = counter(&a, "plan").await;
     assert_eq!(
-        (num(&plan, "used"), num(&plan, "remaining")),
-        (20, 0),
+        (
+            num(&plan, "used"),
+            num(&plan, "credit"),
+            num(&plan, "remaining")
+        ),
+        (30, 10, 0),
         "{plan}"
     );
+    // Credits are capped per window; a refused credit changes nothing.
+    let (status, _, body) = admin(
+        &c,
+        "POST",
+        "/admin/quotas/credit?consumer=bob&scope=plan&amount=1000000000",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("at most 1000000000"), "{body}");
+    assert_eq!(num(&counter(&a, "plan").await, "credit"), 10);
 
     // A reset while load runs: every request that passed after it is counted, and nothing else
     // (the quota was spent, so none passed before it).
@@ -267,11 +282,12 @@ async fn ledger_matches_traffic_and_corrects_it_under_load_across_two_instances(
         "the reset was for the plan only"
     );
 
-    // Audited with who asked (the token's fingerprint, never the token), and counted.
+    // Audited with who asked (the admin token, never the token itself, and the peer), and
+    // counted.
     let log_a = plain(&a.log());
     let log_c = plain(&c.log());
     assert!(
-        log_a.contains("quota reset") && log_a.contains("admin-token sha256:"),
+        log_a.contains("quota reset") && log_a.contains("by=admin token from 127.0.0.1"),
         "{log_a}"
     );
     assert!(

@@ -240,7 +240,7 @@ fn gen_routes(rng: &mut fastrand::Rng) -> (String, Vec<RoutePolicies>) {
                 enabled: false,
                 ..gen_rate(rng)
             }),
-            // The global limit (scope "global", shared by routes) when there is one, half the time.
+            // The global limit (scope "@global", shared by routes) when there is one, half the time.
             _ if cfg.rate_limiting.is_some() && rng.bool() => None,
             _ => Some(gen_rate(rng)),
         };

@@ -16,14 +16,21 @@ pub(crate) const ACME: &str = "acme-pro-key-0123456789abcdef";
 pub(crate) const BOB: &str = "bob-free-key-0123456789abcdef";
 const GHOST: &str = "ghost-gold-key-0123456789abcdef";
 
-/// The key file: acme on pro, bob on `bob_plan`, ghost on a plan that does not exist.
+/// The key file: acme on pro, bob on `bob_plan`.
 pub(crate) fn key_file(bob_plan: &str) -> String {
     format!(
         "- id: acme-1\n  consumer: acme\n  plan: pro\n  hash: \"{}\"\n  scopes: [orders:write]\n\
-         - id: bob-1\n  consumer: bob\n  plan: {bob_plan}\n  hash: \"{}\"\n\
-         - id: ghost-1\n  consumer: ghost\n  plan: gold\n  hash: \"{}\"\n",
+         - id: bob-1\n  consumer: bob\n  plan: {bob_plan}\n  hash: \"{}\"\n",
         key_hash(ACME),
         key_hash(BOB),
+    )
+}
+
+/// A key file with ghost's key on a plan that does not exist (its entry at line 10).
+fn key_file_with_ghost() -> String {
+    format!(
+        "{}- id: ghost-1\n  consumer: ghost\n  plan: gold\n  hash: \"{}\"\n",
+        key_file("free"),
         key_hash(GHOST)
     )
 }
@@ -146,12 +153,37 @@ async fn scenario(gw: &Gateway) -> Vec<(String, Vec<u16>)> {
     log.push(("carol pro".into(), carol));
     log.push(("dave default".into(), dave));
 
-    // Unknown plans, from a key or a claim (a number is no plan name): 403 with the reason,
-    // counted; the backend never sees them.
+    // A key file naming a plan that is not configured is refused (logged at its line) and the
+    // last good keys stay: ghost's key never works, bob's still does.
+    std::fs::write(dir.join("apikeys.yaml"), key_file_with_ghost()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw
+        .log()
+        .contains("names plan \"gold\", which is not in plans")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "key file not refused: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.log().contains("apikeys.yaml:10: plan:"), "{}", gw.log());
+    assert_eq!(call(gw.port, "/open/x", H, Some(GHOST), None).await.0, 401);
+    assert_eq!(call(gw.port, "/open/x", H, Some(ACME), None).await.0, 200);
+    std::fs::write(dir.join("apikeys.yaml"), key_file("free")).unwrap();
+
+    // Unknown plans from a claim (a number is no plan name, and no plan is named "<7>"): 403
+    // with the reason, counted; the backend never sees them. An empty claim names no plan.
+    let jwt_empty = cli_token(dir, "gus", &["plan="]);
+    assert_eq!(
+        call(gw.port, "/api/x", H, None, Some(&jwt_empty)).await.0,
+        200,
+        "default plan"
+    );
     for (what, key, jwt, n) in [
-        ("ghost (key names gold)", Some(GHOST), None, 1),
-        ("erin (claim names gold)", None, Some(jwt_gold.as_str()), 2),
-        ("frank (claim is 7)", None, Some(jwt_num.as_str()), 3),
+        ("erin (claim names gold)", None, Some(jwt_gold.as_str()), 1),
+        ("frank (claim is 7)", None, Some(jwt_num.as_str()), 2),
     ] {
         let r = call(gw.port, "/api/x", H, key, jwt).await;
         assert_eq!(r.0, 403, "{what}: {}", r.2);
@@ -160,10 +192,13 @@ async fn scenario(gw: &Gateway) -> Vec<(String, Vec<u16>)> {
         log.push((what.into(), vec![r.0]));
     }
 
-    // A route that opts out: bob, refused on /api/, passes here, and ghost's plan is not read.
+    // A route that opts out: bob, refused on /api/, passes here, and erin's plan is not read.
     let open = codes(gw, "/open/x", Some(BOB), None, 4).await;
     assert_eq!(open, [200; 4], "plans: false");
-    assert_eq!(call(gw.port, "/open/x", H, Some(GHOST), None).await.0, 200);
+    assert_eq!(
+        call(gw.port, "/open/x", H, None, Some(&jwt_gold)).await.0,
+        200
+    );
     log.push(("open".into(), open));
 
     // The route's own quota (4 per consumer) applies beside acme's plan; a refusal by the route
@@ -272,6 +307,9 @@ fn plan_settings_are_checked_at_load() {
         ("plans:\n  free: {rateLimiting: {burst: 2}}\n", "plans.free.rateLimiting.ratePerSecond: required"),
         ("plans:\n  free: {qouta: {limit: 1, period: 1h}}\n", "did you mean \"quota\""),
         ("plans:\n  \"fr ee\": {}\n", "a plan name is letters"),
+        ("plans:\n  free: {}\n", "a plan needs rateLimiting or quota"),
+        ("plans:\n  free:\n", "a plan needs rateLimiting or quota"),
+        ("plans:\n  free: {quota: {limit: 1, period: 1500ms}}\n", "a whole number of seconds"),
         ("plans: [free]\n", "expected a mapping of plan names"),
     ];
     for (top, want) in cases {
@@ -283,4 +321,41 @@ fn plan_settings_are_checked_at_load() {
             "{top}: want {want:?}\n{out}{err}"
         );
     }
+}
+
+#[test]
+fn keys_naming_unknown_plans_and_a_service_named_plan_are_refused_at_load() {
+    let dir = temp_dir("plans-validate");
+    let keys = dir.join("keys.yaml");
+    std::fs::write(&keys, key_file_with_ghost()).unwrap();
+    let top = format!(
+        "apiKeys: {{file: \"{}\"}}\nplans:\n  free: {{quota: {{limit: 1, period: 1h}}}}\n  free2: {{quota: {{limit: 2, period: 1h}}}}\n  pro: {{quota: {{limit: 9, period: 1h}}}}\n",
+        keys.display()
+    );
+    let ports = |y: String| y.replace("{port}", "18080").replace("{admin}", "18081");
+    let yaml = ports(loopback_config(
+        &top,
+        &service("a", "/a/", &["http://127.0.0.1:9"], ""),
+    ));
+    let (code, out, err) = validate_yaml(&yaml, &[]);
+    assert_ne!(code, 0, "{out}{err}");
+    let want = format!(
+        "{}:10: plan: key \"ghost-1\" names plan \"gold\"",
+        keys.display()
+    );
+    assert!(err.contains(&want), "want {want:?}\n{out}{err}");
+
+    std::fs::write(&keys, key_file("free")).unwrap();
+    let (code, out, err) = validate_yaml(&yaml, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let named_plan = ports(loopback_config(
+        &top,
+        &service("plan", "/a/", &["http://127.0.0.1:9"], ""),
+    ));
+    let (code, out, err) = validate_yaml(&named_plan, &[]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("services[0].name: \"plan\" names the plans' counters"),
+        "{out}{err}"
+    );
 }

@@ -250,15 +250,21 @@ impl Authenticator {
             consumer: Arc::from(v.consumer.as_str()),
             headers,
             scopes: scopes_of(&v.claims),
-            // A plan claim that is not a string names no plan the gateway knows: it is kept
-            // as its JSON text, so it is refused as an unknown plan rather than ignored.
+            // An empty claim names no plan (the default applies). A claim that is not a string
+            // names no plan the gateway knows: it becomes a name no plan can have (plan names
+            // are letters, digits, `-`, `_` and `.`), so it is refused as an unknown plan
+            // rather than matching a plan called "1" or "true", or being ignored.
             plan: self
                 .plan_claim
                 .as_ref()
                 .and_then(|c| match v.claims.get(c) {
+                    Some(serde_json::Value::String(s)) if s.is_empty() => None,
                     Some(serde_json::Value::String(s)) => Some(Arc::from(s.as_str())),
                     Some(serde_json::Value::Null) | None => None,
-                    Some(other) => Some(Arc::from(other.to_string().as_str())),
+                    Some(other) => {
+                        let text: String = other.to_string().chars().take(64).collect();
+                        Some(Arc::from(format!("<{text}>").as_str()))
+                    }
                 }),
             key_id: None,
         }

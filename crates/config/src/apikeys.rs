@@ -20,6 +20,32 @@ pub struct ApiKeyEntry {
     pub line: usize,
 }
 
+/// Checks that the plan every key names is `known` (call it when plans are configured: a key
+/// naming another plan would be refused at every request). `file` names the list in errors.
+pub fn check_plans(
+    entries: &[ApiKeyEntry],
+    file: &str,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<(), ConfigErrors> {
+    let errors: Vec<crate::ConfigError> = entries
+        .iter()
+        .filter_map(|e| {
+            let plan = e.plan.as_deref()?;
+            (!known(plan)).then(|| crate::ConfigError {
+                file: file.to_string(),
+                line: e.line,
+                key: "plan".into(),
+                message: format!("key {:?} names plan {plan:?}, which is not in plans", e.id),
+            })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Parses the key file's text; `file` names it in errors. An empty file is an empty list.
 pub fn parse_api_keys(text: &str, file: &str) -> Result<Vec<ApiKeyEntry>, ConfigErrors> {
     if text

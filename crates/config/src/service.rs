@@ -108,7 +108,18 @@ pub(crate) fn read_plans(
             r.err(*line, &path, "duplicate plan");
             continue;
         }
+        if n.is_null() {
+            r.err(*line, &path, "a plan needs rateLimiting or quota");
+            continue;
+        }
         let f = r.fields(n, &path, keys::PLAN);
+        if !f.has("rateLimiting") && !f.has("quota") {
+            r.err(
+                *line,
+                &path,
+                "a plan needs rateLimiting or quota (a plan without limits would let its consumers through unlimited)",
+            );
+        }
         let rate_limiting = f.get("rateLimiting").map(|n| {
             let rf = r.fields(n, &f.key_path("rateLimiting"), keys::PLAN_RATE);
             let rate = r.float(&rf, "ratePerSecond");
@@ -130,11 +141,12 @@ pub(crate) fn read_plans(
                 }
             }
             let period = r.duration(&qf, "period");
-            if period.is_some_and(|p| p < Duration::from_secs(1)) {
+            if period.is_some_and(|p| p < Duration::from_secs(1) || p.subsec_nanos() != 0) {
+                // Whole seconds: plans' quota counters are shared by period, in seconds.
                 r.err(
                     qf.key_line("period"),
                     &qf.key_path("period"),
-                    "must be at least 1s",
+                    "must be a whole number of seconds, at least 1s",
                 );
             }
             Quota {

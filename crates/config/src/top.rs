@@ -442,6 +442,13 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
             if !svc_has_key(n, "loadBalancing") {
                 svc.load_balancing = default_lb;
             }
+            if svc.name == "plan" && !cfg.plans.is_empty() {
+                r.err(
+                    svc.line,
+                    &format!("{path}.name"),
+                    "\"plan\" names the plans' counters in the quota ledger: choose another service name",
+                );
+            }
             if !svc.name.is_empty() && !names.insert(svc.name.clone()) {
                 r.err(
                     svc.line,

@@ -106,19 +106,23 @@ impl Window {
         self.period_us.div_ceil(BUCKETS)
     }
 
-    /// What the buckets `(index, count)` hold at `now`: the sum of the buckets in the window
-    /// (a credit is a negative count, so the sum may be below zero) and the oldest of them.
-    pub fn usage(&self, buckets: &VecDeque<(u64, i64)>, now: u64) -> (i64, Option<u64>) {
+    /// What the window holds at `now`: the requests counted in its buckets, the credits given
+    /// in it (the ledger's), and the oldest bucket counting requests.
+    pub fn usage(&self, b: &Buckets, now: u64) -> Usage {
         let oldest = (now / self.width_us()).saturating_sub(BUCKETS);
-        let mut total = 0i64;
-        let mut first: Option<u64> = None;
-        for (idx, count) in buckets {
+        let mut u = Usage::default();
+        for (idx, count) in &b.counts {
             if *idx >= oldest {
-                total += count;
-                first = Some(first.map_or(*idx, |f: u64| f.min(*idx)));
+                u.used += count;
+                u.first = Some(u.first.map_or(*idx, |f: u64| f.min(*idx)));
             }
         }
-        (total, first)
+        for (idx, credit) in &b.credits {
+            if *idx >= oldest {
+                u.credit += credit;
+            }
+        }
+        u
     }
 
     /// Microseconds from `now` until the bucket `first` leaves the window.
@@ -126,12 +130,17 @@ impl Window {
         ((first + BUCKETS + 1) * self.width_us()).saturating_sub(now)
     }
 
-    /// Decides at `now` over the buckets `(index, count)`; the caller adds one to `cur` when
-    /// allowed. Buckets older than the window are ignored (the caller may drop them).
-    pub fn decide(&self, buckets: &VecDeque<(u64, i64)>, now: u64) -> Decision {
+    /// Decides at `now` over the window's buckets; the caller adds one to `cur` when allowed.
+    /// Buckets older than the window are ignored (the caller may drop them).
+    pub fn decide(&self, b: &Buckets, now: u64) -> Decision {
         let w = self.width_us();
         let cur = now / w;
-        let (total, first) = self.usage(buckets, now);
+        let Usage {
+            used,
+            credit,
+            first,
+        } = self.usage(b, now);
+        let total = used - i64::try_from(credit).unwrap_or(i64::MAX);
         let reset_at = |first: u64| (first + BUCKETS + 1) * w;
         let limit = i64::try_from(self.limit).unwrap_or(i64::MAX);
         if total.saturating_add(1) > limit {
@@ -156,10 +165,25 @@ impl Window {
     }
 }
 
+/// A quota window's state: `(bucket index, requests counted)` and `(bucket index, credit)`,
+/// oldest first.
+#[derive(Debug, Default, Clone)]
+pub struct Buckets {
+    pub counts: VecDeque<(u64, i64)>,
+    pub credits: VecDeque<(u64, u64)>,
+}
+
+/// What a quota window holds (see [`Window::usage`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub used: i64,
+    pub credit: u64,
+    pub first: Option<u64>,
+}
+
 enum Slot {
     Tat(u64),
-    /// `(bucket index, count)`, oldest first; a credit is a negative count.
-    Buckets(VecDeque<(u64, i64)>),
+    Buckets(Buckets),
 }
 
 struct Entry {
@@ -250,45 +274,58 @@ impl MemoryStore {
     }
 
     pub fn quota_tagged(&self, key: &str, w: &Window, tag: u64, now: u64) -> Decision {
-        self.with_window(key, w, now, |entry, buckets| {
+        self.with_window(key, w, now, true, |entry, b| {
             if tag != 0 {
                 entry.tag = tag;
             }
-            let d = w.decide(buckets, now);
+            let d = w.decide(b, now);
             if let Some(cur) = d.bucket {
-                add_to(buckets, cur, 1);
+                add_to(&mut b.counts, cur, 1);
                 entry.expires = now + w.period_us + w.width_us();
             }
             d
         })
+        .unwrap_or_else(|| w.decide(&Buckets::default(), now))
     }
 
-    /// The quota `key` at `now` without charging it: the sum of its window, microseconds until
-    /// its oldest counted bucket leaves, and its tag.
-    pub fn quota_peek(&self, key: &str, w: &Window, now: u64) -> (i64, u64, u64) {
-        // A read creates nothing.
-        let exists = match self.shards[shard_of(key)].lock() {
-            Ok(m) => m.contains_key(key),
-            Err(p) => p.into_inner().contains_key(key),
-        };
-        if !exists {
-            return (0, 0, 0);
-        }
-        self.with_window(key, w, now, |entry, buckets| {
-            let (total, first) = w.usage(buckets, now);
-            let leaves = first.map_or(0, |f| w.leaves_in_us(f, now));
-            (total, leaves, entry.tag)
+    /// The quota `key` at `now` without charging it (nor creating it): what its window holds,
+    /// microseconds until its oldest counted bucket leaves, and its tag.
+    pub fn quota_peek(&self, key: &str, w: &Window, now: u64) -> (Usage, u64, u64) {
+        self.with_window(key, w, now, false, |entry, b| {
+            let u = w.usage(b, now);
+            let leaves = u.first.map_or(0, |f| w.leaves_in_us(f, now));
+            (u, leaves, entry.tag)
         })
+        .unwrap_or_default()
     }
 
-    /// `amount` more requests in the window of `key` from `now`: a negative count in the
-    /// current bucket, which leaves the window with it.
-    pub fn quota_credit(&self, key: &str, w: &Window, amount: u64, now: u64) {
-        self.with_window(key, w, now, |entry, buckets| {
-            let amount = i64::try_from(amount).unwrap_or(i64::MAX);
-            add_to(buckets, now / w.width_us(), -amount);
-            entry.expires = now + w.period_us + w.width_us();
+    /// `amount` more requests in the window of `key` from `now`, unless the credits in the
+    /// window would exceed `cap`: a credit in the current bucket, which leaves the window with
+    /// it. Whether it was given, and the window after (usage, leaves, tag).
+    pub fn quota_credit(
+        &self,
+        key: &str,
+        w: &Window,
+        amount: u64,
+        cap: u64,
+        now: u64,
+    ) -> (bool, Usage, u64, u64) {
+        self.with_window(key, w, now, true, |entry, b| {
+            let before = w.usage(b, now);
+            let given = before.credit.saturating_add(amount) <= cap;
+            if given {
+                let cur = now / w.width_us();
+                match b.credits.back_mut() {
+                    Some((i, c)) if *i == cur => *c += amount,
+                    _ => b.credits.push_back((cur, amount)),
+                }
+                entry.expires = now + w.period_us + w.width_us();
+            }
+            let u = w.usage(b, now);
+            let leaves = u.first.map_or(0, |f| w.leaves_in_us(f, now));
+            (given, u, leaves, entry.tag)
         })
+        .unwrap_or_default()
     }
 
     /// Forgets the counter `key`; whether there was one.
@@ -300,31 +337,40 @@ impl MemoryStore {
         map.remove(key).is_some()
     }
 
-    /// Runs `f` on the window entry of `key` (created empty), its expired buckets dropped.
+    /// Runs `f` on the window entry of `key` (created empty when `create`, else None when
+    /// absent), its expired buckets dropped.
     fn with_window<R>(
         &self,
         key: &str,
         w: &Window,
         now: u64,
-        f: impl FnOnce(&mut Entry, &mut VecDeque<(u64, i64)>) -> R,
-    ) -> R {
+        create: bool,
+        f: impl FnOnce(&mut Entry, &mut Buckets) -> R,
+    ) -> Option<R> {
         self.with_shard(key, now, |map| {
-            let entry = map.entry(key.to_string()).or_insert_with(|| Entry {
-                slot: Slot::Buckets(VecDeque::new()),
-                tag: 0,
-                expires: 0,
-            });
-            let mut buckets = match std::mem::replace(&mut entry.slot, Slot::Tat(0)) {
+            let entry = if create {
+                map.entry(key.to_string()).or_insert_with(|| Entry {
+                    slot: Slot::Buckets(Buckets::default()),
+                    tag: 0,
+                    expires: 0,
+                })
+            } else {
+                map.get_mut(key)?
+            };
+            let mut b = match std::mem::replace(&mut entry.slot, Slot::Tat(0)) {
                 Slot::Buckets(b) => b,
-                Slot::Tat(_) => VecDeque::new(),
+                Slot::Tat(_) => Buckets::default(),
             };
             let oldest = (now / w.width_us()).saturating_sub(BUCKETS);
-            while buckets.front().is_some_and(|(i, _)| *i < oldest) {
-                buckets.pop_front();
+            while b.counts.front().is_some_and(|(i, _)| *i < oldest) {
+                b.counts.pop_front();
             }
-            let r = f(entry, &mut buckets);
-            entry.slot = Slot::Buckets(buckets);
-            r
+            while b.credits.front().is_some_and(|(i, _)| *i < oldest) {
+                b.credits.pop_front();
+            }
+            let r = f(entry, &mut b);
+            entry.slot = Slot::Buckets(b);
+            Some(r)
         })
     }
 
@@ -339,8 +385,10 @@ impl MemoryStore {
             ..
         }) = map.get_mut(key)
         {
-            if let Some((_, c)) = b.iter_mut().find(|(i, _)| *i == bucket) {
-                *c -= 1;
+            if let Some((_, c)) = b.counts.iter_mut().find(|(i, _)| *i == bucket) {
+                if *c > 0 {
+                    *c -= 1;
+                }
             }
         }
     }

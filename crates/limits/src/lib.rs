@@ -25,7 +25,7 @@ pub use hexgate_config::LimitKey as KeyKind;
 
 #[derive(Debug, Clone)]
 pub struct RatePolicy {
-    /// "global" for the top-level limit (shared by all routes), else the service name.
+    /// "@global" for the top-level limit (shared by all routes), else the service name.
     pub scope: String,
     pub gcra: Gcra,
     pub key: KeyKind,
@@ -121,7 +121,8 @@ impl RoutePolicies {
                 .rate_limiting
                 .as_ref()
                 .filter(|r| r.enabled)
-                .map(|r| rate_policy("global".to_string(), r)),
+                // `@` cannot start a service name: no route's own limit shares these keys.
+                .map(|r| rate_policy("@global".to_string(), r)),
         };
         let quota = quota
             .filter(|q| q.enabled)
@@ -434,8 +435,15 @@ impl Limiter {
             });
         }
 
-        let decided = self.decide(&charges).await;
-        let Some((mut decisions, failed)) = decided else {
+        let (mut decided, failed) = self.decide(&charges).await;
+        // Redis failed a limit under failureMode closed: the request is not served.
+        let unavailable = decided.iter().any(Option::is_none);
+        // A refused or unserved request uses no quota: the slots the limits took are given
+        // back in the store that counted them, so one more request remains there.
+        if unavailable || decided.iter().flatten().any(|d| !d.allowed) {
+            self.give_back(&charges, &mut decided, &failed).await;
+        }
+        if unavailable {
             for c in &charges {
                 metrics.limit_decision(c.metric, 3);
             }
@@ -443,33 +451,8 @@ impl Limiter {
                 unavailable: true,
                 ..Verdict::default()
             };
-        };
-
-        // One limit refused: the quota slots the others took no longer count; give each back
-        // in the store that counted it, so one more request remains there.
-        if decisions.iter().any(|d| !d.allowed) {
-            for ((c, d), failed) in charges.iter().zip(&mut decisions).zip(&failed) {
-                let (Limit::Quota(..), true, Some(bucket)) = (&c.limit, d.allowed, d.bucket) else {
-                    continue;
-                };
-                let given_back = match &self.redis {
-                    Some(store) if !failed => match store.refund(&c.key, bucket).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            self.warn_redis(&e);
-                            false
-                        }
-                    },
-                    _ => {
-                        self.memory.refund(&c.key, bucket);
-                        true
-                    }
-                };
-                if given_back {
-                    d.remaining += 1;
-                }
-            }
         }
+        let decisions: Vec<Decision> = decided.into_iter().flatten().collect();
 
         for ((c, d), failed) in charges.iter().zip(&decisions).zip(&failed) {
             let result = match (d.allowed, failed) {
@@ -493,16 +476,16 @@ impl Limiter {
     }
 
     /// Decides every charge: in memory, or in Redis with failed ones decided in memory
-    /// (failureMode open). None when Redis failed and failureMode is closed. With the decisions,
+    /// (failureMode open) or left undecided (None, failureMode closed). With the decisions,
     /// which ones Redis failed.
-    async fn decide(&self, charges: &[Charge]) -> Option<(Vec<Decision>, Vec<bool>)> {
+    async fn decide(&self, charges: &[Charge]) -> (Vec<Option<Decision>>, Vec<bool>) {
         let Some(store) = &self.redis else {
             let now = self.clock.now_us();
             let d = charges
                 .iter()
-                .map(|c| self.decide_in_memory(c, now))
+                .map(|c| Some(self.decide_in_memory(c, now)))
                 .collect();
-            return Some((d, vec![false; charges.len()]));
+            return (d, vec![false; charges.len()]);
         };
         let calls: Vec<redis::Call> = charges
             .iter()
@@ -516,17 +499,61 @@ impl Limiter {
             self.warn_redis(e);
         }
         let failed: Vec<bool> = results.iter().map(Result::is_err).collect();
-        if failed.iter().any(|f| *f) && self.failure_mode == FailureMode::Closed {
-            return None;
-        }
-        // failureMode open: what Redis could not decide is decided in memory.
+        let open = self.failure_mode == FailureMode::Open;
         let now = self.clock.now_us();
         let d = charges
             .iter()
             .zip(results)
-            .map(|(c, r)| r.unwrap_or_else(|_| self.decide_in_memory(c, now)))
+            .map(|(c, r)| match r {
+                Ok(d) => Some(d),
+                // failureMode open: what Redis could not decide is decided in memory.
+                Err(_) if open => Some(self.decide_in_memory(c, now)),
+                Err(_) => None,
+            })
             .collect();
-        Some((d, failed))
+        (d, failed)
+    }
+
+    /// Gives back the quota slots `decided` took, each in the store that counted it: Redis's
+    /// in one batch, memory's at once. A slot given back counts as one more remaining.
+    async fn give_back(
+        &self,
+        charges: &[Charge],
+        decided: &mut [Option<Decision>],
+        failed: &[bool],
+    ) {
+        let mut in_redis = Vec::new();
+        for (i, (c, d)) in charges.iter().zip(decided.iter_mut()).enumerate() {
+            let (Limit::Quota(..), Some(d)) = (&c.limit, d) else {
+                continue;
+            };
+            let (true, Some(bucket)) = (d.allowed, d.bucket) else {
+                continue;
+            };
+            if self.redis.is_some() && !failed[i] {
+                in_redis.push((i, bucket));
+            } else {
+                self.memory.refund(&c.key, bucket);
+                d.remaining += 1;
+            }
+        }
+        let (Some(store), false) = (&self.redis, in_redis.is_empty()) else {
+            return;
+        };
+        let refunds: Vec<(&str, u64)> = in_redis
+            .iter()
+            .map(|(i, b)| (charges[*i].key.as_str(), *b))
+            .collect();
+        for ((i, _), r) in in_redis.iter().zip(store.refund(&refunds).await) {
+            match r {
+                Ok(()) => {
+                    if let Some(d) = &mut decided[*i] {
+                        d.remaining += 1;
+                    }
+                }
+                Err(e) => self.warn_redis(&e),
+            }
+        }
     }
 
     fn decide_in_memory(&self, c: &Charge, now: u64) -> Decision {
@@ -599,10 +626,12 @@ impl Limiter {
 }
 
 /// A quota counter as the ledger reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QuotaUsage {
-    /// Requests counted in the window, less credits (may be below zero after a credit).
-    pub sum: i64,
+    /// Requests counted in the window.
+    pub used: u64,
+    /// Credits the ledger gave in the window.
+    pub credit: u64,
     /// Microseconds until the oldest counted request leaves the window (0: nothing counted).
     pub leaves_us: u64,
     /// The tag of the last check (a plan's, see [`plan_tag`]); 0 when none.
@@ -610,15 +639,32 @@ pub struct QuotaUsage {
 }
 
 impl QuotaUsage {
+    fn of((u, leaves_us, tag): (algo::Usage, u64, u64)) -> QuotaUsage {
+        QuotaUsage {
+            used: u.used.max(0) as u64,
+            credit: u.credit,
+            leaves_us,
+            tag,
+        }
+    }
+
     /// Whether the counter holds anything.
     pub fn exists(&self) -> bool {
-        self.sum != 0 || self.leaves_us != 0 || self.tag != 0
+        self.used != 0 || self.credit != 0 || self.leaves_us != 0 || self.tag != 0
+    }
+
+    /// Requests that may still pass now under `limit`.
+    pub fn remaining(&self, limit: u64) -> u64 {
+        limit.saturating_add(self.credit).saturating_sub(self.used)
     }
 }
 
+/// Most credit one quota window may hold (the sum of the ledger's credits in it).
+pub const MAX_CREDIT: u64 = 1_000_000_000;
+
 /// The quota ledger (the admin API's reads and corrections), in the store requests are counted
-/// in: memory, or Redis. Each call is atomic against concurrent requests (one Lua script, or
-/// the memory shard's lock).
+/// in: memory, or Redis. Each call is one atomic step against concurrent requests (one Lua
+/// script, or the memory shard's lock).
 impl Limiter {
     fn now_for_store(&self) -> Option<u64> {
         self.clock.manual_us()
@@ -631,19 +677,14 @@ impl Limiter {
         id: &str,
     ) -> Result<QuotaUsage, redis::StoreError> {
         let key = self.key('q', &q.scope, id);
-        let (sum, leaves_us, tag) = match &self.redis {
+        Ok(QuotaUsage::of(match &self.redis {
             Some(store) => {
                 store
                     .quota_peek(&key, &q.window, self.now_for_store())
                     .await?
             }
             None => self.memory.quota_peek(&key, &q.window, self.clock.now_us()),
-        };
-        Ok(QuotaUsage {
-            sum,
-            leaves_us,
-            tag,
-        })
+        }))
     }
 
     /// Deletes the counter of quota `q` for `id` (a no-op when there is none).
@@ -658,26 +699,27 @@ impl Limiter {
         }
     }
 
-    /// `amount` more requests for `id` in the current window of quota `q`.
+    /// `amount` more requests for `id` in the current window of quota `q`, unless the window's
+    /// credits would exceed [`MAX_CREDIT`]: whether it was given, and the counter after.
     pub async fn quota_credit(
         &self,
         q: &QuotaPolicy,
         id: &str,
         amount: u64,
-    ) -> Result<(), redis::StoreError> {
+    ) -> Result<(bool, QuotaUsage), redis::StoreError> {
         let key = self.key('q', &q.scope, id);
-        match &self.redis {
+        let (given, u, leaves, tag) = match &self.redis {
             Some(store) => {
                 store
-                    .quota_credit(&key, &q.window, amount, self.now_for_store())
-                    .await
+                    .quota_credit(&key, &q.window, amount, MAX_CREDIT, self.now_for_store())
+                    .await?
             }
             None => {
                 self.memory
-                    .quota_credit(&key, &q.window, amount, self.clock.now_us());
-                Ok(())
+                    .quota_credit(&key, &q.window, amount, MAX_CREDIT, self.clock.now_us())
             }
-        }
+        };
+        Ok((given, QuotaUsage::of((u, leaves, tag))))
     }
 }
 

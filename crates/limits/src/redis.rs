@@ -13,7 +13,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::Script;
 use tokio_rustls::rustls::ClientConfig;
 
-use super::algo::{Decision, Gcra, Window, BUCKETS};
+use super::algo::{Decision, Gcra, Usage, Window, BUCKETS};
 use super::pipelined::{self, PipelinedError};
 use hexgate_config::Redis as RedisConfig;
 use hexgate_metrics::Registry;
@@ -43,11 +43,12 @@ end
 return {1, math.floor((limit - (new_tat - now)) / interval), new_tat - now, 0}
 "#;
 
-/// The part of the window scripts that reads a quota hash: its fields are bucket indexes (counts;
-/// a credit is a negative count) and `t`, the tag of the last check (a plan's, for the ledger).
-/// ARGV: limit, bucket width_us, buckets, tag[, now_us] (as for GCRA_LUA). Sets `now`, `w`,
-/// `n`, `cur`, `total` (the window's sum) and `first` (its oldest bucket, or nil); drops expired
-/// buckets.
+/// The part of the window scripts that reads a quota hash. Its fields: bucket indexes (requests
+/// counted in the bucket), `c` and an index (credits the ledger gave in that bucket), and `t`
+/// (the tag of the last check: a plan's, for the ledger). ARGV: limit, bucket width_us, buckets,
+/// tag[, now_us] (as for GCRA_LUA). Sets `now`, `w`, `n`, `cur`, `used`, `credit`, `total`
+/// (`used - credit`) and `first` (the oldest bucket counting requests, or nil); drops expired
+/// buckets; `keep()` sets the key's expiry.
 macro_rules! window_read {
     () => {
         r#"
@@ -62,24 +63,39 @@ local n = tonumber(ARGV[3])
 local cur = math.floor(now / w)
 local oldest = cur - n
 local vals = redis.call('HGETALL', KEYS[1])
-local total = 0
+local used = 0
+local credit = 0
 local first = nil
 local tag = 0
 for i = 1, #vals, 2 do
-  local idx = tonumber(vals[i])
-  if idx == nil then
-    if vals[i] == 't' then tag = tonumber(vals[i + 1]) or 0 end
-  elseif idx < oldest then
-    redis.call('HDEL', KEYS[1], vals[i])
-  else
-    total = total + tonumber(vals[i + 1])
-    if first == nil or idx < first then first = idx end
+  local f = vals[i]
+  local idx = tonumber(f)
+  if idx ~= nil then
+    if idx < oldest then
+      redis.call('HDEL', KEYS[1], f)
+    else
+      used = used + tonumber(vals[i + 1])
+      if first == nil or idx < first then first = idx end
+    end
+  elseif f == 't' then
+    tag = tonumber(vals[i + 1]) or 0
+  elseif string.sub(f, 1, 1) == 'c' and tonumber(string.sub(f, 2)) ~= nil then
+    if tonumber(string.sub(f, 2)) < oldest then
+      redis.call('HDEL', KEYS[1], f)
+    else
+      credit = credit + tonumber(vals[i + 1])
+    end
   end
 end
+local total = used - credit
 local function keep()
   if not ARGV[5] then
     redis.call('PEXPIRE', KEYS[1], math.floor((n + 1) * w / 1000) + 1000)
   end
+end
+local function leaves()
+  if first == nil then return 0 end
+  return (first + n + 1) * w - now
 end
 "#
     };
@@ -103,30 +119,32 @@ return {1, limit - total - 1, (first + n + 1) * w - now, 0, cur}
 "#
 );
 
-/// The ledger's read (ARGV as for `window_read!`, limit and tag unused): `{sum, microseconds
-/// until the oldest counted bucket leaves, tag}`.
+/// The ledger's read (ARGV as for `window_read!`, limit and tag unused): `{used, credit,
+/// microseconds until the oldest counted bucket leaves, tag}`.
 const PEEK_LUA: &str = concat!(
     window_read!(),
     r#"
-local leaves = 0
-if first ~= nil then leaves = (first + n + 1) * w - now end
-return {total, leaves, tag}
+return {used, credit, leaves(), tag}
 "#
 );
 
-/// The ledger's credit (ARGV as for `window_read!`, ARGV[1] the amount): a negative count in the
-/// current bucket, so `amount` more requests fit until it leaves the window. Replies `{sum}`.
+/// The ledger's credit (ARGV as for `window_read!`; ARGV[1] the amount, ARGV[4] the most credit
+/// the window may hold): a credit in the current bucket, so `amount` more requests fit until it
+/// leaves the window. Replies `{given (1 or 0), used, credit, leaves, tag}`, the window after.
 const CREDIT_LUA: &str = concat!(
     window_read!(),
     r#"
-redis.call('HINCRBY', KEYS[1], cur, -tonumber(ARGV[1]))
+local amount = tonumber(ARGV[1])
+if credit + amount > tonumber(ARGV[4]) then
+  return {0, used, credit, leaves(), tag}
+end
+redis.call('HINCRBY', KEYS[1], 'c' .. cur, amount)
 keep()
-return {total - tonumber(ARGV[1])}
+return {1, used, credit + amount, leaves(), tag}
 "#
 );
 
-/// The ledger's reset: the counter is deleted. Replies `{1}` when there was one (unused: a
-/// counter holding only a tag or expired buckets exists here and not in memory).
+/// The ledger's reset: the counter is deleted. Replies `{deleted}`.
 const RESET_LUA: &str = r#"
 return {redis.call('DEL', KEYS[1])}
 "#;
@@ -135,7 +153,7 @@ return {redis.call('DEL', KEYS[1])}
 /// with an array of integers, which is what the store reads).
 const REFUND_LUA: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
-if v ~= nil then redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
+if v ~= nil and v > 0 then redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
 return {0}
 "#;
 
@@ -281,9 +299,10 @@ impl RedisStore {
         });
     }
 
-    /// Runs one or two scripts (`EVALSHA` each, sent together) and returns their integer replies,
-    /// within the store's timeout.
-    async fn eval(&self, calls: &[(&Lua, &str, &[u64])]) -> Result<Vec<Vec<i64>>, StoreError> {
+    /// Runs scripts (`EVALSHA` each, sent together) and returns each one's integer reply or
+    /// error, within the store's timeout. Err: none is known to have run (the connection failed
+    /// or the time ran out; a script may then have run without its reply being read).
+    async fn eval(&self, calls: &[(&Lua, &str, &[u64])]) -> Result<Vec<Replied>, StoreError> {
         let (slot, conn) = self.conn()?;
         let started = Instant::now();
         let res = tokio::time::timeout(self.timeout, async {
@@ -312,7 +331,7 @@ impl RedisStore {
         &self,
         c: &pipelined::Client,
         calls: &[(&Lua, &str, &[u64])],
-    ) -> Result<Vec<Vec<i64>>, StoreError> {
+    ) -> Result<Vec<Replied>, StoreError> {
         let mut bytes = Vec::with_capacity(128 * calls.len());
         for (lua, key, args) in calls {
             pipelined::encode_evalsha(&mut bytes, lua.script.get_hash(), key, args);
@@ -333,19 +352,23 @@ impl RedisStore {
             }
             let retried = c.call(again, 2 * missing.len()).await?;
             for (n, &i) in missing.iter().enumerate() {
-                if let Some(pipelined::Value::Error(e)) = retried.get(2 * n) {
-                    return Err(StoreError::Server(e.clone()));
-                }
-                replies[i] = retried.get(2 * n + 1).cloned().ok_or(StoreError::Reply)?;
+                replies[i] = match (retried.get(2 * n), retried.get(2 * n + 1)) {
+                    (Some(pipelined::Value::Error(e)), _) => pipelined::Value::Error(e.clone()),
+                    (_, Some(v)) => v.clone(),
+                    _ => return Err(StoreError::Reply),
+                };
             }
         }
-        replies
+        if replies.len() != calls.len() {
+            return Err(StoreError::Reply);
+        }
+        Ok(replies
             .iter()
             .map(|v| match v {
                 pipelined::Value::Error(e) => Err(StoreError::Server(e.clone())),
                 v => pipelined::ints(v).ok_or(StoreError::Reply),
             })
-            .collect()
+            .collect())
     }
 
     /// This worker's connection, else the control runtime's; with the slot it came from.
@@ -405,15 +428,14 @@ impl RedisStore {
             })
             .collect();
         match self.eval(&evals).await {
-            Ok(v) if v.len() == calls.len() => calls
+            Ok(replies) => calls
                 .iter()
-                .zip(&v)
+                .zip(replies)
                 .map(|(c, r)| match c {
-                    Call::Rate(..) => decision(r),
-                    Call::Quota(..) => quota_decision(r),
+                    Call::Rate(..) => r.and_then(|v| decision(&v)),
+                    Call::Quota(..) => r.and_then(|v| quota_decision(&v)),
                 })
                 .collect(),
-            Ok(_) => calls.iter().map(|_| Err(StoreError::Reply)).collect(),
             Err(e) => {
                 let text = e.to_string();
                 let mut out = vec![Err(e)];
@@ -423,49 +445,91 @@ impl RedisStore {
         }
     }
 
-    /// The ledger's read of the quota `key`: its sum, microseconds until its oldest counted
-    /// bucket leaves the window, and its tag.
+    /// One script's reply.
+    async fn eval_one(&self, lua: &Lua, key: &str, args: &[u64]) -> Result<Vec<i64>, StoreError> {
+        self.eval(&[(lua, key, args)])
+            .await?
+            .pop()
+            .ok_or(StoreError::Reply)?
+    }
+
+    /// The ledger's read of the quota `key`: what its window holds, microseconds until its
+    /// oldest counted bucket leaves the window, and its tag.
     pub async fn quota_peek(
         &self,
         key: &str,
         w: &Window,
         now: Option<u64>,
-    ) -> Result<(i64, u64, u64), StoreError> {
+    ) -> Result<(Usage, u64, u64), StoreError> {
         let (args, n) = with_now([0, w.width_us(), BUCKETS, 0, 0], now);
-        let v = self.eval(&[(&self.peek, key, &args[..n])]).await?;
-        match v.first().map(|v| &v[..]) {
-            Some([total, leaves, tag, ..]) => {
-                Ok((*total, (*leaves).max(0) as u64, (*tag).max(0) as u64))
+        match self.eval_one(&self.peek, key, &args[..n]).await?[..] {
+            [used, credit, leaves, tag, ..] => {
+                Ok((usage(used, credit), leaves.max(0) as u64, tag.max(0) as u64))
             }
             _ => Err(StoreError::Reply),
         }
     }
 
-    /// The ledger's credit: `amount` more requests in the current window of `key`.
+    /// The ledger's credit: `amount` more requests in the current window of `key`, unless its
+    /// credits would exceed `cap`. Whether it was given, and the window after.
     pub async fn quota_credit(
         &self,
         key: &str,
         w: &Window,
         amount: u64,
+        cap: u64,
         now: Option<u64>,
-    ) -> Result<(), StoreError> {
-        let (args, n) = with_now([amount, w.width_us(), BUCKETS, 0, 0], now);
-        self.eval(&[(&self.credit, key, &args[..n])])
-            .await
-            .map(|_| ())
+    ) -> Result<(bool, Usage, u64, u64), StoreError> {
+        let (args, n) = with_now([amount, w.width_us(), BUCKETS, cap, 0], now);
+        match self.eval_one(&self.credit, key, &args[..n]).await?[..] {
+            [given, used, credit, leaves, tag, ..] => Ok((
+                given == 1,
+                usage(used, credit),
+                leaves.max(0) as u64,
+                tag.max(0) as u64,
+            )),
+            _ => Err(StoreError::Reply),
+        }
     }
 
     /// The ledger's reset: deletes the counter `key`.
     pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.eval(&[(&self.reset, key, &[])]).await.map(|_| ())
+        self.eval_one(&self.reset, key, &[]).await.map(|_| ())
     }
 
-    pub async fn refund(&self, key: &str, bucket: u64) -> Result<(), StoreError> {
-        self.eval(&[(&self.refund, key, &[bucket])])
-            .await
-            .map(|_| ())
+    /// Gives back one admission counted in `bucket` of each quota key, the scripts sent
+    /// together; per key, whether it was given back.
+    pub async fn refund(&self, refunds: &[(&str, u64)]) -> Vec<Result<(), StoreError>> {
+        let buckets: Vec<[u64; 1]> = refunds.iter().map(|(_, b)| [*b]).collect();
+        let calls: Vec<(&Lua, &str, &[u64])> = refunds
+            .iter()
+            .zip(&buckets)
+            .map(|((k, _), b)| (&self.refund, *k, &b[..]))
+            .collect();
+        match self.eval(&calls).await {
+            Ok(replies) => replies.into_iter().map(|r| r.map(|_| ())).collect(),
+            Err(e) => {
+                let text = e.to_string();
+                refunds
+                    .iter()
+                    .map(|_| Err(StoreError::Server(text.clone())))
+                    .collect()
+            }
+        }
     }
 }
+
+/// A window's usage from a script's `used` and `credit` (`first` is not needed by the ledger).
+fn usage(used: i64, credit: i64) -> Usage {
+    Usage {
+        used,
+        credit: credit.max(0) as u64,
+        first: None,
+    }
+}
+
+/// One script's reply or error, from [`RedisStore::eval`].
+type Replied = Result<Vec<i64>, StoreError>;
 
 /// One limit of a request for [`RedisStore::batch`]: its key and parameters (a quota's tag, 0 for
 /// none, is kept with the counter for the ledger).
@@ -491,7 +555,7 @@ fn with_now<const N: usize>(mut args: [u64; N], now: Option<u64>) -> ([u64; N], 
 async fn eval_redis_rs<C: redis::aio::ConnectionLike + Clone>(
     c: &C,
     calls: &[(&Lua, &str, &[u64])],
-) -> Result<Vec<Vec<i64>>, StoreError> {
+) -> Result<Vec<Replied>, StoreError> {
     let futs = calls.iter().map(|(lua, key, args)| {
         let mut c = c.clone();
         let mut inv = lua.script.key(*key);
@@ -500,11 +564,12 @@ async fn eval_redis_rs<C: redis::aio::ConnectionLike + Clone>(
         }
         async move { inv.invoke_async::<Vec<i64>>(&mut c).await }
     });
-    let mut out = Vec::with_capacity(calls.len());
-    for r in futures_util::future::join_all(futs).await {
-        out.push(r?);
-    }
-    Ok(out)
+    // Per call: on a cluster one node may fail while the others answer.
+    Ok(futures_util::future::join_all(futs)
+        .await
+        .into_iter()
+        .map(|r| r.map_err(StoreError::from))
+        .collect())
 }
 
 /// The window script's reply: a decision plus the bucket a granted request was counted in.

@@ -108,11 +108,17 @@ impl SpaceSaving {
         e.count += 1;
     }
 
-    /// The monitored keys with their estimated counts, highest first (ties: smaller error first).
+    /// The monitored keys with their guaranteed counts (estimate less possible error: what they
+    /// certainly sent), highest first. Ranking by the guaranteed count keeps a flood of one-off
+    /// keys, each inheriting the smallest count as its error, from displacing real heavy hitters.
     pub fn top(&self) -> Vec<(Arc<str>, u64)> {
-        let mut v: Vec<&Entry> = self.entries.iter().collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.error.cmp(&b.error)));
-        v.into_iter().map(|e| (e.key.clone(), e.count)).collect()
+        let mut v: Vec<(Arc<str>, u64)> = self
+            .entries
+            .iter()
+            .map(|e| (e.key.clone(), e.count - e.error))
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v
     }
 
     pub fn len(&self) -> usize {
@@ -215,6 +221,9 @@ impl ConsumerTable {
             (std::cmp::Reverse(*n), !incumbent)
         });
         let mut named = Vec::with_capacity(TOP);
+        // A newcomer must have certainly sent something this epoch; incumbents rank first on
+        // ties.
+        top.retain(|(c, n)| *n > 0 || old.iter().any(|s| same(&s.consumer, c)));
         for (consumer, _) in top.into_iter().take(TOP) {
             match old.iter().position(|s| same(&s.consumer, &consumer)) {
                 Some(i) => named.push(old.swap_remove(i)),
