@@ -359,3 +359,28 @@ fn keys_naming_unknown_plans_and_a_service_named_plan_are_refused_at_load() {
         "{out}{err}"
     );
 }
+
+/// A request Redis fails one limit of, under `failureMode: closed`, is not served and uses no
+/// quota of the limits Redis did count: here the plan's quota counter is not a hash (a script
+/// error on that key only) while the route's quota is counted, then given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_failed_closed_uses_no_quota() {
+    let b = TestBackend::start(Behaviour::Hello).await;
+    let redis = RedisServer::start();
+    let store = format!(
+        "redis:\n  address: 127.0.0.1:{}\n  timeout: 2s\n  failureMode: closed\n",
+        redis.port
+    );
+    let gw = start(&plans_yaml(&b.url(), &store), None).await;
+    // acme's plan counter becomes a string: its script fails, the route's does not.
+    assert_eq!(call(gw.port, "/orders/x", H, Some(ACME), None).await.0, 200);
+    let plan_key = "hexgate:{q:@plan/3600:acme}";
+    redis.cli(&["DEL", plan_key]);
+    redis.cli(&["SET", plan_key, "x"]);
+    let failed = codes(&gw, "/orders/x", Some(ACME), None, 5).await;
+    assert_eq!(failed, [503; 5], "{}", gw.log());
+    redis.cli(&["DEL", plan_key]);
+    // The route's quota is 4: one used before, so three more, whatever the 503s did.
+    let after = codes(&gw, "/orders/x", Some(ACME), None, 4).await;
+    assert_eq!(after, [200, 200, 200, 429], "the 503s used route quota");
+}
