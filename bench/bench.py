@@ -8,8 +8,11 @@ steal for each run from /proc/stat. Runs with steal above the threshold are repo
 Bounded: every wrk run has a fixed duration; every process started here is stopped by pid.
 """
 import argparse
+import hashlib
+import http.client
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -122,9 +125,11 @@ healthCheckInterval: 5
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "scale", "memory", "h2", "tls", "profile",
-                                                           "grpc", "upstream-tls"],
-                    help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both; "
+    ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "apikey", "scale", "memory", "h2", "tls",
+                                                           "profile", "grpc", "upstream-tls"],
+                    help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both "
+                         "vs API key + plan limits through Redis; "
+                         "apikey: only plain, JWT + Redis limits and API key + plan limits through Redis (and nginx); "
                          "scale: 1 vs 1,000 routes and backends; memory: idle RSS and 10,000 idle connections; "
                          "h2: h2load over h2c; tls: HTTPS at the proxy; "
                          "profile: instructions per request under callgrind, HexGate and nginx; "
@@ -160,7 +165,8 @@ def main():
         import bench_more
         return bench_more.main(args, sys.modules[__name__])
 
-    for tool in ["wrk", "nginx"] + (["redis-server", "redis-cli"] if args.mode == "full" else []):
+    features = args.mode in ("full", "apikey")
+    for tool in ["wrk", "nginx"] + (["redis-server", "redis-cli"] if features else []):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not installed: run `make setup` (scripts/setup.sh)")
     use_haproxy = args.mode == "plain" and not args.no_haproxy and shutil.which("haproxy")
@@ -185,7 +191,7 @@ http {{ access_log off; keepalive_requests 1000000;
         targets = {}
         hg_variants = {"hexgate": ("", "")}
         headers = {}
-        if args.mode == "full":
+        if features:
             subprocess.run([args.hexgate, "keygen", "--out", f"{tmp}/keys"], check=True, capture_output=True)
             token = subprocess.run([args.hexgate, "token", "--key", f"{tmp}/keys/private.pem", "--sub", "bench",
                                     "--ttl", "24h"], check=True, capture_output=True, text=True).stdout.strip()
@@ -199,15 +205,32 @@ http {{ access_log off; keepalive_requests 1000000;
             limits = ("    rateLimiting: {enabled: true, ratePerSecond: 1000000000, burst: 1000000000, key: \"header:x-api-key\"}\n"
                       "    quota: {enabled: true, limit: 4000000000, period: 1h, key: \"header:x-api-key\"}\n")
             limits_consumer = limits.replace("header:x-api-key", "consumer")
+            # API key (one key in the watched key file, a key shaped like `hexgate apikey new`'s) and
+            # the key's plan: a rate limit and a quota per consumer through Redis, as hg+jwt+redis's two.
+            api_key = "hgk_" + secrets.token_urlsafe(32)
+            with open(os.path.join(tmp, "apikeys.yaml"), "w") as f:
+                f.write(f'- id: bench-1\n  consumer: bench\n  plan: bench\n'
+                        f'  hash: "sha256:{hashlib.sha256(api_key.encode()).hexdigest()}"\n')
+            apikey_cfg = ("apiKeys: {file: ./apikeys.yaml}\n"
+                          "plans:\n"
+                          "  bench: {rateLimiting: {ratePerSecond: 1000000000, burst: 1000000000}, "
+                          "quota: {limit: 4000000000, period: 24h}}\n"
+                          + auth.replace("}\n", ", defaultPlan: bench}\n") + redis_cfg)
+            apikey_route = "    authentication: {enabled: true, methods: [apiKey]}\n"
             hg_variants = {
                 "hexgate": ("", ""),
                 "hg+jwt": (auth, ""),
                 "hg+redis": (redis_cfg, limits),
                 "hg+jwt+redis": (auth + redis_cfg, limits_consumer),
+                "hg+apikey+plans+redis": (apikey_cfg, apikey_route),
             }
+            if args.mode == "apikey":
+                hg_variants = {k: v for k, v in hg_variants.items()
+                               if k in ("hexgate", "hg+jwt+redis", "hg+apikey+plans+redis")}
             headers = {"hg+jwt": ["-H", f"Authorization: Bearer {token}"],
                        "hg+redis": ["-H", "X-Api-Key: bench"],
-                       "hg+jwt+redis": ["-H", f"Authorization: Bearer {token}"]}
+                       "hg+jwt+redis": ["-H", f"Authorization: Bearer {token}"],
+                       "hg+apikey+plans+redis": ["-H", f"X-Api-Key: {api_key}"]}
         for name, (extra, route_extra) in hg_variants.items():
             port, admin = free_port(), free_port()
             cfg = os.path.join(tmp, f"{name}.yaml")
@@ -215,6 +238,7 @@ http {{ access_log off; keepalive_requests 1000000;
                 f.write(hexgate_yaml(port, admin, backend_port, extra, route_extra))
             targets[name] = (Proc([args.hexgate, "run", "--config", cfg], log), port, headers.get(name, []))
             wait_port(port)
+            check_200(name, port, headers.get(name, []))
         with open(os.path.join(tmp, "proxy.conf"), "w") as f:
             f.write(f"""worker_processes {args.workers}; daemon off; pid {tmp}/proxy.pid; error_log {tmp}/proxy.err;
 events {{ worker_connections 8192; }}
@@ -249,6 +273,7 @@ backend be
         procs += [t[0] for t in targets.values()]
         time.sleep(0.5)
         reference = "nginx" if args.mode == "plain" else "hexgate"
+        compare = ("hg+apikey+plans+redis", "hg+jwt+redis")  # the API-key bar: own CPU ≤ JWT + limits
 
         results = {}
         redis_stats = {}
@@ -274,7 +299,7 @@ backend be
                     extra_txt = ""
                     if redis and "redis" in name:
                         extra_txt = f"  redis cpu/req {res['redis_cpu_us']:5.1f}us  evalsha/req {res['evalsha_per_req']:.2f}"
-                    print(f"c={conns} round={r + 1} {name:13s} {res['rps']:9.0f} req/s  p50 {res['p50']:6.2f}ms  "
+                    print(f"c={conns} round={r + 1} {name:21s} {res['rps']:9.0f} req/s  p50 {res['p50']:6.2f}ms  "
                           f"p99 {res['p99']:6.2f}ms  cpu/req {res['cpu_us']:5.1f}us  steal {res['steal']:4.1f}%" + extra_txt
                           + (f"  non2xx {res['non2xx']}" if res["non2xx"] else "")
                           + (f"  sockerr {res['sockerr']}" if res["sockerr"] else ""), flush=True)
@@ -297,6 +322,15 @@ backend be
                 ev = f"{m['evalsha_per_req']:.2f}" if "redis" in name else "-"
                 print(f"| {conns} | {name} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['cpu_us']:.1f} | "
                       f"{rcpu} | {ev} | {m['kept']} | {ratio:.2f} | {cpu_ratio:.2f} |")
+        if all(n in targets for n in compare):
+            print()
+            print(f"{compare[0]} ÷ {compare[1]} (medians of the round-by-round ratios, same run):")
+            print("| conns | req/s | own CPU µs/req | Redis CPU µs/req |")
+            print("|---|---|---|---|")
+            for conns in [int(c) for c in args.conns.split(",")]:
+                rps_r, cpu_r, rcpu_r = pairwise(results[(conns, compare[0])], results[(conns, compare[1])],
+                                                args.max_steal, keys=("rps", "cpu_us", "redis_cpu_us"))
+                print(f"| {conns} | {rps_r:.2f} | {cpu_r:.2f} | {rcpu_r:.2f} |")
     finally:
         for p in reversed(procs):
             p.stop()
@@ -310,6 +344,27 @@ def pairwise(runs, ref_runs, max_steal, keys=("rps", "cpu_us")):
     pairs = pairs or list(zip(runs, ref_runs))
     return tuple(statistics.median(a[k] / b[k] for a, b in pairs if b[k]) if any(b[k] for _, b in pairs)
                  else float("nan") for k in keys)
+
+
+def check_200(name, port, hdrs):
+    """One request with the variant's headers before any measuring: anything but 200 (a refused
+    key, token or limit, a config the gateway took differently) stops the run."""
+    headers = dict(v.split(": ", 1) for v in hdrs[1::2])
+    deadline = time.time() + 10
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/users/1", headers=headers)
+            resp = conn.getresponse()
+            status, body = resp.status, resp.read()[:200]
+        finally:
+            conn.close()
+        # 502/503 only while the first health check of the backend is pending.
+        if status == 200 or status not in (502, 503) or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    if status != 200:
+        raise SystemExit(f"{name}: sample request answered {status} {body!r}, not 200")
 
 
 def evalsha_calls(port):
