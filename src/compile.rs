@@ -78,6 +78,8 @@ pub struct Compiled {
     /// Where the API keys come from and, for `apiKeys.file`, the keys read from it (always
     /// empty for `apiKeys.consulKey`: see [`ApiKeySource::Consul`]).
     pub api_keys: Option<(ApiKeySource, Vec<hexgate_config::apikeys::ApiKeyEntry>)>,
+    /// Per service (same order as `config.services`), its `rewrite` compiled.
+    pub rewrites: Vec<Option<crate::proxy::rewrite::RewriteRt>>,
 }
 
 /// Where a config's API keys come from. The same source across a reload keeps its key store
@@ -181,6 +183,18 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
             }
         }
     }
+    let mut rewrites = Vec::with_capacity(config.services.len());
+    for (i, s) in config.services.iter().enumerate() {
+        rewrites.push(s.rewrite.as_ref().and_then(|r| {
+            match crate::proxy::rewrite::RewriteRt::compile(&r.regex, &r.replacement) {
+                Ok(rt) => Some(rt),
+                Err(message) => {
+                    err(&format!("services[{i}].rewrite.regex"), message);
+                    None
+                }
+            }
+        }));
+    }
     let mut upstream_tls = Vec::with_capacity(config.services.len());
     for (i, s) in config.services.iter().enumerate() {
         let built = match &s.upstream_tls {
@@ -255,6 +269,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         admin_token,
         upstream_tls,
         api_keys,
+        rewrites,
     })
 }
 

@@ -16,7 +16,7 @@ pub async fn run(state: Arc<State>) {
         let mut seen = HashSet::new();
         let mut checks = Vec::new();
         for svc in snap.services.iter() {
-            for b in &svc.pool.static_backends {
+            for b in svc.pools().flat_map(|p| p.static_backends.iter()) {
                 // One check per backend (an address reached two ways is two backends).
                 if seen.insert(Arc::as_ptr(b) as usize) {
                     let b = b.clone();

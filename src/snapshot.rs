@@ -43,6 +43,28 @@ pub struct ServiceRt {
     pub require_scopes: Vec<String>,
     /// The consumer's plan limits apply here (authenticated, `plans` configured, not opted out).
     pub plans: bool,
+    /// `cors`.
+    pub cors: Option<crate::proxy::cors::CorsRt>,
+    /// `requestHeaders`, `responseHeaders`.
+    pub request_rules: crate::proxy::header_rules::RulesRt,
+    pub response_rules: crate::proxy::header_rules::RulesRt,
+    /// `rewrite`.
+    pub rewrite: Option<crate::proxy::rewrite::RewriteRt>,
+    /// `ipAllow`, `ipDeny` (None: every address).
+    pub ip_rules: Option<crate::proxy::admission::IpRules>,
+    /// `maxInFlight`.
+    pub in_flight: Option<crate::proxy::admission::InFlight>,
+    /// `split`: the route's weighted pools (empty: `pool` serves every request).
+    pub splits: Vec<crate::proxy::split::SplitRt>,
+    /// `retryOn`, `retryBudget`, `circuitBreaker`.
+    pub retry: crate::proxy::retry::RetryRt,
+}
+
+impl ServiceRt {
+    /// Every pool of the route: its own, then its splits'.
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        std::iter::once(&self.pool).chain(self.splits.iter().map(|s| &s.pool))
+    }
 }
 
 /// `apiKeys`: the header keys come in, where the keys come from (the file or the Consul KV key),
@@ -143,6 +165,7 @@ impl Snapshot {
             admin_token,
             upstream_tls,
             api_keys,
+            rewrites,
         } = compiled;
         let api_keys = config
             .api_keys
@@ -196,7 +219,7 @@ impl Snapshot {
                     .map(|a| backends.get_or_create(a, &profile))
                     .collect(),
                 s.load_balancing,
-                profile,
+                profile.clone(),
             ));
             let rt = Arc::new(ServiceRt {
                 name: s.name.clone(),
@@ -231,6 +254,41 @@ impl Snapshot {
                 plans: s.plans
                     && !config.plans.is_empty()
                     && s.authentication.unwrap_or(config.authentication.enabled),
+                cors: s
+                    .policies
+                    .cors
+                    .as_ref()
+                    .map(crate::proxy::cors::CorsRt::build),
+                request_rules: crate::proxy::header_rules::RulesRt::build(
+                    &s.policies.request_headers,
+                ),
+                response_rules: crate::proxy::header_rules::RulesRt::build(
+                    &s.policies.response_headers,
+                ),
+                rewrite: rewrites.get(i).cloned().flatten(),
+                ip_rules: crate::proxy::admission::IpRules::build(&s.policies),
+                in_flight: s
+                    .policies
+                    .max_in_flight
+                    .map(|max| crate::proxy::admission::InFlight::build(max, &config.plans)),
+                splits: s
+                    .split
+                    .iter()
+                    .map(|sp| crate::proxy::split::SplitRt {
+                        name: sp.name.clone(),
+                        weight: sp.weight,
+                        matches: sp.matches.clone(),
+                        pool: Arc::new(Pool::with_profile(
+                            sp.backends
+                                .iter()
+                                .map(|a| backends.get_or_create(a, &profile))
+                                .collect(),
+                            s.load_balancing,
+                            profile.clone(),
+                        )),
+                    })
+                    .collect(),
+                retry: crate::proxy::retry::RetryRt::build(&s.policies),
             });
             routes.push(Route {
                 path: s.path.clone(),
@@ -274,6 +332,12 @@ impl Snapshot {
             router: Router::new(routes),
             unmatched: metrics.service(UNMATCHED),
         }
+    }
+
+    /// Every pool of the snapshot (routes' and splits'): what passive ejection weighs a
+    /// backend's failure against.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.services.iter().flat_map(|s| s.pools().map(|p| &**p))
     }
 
     /// The pools fed by Consul, with the watch each follows.

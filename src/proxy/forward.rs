@@ -20,6 +20,7 @@ use super::outgoing::{check_switch, hop_by_hop_present, strip_hop_by_hop, Outgoi
 use crate::body::{Body, BodyFailure, BodyProgress, BodyState};
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
+use crate::upstream::Pool;
 use crate::upstream::{Backend, ConnectError, H2Failure, PoolReturn, Sender};
 
 /// The client's fault, when an upstream send failed because the client's body went over
@@ -157,6 +158,8 @@ impl Drop for InFlight {
 struct Attempts<'a> {
     snap: &'a Snapshot,
     svc: &'a ServiceRt,
+    /// The pool this request is served from: the route's, or its split's.
+    pool: &'a Pool,
     /// Backends (by pool index, first 64) that failed this request: not picked again.
     tried: u64,
     failures: usize,
@@ -167,10 +170,11 @@ struct Attempts<'a> {
 }
 
 impl<'a> Attempts<'a> {
-    fn new(snap: &'a Snapshot, svc: &'a ServiceRt) -> Self {
+    fn new(snap: &'a Snapshot, svc: &'a ServiceRt, pool: &'a Pool) -> Self {
         Attempts {
             snap,
             svc,
+            pool,
             tried: 0,
             failures: 0,
             max: svc.retries as usize + 1,
@@ -180,7 +184,7 @@ impl<'a> Attempts<'a> {
 
     /// The next backend to try, or why there is none.
     fn pick(&mut self) -> Result<(usize, Arc<Backend>), GatewayError> {
-        match self.svc.pool.pick(self.tried) {
+        match self.pool.pick(self.tried) {
             Some(p) => Ok(p),
             None => Err(self.exhausted()),
         }
@@ -196,7 +200,7 @@ impl<'a> Attempts<'a> {
         if self.failures > 0 {
             return GatewayError::ConnectFailed;
         }
-        let members = self.svc.pool.members();
+        let members = self.pool.members();
         match members.backends.iter().find_map(|b| b.tls_failure()) {
             Some((reason, detail)) => {
                 tracing::warn!(service = %self.svc.name, reason, detail, "no healthy backend: its health checks fail TLS");
@@ -211,7 +215,7 @@ impl<'a> Attempts<'a> {
     /// snapshot, see `upstream::record_failure`), under `reason`, and against the retry
     /// budget; Err when the budget is spent.
     fn failed(&mut self, idx: usize, backend: &Backend, reason: &str) -> Result<(), GatewayError> {
-        crate::upstream::record_failure(backend, self.snap.services.iter().map(|s| &*s.pool));
+        crate::upstream::record_failure(backend, self.snap.pools());
         self.errored(reason);
         self.failures += 1;
         if idx < 64 {
@@ -300,6 +304,8 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         host_per_backend,
         replayable,
         grpc,
+        pool,
+        split: _,
     } = out;
     let svc = &*service;
     let request_timeout = match grpc.and_then(|g| g.deadline) {
@@ -310,21 +316,14 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
     // failure of the backend, never stretched for a slow body.
     let client_deadline = request_timeout < svc.timeouts.request;
     let deadline = Instant::now() + request_timeout;
-    let mut attempts = Attempts::new(snap, svc);
-    if grpc.is_some()
-        && !svc
-            .pool
-            .members()
-            .backends
-            .iter()
-            .any(|b| b.may_speak_http2())
-    {
+    let mut attempts = Attempts::new(snap, svc, &pool);
+    if grpc.is_some() && !pool.members().backends.iter().any(|b| b.may_speak_http2()) {
         tracing::warn!(service = %svc.name, "a gRPC request on a route whose backends speak HTTP/1.1 only");
         attempts.errored("grpc_needs_http2");
         return Err(GatewayError::GrpcNeedsHttp2);
     }
     // Stale pooled connections are retried without counting; this bounds the loop regardless.
-    for _ in 0..(attempts.max + svc.pool.len() + 8) {
+    for _ in 0..(attempts.max + pool.len() + 8) {
         let (idx, backend) = attempts.pick()?;
         if grpc.is_some() && !backend.may_speak_http2() {
             // A mixed pool: this member cannot carry gRPC; another may.

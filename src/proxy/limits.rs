@@ -1,47 +1,55 @@
-//! Step 6 of the pipeline: the route's rate limit and quota, counted by client address,
-//! consumer or header.
+//! Step 6 of the pipeline (and the plan, step 5): the route's rate limit and quota, counted by
+//! client address, consumer or header, and the consumer's plan's.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 
-use super::ConnInfo;
 use crate::auth::Identity;
 use crate::error::{GatewayError, Reject};
+use crate::limits::PlanPolicy;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::state::State;
 
-/// Charges the request to the route's limits and its consumer's plan. Allowed: the RateLimit
-/// fields for the response. Refused: 429 with those fields and Retry-After; 403 when the
-/// consumer's plan is unknown or it has none (and there is no default plan); 503 when the store
+/// The consumer's plan on a route that applies plans: its credential's, else the default.
+/// 403 when the plan is unknown, or there is none and no default (counted as an auth failure).
+pub fn plan_of<'s>(
+    snap: &'s Snapshot,
+    svc: &ServiceRt,
+    identity: Option<&Identity>,
+) -> Result<Option<&'s Arc<PlanPolicy>>, Reject> {
+    match (&snap.plans, identity) {
+        (Some(plans), Some(id)) if svc.plans => match plans.resolve(id.plan.as_deref()) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => {
+                svc.metrics.auth_failure(e.label());
+                Err(GatewayError::PlanRefused(e).into())
+            }
+        },
+        _ => Ok(None),
+    }
+}
+
+/// Charges the request to the route's limits and its consumer's plan's. Allowed: the RateLimit
+/// fields for the response. Refused: 429 with those fields and Retry-After; 503 when the store
 /// is unavailable and the failure mode is closed.
 pub async fn check<B>(
     state: &State,
-    snap: &Snapshot,
     svc: &ServiceRt,
-    conn: ConnInfo,
+    ip: IpAddr,
+    plan: Option<&PlanPolicy>,
     identity: Option<&Identity>,
     req: &Request<B>,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, Reject> {
-    let plan = match (&snap.plans, identity) {
-        (Some(plans), Some(id)) if svc.plans => match plans.resolve(id.plan.as_deref()) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                svc.metrics.auth_failure(e.label());
-                return Err(GatewayError::PlanRefused(e).into());
-            }
-        },
-        _ => None,
-    };
     let route = svc.limits.as_ref();
     if route.is_none() && plan.is_none_or(|p| p.rate.is_none() && p.quota.is_none()) {
         return Ok(Vec::new());
     }
-    let ip = client_ip(snap, conn.peer.ip(), req.headers());
     // Boxed, so a route without limits does not carry the limiter's state in its future.
     let verdict = Box::pin(state.limiter.check(
         route,
-        plan.map(|p| &**p),
+        plan,
         &svc.metrics,
         ip,
         identity.map(|i| &*i.consumer),

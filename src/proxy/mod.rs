@@ -17,13 +17,19 @@
 //!
 //! Adding a phase is one call in [`run`] and its module.
 
+pub mod admission;
 pub mod authn;
+pub mod cors;
 pub mod edge;
 pub mod forward;
 pub mod grpc;
+pub mod header_rules;
 pub mod limits;
 pub mod outgoing;
+pub mod retry;
+pub mod rewrite;
 pub mod route;
+pub mod split;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -71,6 +77,14 @@ pub struct Context {
     refused: Option<u16>,
     /// The authenticated consumer, once authentication found one (per-consumer metrics).
     pub consumer: Option<Arc<str>>,
+    /// The consumer's plan, once resolved (header rules' `${plan}`).
+    pub plan: Option<Arc<str>>,
+    /// The client's address (the peer, or behind trusted proxies the forwarded one).
+    pub client_ip: std::net::IpAddr,
+    /// The routed service, for the response policies (CORS fields, response header rules).
+    pub service: Option<Arc<crate::snapshot::ServiceRt>>,
+    /// The request's `Origin`, when its route has `cors`.
+    pub origin: Option<HeaderValue>,
 }
 
 /// Entry point for every request on the public listeners.
@@ -93,6 +107,10 @@ pub async fn handle(
         grpc: grpc::Grpc::of(req.headers()),
         refused: None,
         consumer: None,
+        plan: None,
+        client_ip: conn.peer.ip(),
+        service: None,
+        origin: None,
         conn,
         snap,
     };
@@ -124,26 +142,53 @@ async fn run(
     let routed = route::route_request(&cx.snap, &req, host)?;
     let svc = routed.service.clone();
     cx.metrics = svc.metrics.clone();
+    cx.service = Some(svc.clone());
+    cx.client_ip = limits::client_ip(&cx.snap, cx.conn.peer.ip(), req.headers());
+    // 2b. Who may use the route: ipAllow, ipDeny.
+    admission::check_ip(&svc, cx.client_ip)?;
+    // 2c. CORS: a preflight is answered here, before anything else is spent on it.
+    if svc.cors.is_some() {
+        cx.origin = req.headers().get(header::ORIGIN).cloned();
+        if let Some(answer) = cors::preflight(&svc, &req) {
+            return Ok(answer);
+        }
+    }
     // 3. Size limits, before anything is spent on the request.
     edge::declared_size(&req, &svc)?;
     // 4. Authenticate.
     let identity = authn::authenticate(&cx.snap, &svc, &req).await?;
     cx.consumer = identity.as_ref().map(|i| i.consumer.clone());
-    // 5. Authorise: the route's scopes.
+    // 5. Authorise: the route's scopes; the consumer's plan.
     authn::authorize(&svc, identity.as_deref())?;
+    let plan = limits::plan_of(&cx.snap, &svc, identity.as_deref())?;
+    cx.plan = plan.map(|p| p.name.clone());
+    // 5b. Load shedding: a place among the route's requests in flight, by plan priority.
+    let _in_flight = admission::enter(&svc, plan.map(|p| &**p))?;
     // 6. Limits: the route's, and the consumer's plan's.
-    if svc.limits.is_some() || svc.plans {
-        cx.response_headers =
-            limits::check(state, &cx.snap, &svc, cx.conn, identity.as_deref(), &req).await?;
+    if svc.limits.is_some() || plan.is_some() {
+        cx.response_headers = limits::check(
+            state,
+            &svc,
+            cx.client_ip,
+            plan.map(|p| &**p),
+            identity.as_deref(),
+            &req,
+        )
+        .await?;
     }
-    // 7. The request as its backend gets it.
+    // 7. The request as its backend gets it (split, rewrite, header rules).
     let out = outgoing::prepare(
         &cx.snap,
         routed,
         req,
         identity.as_deref(),
         cx.conn,
-        &cx.request_id,
+        &header_rules::Vars {
+            consumer: cx.consumer.as_deref(),
+            request_id: &cx.request_id,
+            client_ip: cx.client_ip,
+            plan: cx.plan.as_deref(),
+        },
         cx.grpc,
     )?;
     // 8 and 9. Pick a backend, forward (retries), response policy.
@@ -155,6 +200,25 @@ async fn run(
 fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
     for (name, value) in cx.response_headers {
         resp.headers_mut().insert(name, value);
+    }
+    // The route's response policies, on every answer it gives (refusals included).
+    if let Some(svc) = &cx.service {
+        if svc.cors.is_some() {
+            for (name, value) in cors::response_fields(svc, cx.origin.as_ref()) {
+                resp.headers_mut().append(name, value);
+            }
+        }
+        if !svc.response_rules.is_empty() {
+            svc.response_rules.apply(
+                resp.headers_mut(),
+                &header_rules::Vars {
+                    consumer: cx.consumer.as_deref(),
+                    request_id: &cx.request_id,
+                    client_ip: cx.client_ip,
+                    plan: cx.plan.as_deref(),
+                },
+            );
+        }
     }
     let elapsed = cx.start.elapsed();
     let code = cx.refused.unwrap_or(resp.status().as_u16());

@@ -355,6 +355,10 @@ pub struct Outgoing {
     pub replayable: bool,
     /// A gRPC request: HTTP/2 upstream only, within its deadline.
     pub grpc: Option<super::grpc::Grpc>,
+    /// The pool the request goes to: the route's, or the split chosen for it.
+    pub pool: Arc<crate::upstream::Pool>,
+    /// The split chosen (index into `service.splits`), if the route has splits.
+    pub split: Option<usize>,
 }
 
 /// Turns a routed client request into the request its backend gets.
@@ -364,9 +368,10 @@ pub fn prepare(
     mut req: Request<Incoming>,
     identity: Option<&Identity>,
     conn: ConnInfo,
-    request_id: &str,
+    vars: &super::header_rules::Vars,
     grpc: Option<super::grpc::Grpc>,
 ) -> Result<Outgoing, GatewayError> {
+    let request_id = vars.request_id;
     let Routed {
         service,
         normalized,
@@ -436,6 +441,11 @@ pub fn prepare(
     if let Some(h) = upstream_host {
         parts.headers.insert(header::HOST, h);
     }
+    // The route's header rules, after the gateway's own fields (which they cannot name).
+    if !svc.request_rules.is_empty() {
+        svc.request_rules.apply(&mut parts.headers, vars);
+    }
+    let (pool, split) = super::split::choose(svc, &parts.headers);
     let replayable = parts.method.is_idempotent() && http_body::Body::is_end_stream(&body);
     // A body still to come is tracked, so a failure while the upstream waits on the client is
     // put down to the client; the body must also make progress every `headerRead` (nginx's
@@ -454,6 +464,8 @@ pub fn prepare(
         host_per_backend,
         replayable,
         grpc,
+        pool,
+        split,
     })
 }
 

@@ -138,6 +138,83 @@ pub static TOP: &[KeyDecl] = &[
     key("rateLimiting", Kind::Block(RATE_LIMIT), Text("off"), "top level = one limit shared by all routes per key, per service = that route's own"),
     key("redis", Kind::Block(REDIS), NONE, ""),
     key("consul", Kind::Block(CONSUL), NONE, ""),
+    key("cors", Kind::Block(CORS), NONE, "default for services: CORS answered by the gateway, see [Traffic policies](#traffic-policies)"),
+    key("requestHeaders", Kind::Block(REQUEST_HEADER_RULES), NONE, "default for services: header rules on the request sent upstream"),
+    key("responseHeaders", Kind::Block(RESPONSE_HEADER_RULES), NONE, "default for services: header rules on the response sent to the client"),
+    key("ipAllow", Kind::List(Item::Any), Value("[]"), "default for services: only these client addresses (IPs or CIDRs, IPv4 and IPv6; the client address as for rate limits), else 403"),
+    key("ipDeny", Kind::List(Item::Any), Value("[]"), "default for services: client addresses refused with 403 (checked before `ipAllow`)"),
+    key("circuitBreaker", Kind::Block(CIRCUIT_BREAKER), Text("passive ejection on gateway-side failures"), "default for services: ejection of failing backends"),
+    key("maxInFlight", Kind::Int { min: 1, max: 10_000_000 }, NONE, "default for services: requests in flight per service and instance; beyond it 503 at once with `Retry-After`"),
+    key("retryOn", Kind::List(Item::OneOf(RETRY_ON)), Value("[connect-failure]"), "default for services: what is retried on another backend (within `retries`)"),
+    key("retryBudget", Kind::Block(RETRY_BUDGET), NONE, "default for services: the share of requests that may be retries"),
+];
+
+/// `retryOn` words.
+pub const RETRY_ON: &[&str] = &["connect-failure", "reset", "500", "502", "503", "504"];
+
+/// `cors` (top level and per service).
+#[rustfmt::skip]
+pub static CORS: &[KeyDecl] = &[
+    key("allowOrigins", Kind::List(Item::Any), Value("[]"), "origins allowed: `https://app.example.com`, `https://*.example.com` (any subdomain) or `*`; another origin gets no CORS fields"),
+    key("allowMethods", Kind::List(Item::OneOfAnyCase(METHODS)), Value("[GET, HEAD, POST]"), "methods a preflight may ask for"),
+    key("allowHeaders", Kind::List(Item::Any), Value("[]"), "request headers a preflight may ask for"),
+    key("exposeHeaders", Kind::List(Item::Any), Value("[]"), "response headers scripts may read (`Access-Control-Expose-Headers`)"),
+    key("allowCredentials", Kind::Bool, Value("false"), "send `Access-Control-Allow-Credentials: true`; not with the origin `*` (refused at load)"),
+    key("maxAge", Kind::Duration, NONE, "how long a browser may cache a preflight's answer (`Access-Control-Max-Age`)"),
+];
+
+/// `requestHeaders` (top level and per service).
+#[rustfmt::skip]
+pub static REQUEST_HEADER_RULES: &[KeyDecl] = &[
+    key("set", Kind::Map, Value("{}"), "name → value, replacing the field; values may use `${consumer}`, `${request_id}`, `${client_ip}`, `${plan}`"),
+    key("add", Kind::Map, Value("{}"), "name → value, appended to the field's values"),
+    key("remove", Kind::List(Item::Any), Value("[]"), "names removed. Hop-by-hop fields, `Host`, `Content-Length` and the gateway's own (`X-Consumer-Id`, `X-Request-Id`, `X-Forwarded-For/-Proto/-Host`, `forwardClaims` headers) cannot be named"),
+];
+
+/// `responseHeaders` (top level and per service).
+#[rustfmt::skip]
+pub static RESPONSE_HEADER_RULES: &[KeyDecl] = &[
+    key("set", Kind::Map, Value("{}"), "as for `requestHeaders`"),
+    key("add", Kind::Map, Value("{}"), "as for `requestHeaders`"),
+    key("remove", Kind::List(Item::Any), Value("[]"), "names removed (`Server`, `X-Powered-By`). Hop-by-hop fields, `Content-Length` and `X-Request-Id` cannot be named"),
+];
+
+/// `services[].rewrite`.
+#[rustfmt::skip]
+pub static REWRITE: &[KeyDecl] = &[
+    required("regex", Kind::String, "regular expression (RE2 syntax, linear time) matched against the normalised path after routing"),
+    required("replacement", Kind::String, "the new path: `$1` or `${name}` name captures; normalised again (an invalid result is a 500, never forwarded)"),
+];
+
+/// `services[].split[]`.
+#[rustfmt::skip]
+pub static SPLIT: &[KeyDecl] = &[
+    required("name", Kind::String, "the split's name (metrics carry it)"),
+    required("weight", Kind::Int { min: 0, max: 1_000_000 }, "share of the requests no match claims"),
+    required("backends", Kind::List(Item::Any), "this split's pool, with its own health and balancing"),
+    key("match", Kind::Block(SPLIT_MATCH), NONE, "requests with these headers or cookies always go here"),
+];
+
+/// `services[].split[].match`.
+#[rustfmt::skip]
+pub static SPLIT_MATCH: &[KeyDecl] = &[
+    key("headers", Kind::Map, Value("{}"), "header name → exact value"),
+    key("cookies", Kind::Map, Value("{}"), "cookie name → exact value"),
+];
+
+/// `circuitBreaker` (top level and per service).
+#[rustfmt::skip]
+pub static CIRCUIT_BREAKER: &[KeyDecl] = &[
+    key("consecutive5xx", Kind::Int { min: 1, max: 1000 }, Value("5"), "consecutive 5xx answers or gateway-side failures that eject a backend"),
+    key("ejectFor", Kind::Duration, Value("30s"), "the first ejection; doubled while the backend keeps failing (up to 10x)"),
+    key("maxEjectedPercent", Kind::Int { min: 0, max: 100 }, Value("50"), "never more than this share of a pool ejected at once"),
+];
+
+/// `retryBudget` (top level and per service).
+#[rustfmt::skip]
+pub static RETRY_BUDGET: &[KeyDecl] = &[
+    key("percent", Kind::Number { min_exclusive: 0.0 }, Value("20"), "retries at most this percentage of the service's requests (over the last second)"),
+    key("minPerSecond", Kind::Int { min: 0, max: 1_000_000 }, Value("5"), "retries allowed per second whatever the traffic"),
 ];
 
 const LOAD_BALANCING: &[&str] = &["roundRobin", "leastRequest"];
@@ -257,6 +334,17 @@ pub static SERVICE: &[KeyDecl] = &[
     key("rateLimiting", Kind::Block(RATE_LIMIT), Text("top-level value"), "this route's own rate limit (`enabled: false` turns the global one off here); keys as in the top-level `rateLimiting`"),
     key("quota", Kind::Block(QUOTA), NONE, "requests per period, counted per key; a quota keyed by consumer on a route without authentication is an error"),
     key("escapedSlashes", Kind::Enum(ESCAPED_SLASHES), Text("top-level value (`reject`)"), "`%2F`, `%5C` or a raw `\\` in the path: `reject` (400, as Traefik's encoded-character filter), `keep` (forwarded as they came, never a separator for routing; for APIs with `%2F` in ids), `decode` (separators: decoded before normalisation and routing, and the request may only land on a route that decodes too). `%00` is always a 400"),
+    key("cors", Kind::Block(CORS), Text("top-level value"), "CORS for this route"),
+    key("requestHeaders", Kind::Block(REQUEST_HEADER_RULES), Text("top-level value"), "header rules on the request sent upstream"),
+    key("responseHeaders", Kind::Block(RESPONSE_HEADER_RULES), Text("top-level value"), "header rules on the response"),
+    key("rewrite", Kind::Block(REWRITE), NONE, "path rewrite (not with `stripPath`)"),
+    key("ipAllow", Kind::List(Item::Any), Text("top-level value"), "only these client addresses"),
+    key("ipDeny", Kind::List(Item::Any), Text("top-level value"), "client addresses refused"),
+    key("split", Kind::Blocks(SPLIT), NONE, "weighted pools instead of `backends` (canary releases)"),
+    key("circuitBreaker", Kind::Block(CIRCUIT_BREAKER), Text("top-level value"), "ejection of failing backends"),
+    key("maxInFlight", Kind::Int { min: 1, max: 10_000_000 }, Text("top-level value"), "requests in flight on this route per instance"),
+    key("retryOn", Kind::List(Item::OneOf(RETRY_ON)), Text("top-level value"), "what is retried"),
+    key("retryBudget", Kind::Block(RETRY_BUDGET), Text("top-level value"), "the share of requests that may be retries"),
     key("plans", Kind::Bool, Value("true"), "apply the consumer's plan limits on this route (authenticated routes, when `plans` are configured); `false` opts out. The route's own `rateLimiting` and `quota` apply as well"),
     key("requireScopes", Kind::List(Item::Any), Value("[]"), "scopes a credential must grant (all of them) for this route: from a JWT's `scope` (space-separated) or `scp` (array) claim, or an API key's `scopes`; else 403 with `WWW-Authenticate: Bearer error=\"insufficient_scope\"`"),
     key("allowedUpgrades", Kind::List(Item::Any), Text("top-level value (`[websocket]`)"), "`Upgrade` protocols tunnelled on this route (tokens such as `websocket`, any case); other `Upgrade` requests are forwarded as ordinary requests without it"),
@@ -282,6 +370,7 @@ pub static SERVICE_AUTHENTICATION: &[KeyDecl] = &[
 /// `plans.NAME`: one plan.
 #[rustfmt::skip]
 pub static PLAN: &[KeyDecl] = &[
+    key("priority", Kind::Int { min: 0, max: 1000 }, Value("0"), "under `maxInFlight` overload, requests of lower-priority plans are refused first"),
     key("rateLimiting", Kind::Block(PLAN_RATE), NONE, "the plan's rate limit, per consumer, shared by every route that applies plans"),
     key("quota", Kind::Block(PLAN_QUOTA), NONE, "the plan's quota, per consumer, shared by every route that applies plans and by every instance"),
 ];

@@ -4,6 +4,7 @@
 pub mod apikeys;
 pub mod duration;
 pub mod keys;
+mod policy;
 pub mod read;
 pub mod reference;
 pub mod schema;
@@ -16,6 +17,10 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
 
+pub use policy::{
+    CircuitBreaker, Cors, HeaderRules, Piece, Policies, RetryBudget, RetryOn, Rewrite, Split,
+    SplitMatch, Template, Var, RESERVED_REQUEST, RESERVED_RESPONSE,
+};
 use read::Reader;
 pub use types::*;
 

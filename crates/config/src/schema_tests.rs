@@ -158,7 +158,7 @@ fn check(s: &Value, v: &Value, at: &str, errs: &mut Vec<String>, unknown: &mut B
 
 /// (problems, unknown key paths) of a YAML text against the schema.
 fn validate(text: &str) -> (Vec<String>, BTreeSet<String>) {
-    let node = yaml::parse(text).unwrap_or_else(|e| panic!("YAML: {}", e.message));
+    let node = yaml::parse(text).unwrap_or_else(|e| panic!("YAML: {}: {text}", e.message));
     let (mut errs, mut unknown) = (Vec::new(), BTreeSet::new());
     check(&schema(), &to_json(&node), "", &mut errs, &mut unknown);
     (errs, unknown)
@@ -373,7 +373,7 @@ fn every_declared_key_is_known_and_no_other() {
         let text = if b.is_empty() {
             "zzzUnknown: 1\n".to_string()
         } else if b.ends_with("[]") {
-            format!("{{{}: [{{zzzUnknown: 1}}]}}", b.trim_end_matches("[]"))
+            nest(b.trim_end_matches("[]"), "[{zzzUnknown: 1}]")
         } else {
             nest(&b, "{zzzUnknown: 1}")
         };

@@ -159,6 +159,7 @@ pub(crate) fn read_plans(
         plans.insert(
             name.clone(),
             crate::Plan {
+                priority: r.uint(&f, "priority").unwrap_or(0) as u32,
                 rate_limiting,
                 quota,
             },
@@ -402,13 +403,32 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
             "applies to https:// backends, and this service has none (its traffic would go in cleartext)",
         );
     }
-    if backends.is_empty() && consul_service_name.is_none() {
+    let split = crate::policy::read_split(r, &f, &mut |r, b, line, p| read_backend(r, b, line, p));
+    if !split.is_empty() && (!backends.is_empty() || consul_service_name.is_some()) {
+        r.err(
+            f.key_line("split"),
+            &f.key_path("split"),
+            "instead of backends and consulServiceName, not with them",
+        );
+    }
+    if backends.is_empty() && consul_service_name.is_none() && split.is_empty() {
         r.err(
             f.line,
             path,
-            format!("service {name:?} needs backends or consulServiceName (or both)"),
+            format!("service {name:?} needs backends, consulServiceName (or both), or split"),
         );
     }
+    let rewrite = f
+        .get("rewrite")
+        .map(|n| crate::policy::read_rewrite(r, n, &f.key_path("rewrite")));
+    if rewrite.is_some() && r.bool(&f, "stripPath") == Some(true) {
+        r.err(
+            f.key_line("rewrite"),
+            &f.key_path("rewrite"),
+            "not with stripPath: write the prefix's removal into the rewrite",
+        );
+    }
+    let policies = crate::policy::read_policies(r, &f, &top.policies);
     let mut hosts = Vec::new();
     for (h, line) in r.string_list(&f, "hosts").unwrap_or_default() {
         // The same canonical form requests are matched in (rules::host); `*.` may lead.
@@ -553,6 +573,9 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
         auth_methods,
         require_scopes,
         plans: r.bool(&f, "plans").unwrap_or(true),
+        policies,
+        rewrite,
+        split,
         rate_limiting,
         quota,
         name,

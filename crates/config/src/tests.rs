@@ -139,7 +139,7 @@ fn cross_field_checks() {
     assert!(e.iter().any(|e| e.message.contains("already routes")));
 
     let e = errs("services:\n  - name: a\n    path: /a/\n");
-    assert!(e[0].message.contains("needs backends or consulServiceName"));
+    assert!(e[0].message.contains("needs backends, consulServiceName"));
 
     let e = errs("adminPort: 8000\nservices: []\n");
     assert!(e[0].message.contains("never served on the public port"));

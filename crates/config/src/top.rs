@@ -276,6 +276,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         authentication: Authentication::default(),
         api_keys: None,
         plans: Default::default(),
+        policies: Default::default(),
         tls: Tls {
             enabled: false,
             https_port: 8443,
@@ -345,6 +346,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         }
         cfg.trusted_proxies.push(p);
     }
+    cfg.policies = crate::policy::read_policies(r, &f, &crate::Policies::default());
     cfg.rate_limiting = f
         .get("rateLimiting")
         .map(|n| read_rate_limit(r, n, "rateLimiting"));
@@ -512,6 +514,19 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
                             "service {:?}: a rate limit keyed by consumer needs authentication on this route",
                             svc.name
                         ),
+                    );
+                }
+            }
+            for (claim, header) in &cfg.authentication.forward_claims {
+                let h = header.to_ascii_lowercase();
+                let rules = &svc.policies.request_headers;
+                if rules.set.iter().chain(&rules.add).any(|(n, _)| *n == h)
+                    || rules.remove.contains(&h)
+                {
+                    r.err(
+                        svc.line,
+                        &format!("{path}.requestHeaders"),
+                        format!("{header:?} carries the token's {claim:?} claim (authentication.forwardClaims): no rule may change it"),
                     );
                 }
             }

@@ -227,6 +227,8 @@ pub struct Quota {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
+    /// `priority`: under `maxInFlight` overload, lower priorities are refused first.
+    pub priority: u32,
     /// Keyed by consumer, enabled.
     pub rate_limiting: Option<RateLimit>,
     /// Keyed by consumer, enabled.
@@ -327,6 +329,12 @@ pub struct Service {
     pub require_scopes: Vec<String>,
     /// `plans`: whether the consumer's plan limits apply on this route (when authenticated).
     pub plans: bool,
+    /// Traffic policies: the service's own keys, else the top-level defaults.
+    pub policies: crate::Policies,
+    /// `rewrite`.
+    pub rewrite: Option<crate::Rewrite>,
+    /// `split`: named pools instead of `backends`.
+    pub split: Vec<crate::Split>,
     pub rate_limiting: Option<RateLimit>,
     pub quota: Option<Quota>,
     /// `escapedSlashes` for this route (default: the top-level value).
@@ -355,6 +363,8 @@ pub struct Config {
     pub api_keys: Option<ApiKeys>,
     /// `plans`, by name.
     pub plans: std::collections::BTreeMap<String, Plan>,
+    /// The top-level traffic policies: every service's defaults.
+    pub policies: crate::Policies,
     pub tls: Tls,
     pub redis: Option<Redis>,
     pub consul: Consul,
@@ -391,10 +401,23 @@ pub struct Config {
     pub file: String,
 }
 
-mod secs {
+pub(crate) mod secs {
     use std::time::Duration;
     pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+pub(crate) mod secs_opt {
+    use std::time::Duration;
+    pub(crate) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+            None => s.serialize_none(),
+        }
     }
 }
 

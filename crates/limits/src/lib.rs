@@ -154,6 +154,8 @@ pub fn plan_quota_scope(period_secs: u64) -> String {
 #[derive(Debug, Clone)]
 pub struct PlanPolicy {
     pub name: Arc<str>,
+    /// `priority`: under `maxInFlight` overload, lower priorities are refused first.
+    pub priority: u32,
     /// Kept with the plan's quota counters, so the ledger can name the plan that last counted.
     pub tag: u64,
     pub rate: Option<RatePolicy>,
@@ -224,6 +226,7 @@ impl Plans {
                 let items = policy_items("plan-", rate.as_ref(), quota.as_ref());
                 let name: Arc<str> = Arc::from(name.as_str());
                 let plan = PlanPolicy {
+                    priority: p.priority,
                     tag: plan_tag(&name),
                     name: name.clone(),
                     rate,
