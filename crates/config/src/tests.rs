@@ -355,3 +355,182 @@ fn upstream_key_errors_name_line_and_key() {
     );
     assert!(e[1].message.contains("use h2c://"), "{}", e[1].message);
 }
+
+#[test]
+fn traffic_policies_parse_with_top_level_defaults() {
+    let c = parse(
+        r#"
+cors: {allowOrigins: ["https://app.example.com", "https://*.Example.com"], allowCredentials: true, maxAge: 10m}
+requestHeaders: {set: {X-Env: "prod ${request_id}"}, remove: [X-Debug]}
+ipDeny: ["10.0.0.0/8", "2001:db8::/32"]
+maxInFlight: 200
+retryOn: [connect-failure, "503"]
+retryBudget: {percent: 20, minPerSecond: 5}
+circuitBreaker: {consecutive5xx: 3}
+plans:
+  free: {priority: 1, quota: {limit: 5, period: 1h}}
+services:
+  - name: a
+    path: /a/
+    backends: ["http://127.0.0.1:1"]
+  - name: b
+    path: /b/
+    split:
+      - {name: stable, weight: 90, backends: ["http://127.0.0.1:2"]}
+      - {name: canary, weight: 10, backends: ["http://127.0.0.1:3"], match: {headers: {X-Canary: "1"}, cookies: {canary: "yes"}}}
+    rewrite: {regex: "^/b/v1/(.*)$", replacement: "/v2/$1"}
+    cors: {allowOrigins: ["*"]}
+    ipDeny: []
+    maxInFlight: 5
+    retryOn: [reset]
+"#,
+        "t.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let a = &c.services[0].policies;
+    let cors = a.cors.as_ref().unwrap();
+    assert_eq!(
+        cors.allow_origins,
+        ["https://app.example.com", "https://*.example.com"]
+    );
+    assert_eq!(cors.allow_methods, ["GET", "HEAD", "POST"]);
+    assert_eq!(cors.max_age, Some(Duration::from_secs(600)));
+    assert_eq!(a.request_headers.set[0].0, "x-env");
+    assert_eq!(
+        a.request_headers.set[0].1.pieces,
+        [
+            crate::Piece::Text("prod ".into()),
+            crate::Piece::Var(crate::Var::RequestId)
+        ]
+    );
+    assert_eq!(a.request_headers.remove, ["x-debug"]);
+    assert_eq!(a.ip_deny.len(), 2);
+    assert_eq!(a.max_in_flight, Some(200));
+    assert_eq!(
+        a.retry_on,
+        [crate::RetryOn::ConnectFailure, crate::RetryOn::Status(503)]
+    );
+    assert_eq!(a.circuit_breaker.unwrap().consecutive_5xx, 3);
+    assert_eq!(a.circuit_breaker.unwrap().max_ejected_percent, 50);
+    assert_eq!(c.plans["free"].priority, 1);
+    // A service's own keys replace the defaults; the others are inherited.
+    let b = &c.services[1];
+    assert_eq!(b.policies.cors.as_ref().unwrap().allow_origins, ["*"]);
+    assert!(b.policies.ip_deny.is_empty());
+    assert_eq!(b.policies.max_in_flight, Some(5));
+    assert_eq!(b.policies.retry_on, [crate::RetryOn::Reset]);
+    assert_eq!(b.policies.request_headers.remove, ["x-debug"]);
+    assert_eq!(b.split.len(), 2);
+    assert_eq!(
+        b.split[1].matches.headers,
+        [("x-canary".into(), "1".into())]
+    );
+    assert_eq!(
+        b.split[1].matches.cookies,
+        [("canary".into(), "yes".into())]
+    );
+    assert_eq!(b.rewrite.as_ref().unwrap().replacement, "/v2/$1");
+    // Without policies: retries on connect failures only, nothing else.
+    let d = parse("services: []\n", "t.yaml").unwrap();
+    assert_eq!(d.policies, crate::Policies::default());
+}
+
+#[test]
+fn traffic_policy_errors_name_line_and_key() {
+    let svc = "services:\n  - name: a\n    path: /a/\n    backends: [\"http://127.0.0.1:1\"]\n";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "cors: {allowOrigins: [\"*\"], allowCredentials: true}\n",
+            "cors.allowCredentials",
+            "CORS protocol forbids",
+        ),
+        (
+            "cors: {allowOrigins: [\"https://a.com/path\"]}\n",
+            "cors.allowOrigins",
+            "is not an origin",
+        ),
+        (
+            "requestHeaders: {set: {Host: x}}\n",
+            "requestHeaders.set",
+            "set by the gateway",
+        ),
+        (
+            "requestHeaders: {remove: [X-Consumer-Id]}\n",
+            "requestHeaders.remove",
+            "set by the gateway",
+        ),
+        (
+            "responseHeaders: {add: {Transfer-Encoding: x}}\n",
+            "responseHeaders.add",
+            "set by the gateway",
+        ),
+        (
+            "requestHeaders: {set: {X-A: \"${user}\"}}\n",
+            "requestHeaders.set.x-a",
+            "unknown variable ${user}",
+        ),
+        (
+            "requestHeaders: {set: {X-A: \"${consumer\"}}\n",
+            "requestHeaders.set.x-a",
+            "without its",
+        ),
+        (
+            "requestHeaders: {set: {\"Bad Name\": x}}\n",
+            "requestHeaders.set",
+            "not a header name",
+        ),
+        ("ipAllow: [\"10.0.0.0/33\"]\n", "ipAllow", "expected an IP address or CIDR"),
+        ("retryOn: [\"501\"]\n", "retryOn", "is not"),
+        ("retryBudget: {percent: 120}\n", "retryBudget.percent", "at most 100"),
+        ("circuitBreaker: {maxEjectedPercent: 101}\n", "circuitBreaker.maxEjectedPercent", ""),
+        ("circuitBreaker: {ejectFor: 1ms}\n", "circuitBreaker.ejectFor", "at least 100ms"),
+        ("maxInFlight: 0\n", "maxInFlight", ""),
+        (
+            "authentication: {forwardClaims: {role: X-Role}}\nrequestHeaders: {set: {X-Role: admin}}\n",
+            "services[0].requestHeaders",
+            "forwardClaims",
+        ),
+    ];
+    for (top, key, want) in cases {
+        let e = errs(&format!("{top}{svc}"));
+        assert!(
+            e.iter()
+                .any(|e| e.key == *key && e.message.contains(want) && e.line > 0),
+            "{top}: want {key}: {want}, got {e:?}"
+        );
+    }
+    let split = "services:\n  - name: a\n    path: /a/\n    backends: [\"http://127.0.0.1:1\"]\n    split:\n      - {name: s, weight: 1, backends: [\"http://127.0.0.1:2\"]}\n";
+    let e = errs(split);
+    assert!(
+        e.iter()
+            .any(|e| e.key == "services[0].split" && e.line == 5),
+        "{e:?}"
+    );
+    let zero = "services:\n  - name: a\n    path: /a/\n    split:\n      - {name: s, weight: 0, backends: [\"http://127.0.0.1:2\"]}\n      - {name: s, weight: 0, backends: []}\n";
+    let e = errs(zero);
+    assert!(
+        e.iter().any(|e| e.message.contains("every weight is 0")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|e| e.message.contains("duplicate split")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|e| e.message.contains("at least one backend")),
+        "{e:?}"
+    );
+    let strip = "services:\n  - name: a\n    path: /a/\n    stripPath: true\n    backends: [\"http://127.0.0.1:1\"]\n    rewrite: {regex: \"^/a/(.*)\", replacement: \"/$1\"}\n";
+    let e = errs(strip);
+    assert!(
+        e.iter()
+            .any(|e| e.key == "services[0].rewrite" && e.message.contains("stripPath")),
+        "{e:?}"
+    );
+    let no_regex = "services:\n  - name: a\n    path: /a/\n    backends: [\"http://127.0.0.1:1\"]\n    rewrite: {replacement: \"/x\"}\n";
+    let e = errs(no_regex);
+    assert!(
+        e.iter().any(|e| e.key == "services[0].rewrite.regex"),
+        "{e:?}"
+    );
+}
