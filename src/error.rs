@@ -29,8 +29,15 @@ pub enum GatewayError {
     /// The consumer's plan is unknown, or it has none and there is no default plan.
     #[error("403 Forbidden: {0}")]
     PlanRefused(#[from] crate::limits::PlanError),
+    /// The client address is not allowed on the route (`ipAllow`, `ipDeny`).
+    #[error("403 Forbidden: client address not allowed on this route")]
+    IpDenied,
     #[error("limit store unavailable")]
     LimitsUnavailable,
+    /// The route has `maxInFlight` requests in flight (or as many as the request's plan
+    /// priority may fill): refused at once, never queued.
+    #[error("503 Service Unavailable: too many requests in flight on this route")]
+    Overloaded,
     #[error("bad request path: {0}")]
     BadPath(#[from] PathError),
     #[error("request body larger than the limit of {0} bytes")]
@@ -84,8 +91,12 @@ impl GatewayError {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Forbidden(_) | GatewayError::PlanRefused(_) => StatusCode::FORBIDDEN,
-            GatewayError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Forbidden(_) | GatewayError::PlanRefused(_) | GatewayError::IpDenied => {
+                StatusCode::FORBIDDEN
+            }
+            GatewayError::LimitsUnavailable | GatewayError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadBody(_) | GatewayError::BadRequest(_) | GatewayError::BadHost(_) => {
@@ -128,7 +139,12 @@ impl GatewayError {
             | GatewayError::Unauthorized(_)
             | GatewayError::Forbidden(_)
             | GatewayError::PlanRefused(_)
+            | GatewayError::IpDenied
             | GatewayError::TooManyRequests => Side::Client,
+            // Load shedding is the policy answering as configured, like a 429, and counted
+            // (`InFlight::shed`): logging each refusal would flood the log at the very moment
+            // the gateway is busiest.
+            GatewayError::Overloaded => Side::Client,
             GatewayError::LimitsUnavailable => Side::Gateway,
             GatewayError::NoHealthyBackend
             | GatewayError::ConnectFailed
@@ -284,6 +300,8 @@ mod grpc_tests {
             (GatewayError::BodyTooLarge(1), 8),
             (GatewayError::NoHealthyBackend, 14),
             (GatewayError::ConnectFailed, 14),
+            (GatewayError::IpDenied, 7),
+            (GatewayError::Overloaded, 14),
             (GatewayError::UpstreamTimeout, 4),
             (GatewayError::Upstream("x".into()), 13),
             (GatewayError::GrpcNeedsHttp2, 12),
