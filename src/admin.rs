@@ -343,26 +343,46 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             "config": &snap.settings.shown,
         })),
         "/admin/upstreams" => {
+            // A pool's backends: health (`circuitBreaker` true while a circuit breaker's
+            // ejection is in force), load, pooled connections, where the address came from.
+            let backends = |pool: &crate::upstream::Pool| -> Vec<serde_json::Value> {
+                let members = pool.members();
+                members
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        serde_json::json!({
+                            "address": b.addr.to_string(),
+                            "healthy": b.is_healthy(),
+                            "circuitBreaker": b.breaker_ejected(),
+                            "inFlight": b.in_flight.load(Ordering::Relaxed),
+                            "idleConnections": b.idle_count(),
+                            "source": if i < members.static_count { "static" } else { "consul" },
+                        })
+                    })
+                    .collect()
+            };
             let services: Vec<_> = snap
                 .services
                 .iter()
                 .map(|s| {
-                    let members = s.pool.members();
-                    let backends: Vec<_> = members
-                        .backends
-                        .iter()
-                        .enumerate()
-                        .map(|(i, b)| {
-                            serde_json::json!({
-                                "address": b.addr.to_string(),
-                                "healthy": b.is_healthy(),
-                                "inFlight": b.in_flight.load(Ordering::Relaxed),
-                                "idleConnections": b.idle_count(),
-                                "source": if i < members.static_count { "static" } else { "consul" },
+                    let mut v =
+                        serde_json::json!({ "service": s.name, "backends": backends(&s.pool) });
+                    if !s.splits.is_empty() {
+                        v["splits"] = s
+                            .splits
+                            .iter()
+                            .map(|sp| {
+                                serde_json::json!({
+                                    "split": sp.name,
+                                    "weight": sp.weight,
+                                    "backends": backends(&sp.pool),
+                                })
                             })
-                        })
-                        .collect();
-                    serde_json::json!({ "service": s.name, "backends": backends })
+                            .collect();
+                    }
+                    v
                 })
                 .collect();
             json(serde_json::json!({ "generation": snap.generation, "services": services }))

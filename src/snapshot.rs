@@ -286,6 +286,7 @@ impl Snapshot {
                             s.load_balancing,
                             profile.clone(),
                         )),
+                        metrics: metrics.service(&s.name).split(&sp.name),
                     })
                     .collect(),
                 retry: crate::proxy::retry::RetryRt::build(&s.policies),

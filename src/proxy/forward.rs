@@ -7,6 +7,14 @@
 //! the backend, so no client can eject a shared backend. A backend is late only when it has not
 //! answered `timeouts.request` after the whole request, body included, was sent
 //! (`within_deadline`): a slow upload never spends the backend's time.
+//!
+//! Retries (`retryOn`, within `retries`, the request's deadline and the route's
+//! `retryBudget`) go to another backend: a request never written (`connect-failure`, any
+//! method); after it was sent (`reset`, a 500/502/503/504 the backend answered) only a safe
+//! one: an idempotent method, no body or one still whole in the replay copy (64 KiB), neither
+//! an upgrade nor gRPC. A request resent on a stale pooled connection or refused unprocessed
+//! by an HTTP/2 backend is no retry: it is sent again without counting. With a
+//! `circuitBreaker`, 5xx answers count towards ejection too (`Attempts::answered_5xx`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,11 +25,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::outgoing::{check_switch, hop_by_hop_present, strip_hop_by_hop, Outgoing, Upgrade};
+use super::retry::Why;
 use crate::body::{Body, BodyFailure, BodyProgress, BodyState};
 use crate::error::GatewayError;
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::Pool;
-use crate::upstream::{Backend, ConnectError, H2Failure, PoolReturn, Sender};
+use crate::upstream::{Backend, ConnectError, Failure, H2Failure, PoolReturn, Sender};
 
 /// The client's fault, when an upstream send failed because the client's body went over
 /// its limit (413), stopped arriving (408) or could not be read (400: bad chunked framing, a
@@ -153,6 +162,18 @@ impl Drop for InFlight {
     }
 }
 
+/// What may follow an attempt that did not give the client its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Another attempt, on another backend (counted as a retry).
+    Retry,
+    /// None: no attempt left, the route does not retry this, the deadline has passed or the
+    /// budget is spent.
+    Stop,
+    /// Allowed, but no other backend is healthy: nothing counted; the pick that follows fails.
+    Nowhere,
+}
+
 /// The attempts of one request: which backends failed, and the one place a failure is
 /// recorded (passive health, the service's error count by reason, the retry budget).
 struct Attempts<'a> {
@@ -162,15 +183,17 @@ struct Attempts<'a> {
     pool: &'a Pool,
     /// Backends (by pool index, first 64) that failed this request: not picked again.
     tried: u64,
+    /// Attempts that failed or answered a status that is retried.
     failures: usize,
     max: usize,
+    deadline: Instant,
     /// The last TLS failure: when every attempt failed, the client is told that (502), not a
     /// generic "could not connect" (503).
     tls: Option<GatewayError>,
 }
 
 impl<'a> Attempts<'a> {
-    fn new(snap: &'a Snapshot, svc: &'a ServiceRt, pool: &'a Pool) -> Self {
+    fn new(snap: &'a Snapshot, svc: &'a ServiceRt, pool: &'a Pool, deadline: Instant) -> Self {
         Attempts {
             snap,
             svc,
@@ -178,6 +201,7 @@ impl<'a> Attempts<'a> {
             tried: 0,
             failures: 0,
             max: svc.retries as usize + 1,
+            deadline,
             tls: None,
         }
     }
@@ -211,21 +235,72 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// A failure `backend` caused: counted against it (weighed against every pool of the
-    /// snapshot, see `upstream::record_failure`), under `reason`, and against the retry
-    /// budget; Err when the budget is spent.
-    fn failed(&mut self, idx: usize, backend: &Backend, reason: &str) -> Result<(), GatewayError> {
-        crate::upstream::record_failure(backend, self.snap.pools());
+    /// Every pool of the snapshot with the share of it passive ejection may take out (its
+    /// route's `maxEjectedPercent`, half without a circuit breaker).
+    fn pools(&self) -> impl Iterator<Item = (&'a Pool, u32)> + 'a {
+        self.snap.services.iter().flat_map(|s| {
+            let percent = s.retry.max_ejected_percent();
+            s.pools().map(move |p| (&**p, percent))
+        })
+    }
+
+    /// A failure `backend` caused: counted against it (its passive health or the route's
+    /// circuit breaker, weighed against every pool of the snapshot, see
+    /// `upstream::record_failure`) and under `reason`; the backend is not tried again.
+    fn failed(&mut self, idx: usize, backend: &Backend, reason: &str) {
+        crate::upstream::record_failure(
+            backend,
+            Failure::Gateway,
+            self.svc.retry.breaker.as_ref(),
+            self.pools(),
+        );
         self.errored(reason);
+        self.attempted(idx);
+    }
+
+    /// A 5xx the backend answered, on a route with a circuit breaker: counted towards its
+    /// ejection (never without one: a 5xx is then an answer like any other).
+    fn answered_5xx(&self, backend: &Backend) {
+        crate::upstream::record_failure(
+            backend,
+            Failure::Status,
+            self.svc.retry.breaker.as_ref(),
+            self.pools(),
+        );
+    }
+
+    /// An attempt spent without the client's answer: the backend is not tried again.
+    fn attempted(&mut self, idx: usize) {
         self.failures += 1;
         if idx < 64 {
             self.tried |= 1 << idx;
         }
-        if self.failures >= self.max {
-            Err(self.exhausted())
-        } else {
-            Ok(())
+    }
+
+    /// Whether every attempt `retries` allows is spent.
+    fn spent(&self) -> bool {
+        self.failures >= self.max
+    }
+
+    /// Whether the request goes to another backend after an attempt that met `why`: an
+    /// attempt left, the deadline not passed, a healthy backend not yet tried, and room in the
+    /// route's budget. The caller has checked that `retryOn` names `why` and that the request
+    /// is safe to send again. Counts the retry, or the budget's refusal.
+    fn retry(&mut self, why: Why) -> Next {
+        if self.spent() || Instant::now() >= self.deadline {
+            return Next::Stop;
         }
+        if !self.pool.any_usable(self.tried) {
+            return Next::Nowhere;
+        }
+        if let Some(budget) = &self.svc.retry.budget {
+            if !budget.try_retry() {
+                self.svc.metrics.retry_budget_exhausted();
+                return Next::Stop;
+            }
+        }
+        self.svc.metrics.retry(why.reason());
+        Next::Retry
     }
 
     /// A member that cannot take this request (HTTP/1.1 only, for gRPC): not picked again,
@@ -292,10 +367,46 @@ fn rebuild(
 
 static TE: http::HeaderName = http::HeaderName::from_static("te");
 
-/// Sends `out` to a backend of its service, retrying a request that was never written (or a
-/// replayable one) on another backend, within `timeouts.request` (or a gRPC request's shorter
-/// `grpc-timeout`).
+/// The body to send a request again with, when it is safe to: none, or the whole body kept
+/// in its replay copy (complete, at most 64 KiB, no trailers).
+fn resend_body(progress: Option<&BodyProgress>) -> Option<Body> {
+    match progress {
+        None => Some(Body::Empty),
+        Some(p) => p.replay().map(Body::full),
+    }
+}
+
+/// Lets go of an answer that is not passed on (a retried status): its connection goes back to
+/// the pool if the body is already over, else it is closed with it (HTTP/2: the stream reset).
+fn discard(resp: Response<Incoming>, backend: &Arc<Backend>, sender: Sender) {
+    if let Sender::Http1(s) = sender {
+        if http_body::Body::is_end_stream(resp.body()) {
+            PoolReturn::new(backend.clone(), s).give_back();
+        }
+    }
+}
+
+/// Sends `out` to a backend of its service (see [`send`]); counts the answer of a split.
 pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayError> {
+    let Some(counts) = out
+        .split
+        .and_then(|i| out.service.splits.get(i))
+        .map(|s| s.metrics.clone())
+    else {
+        return send(snap, out).await;
+    };
+    let result = send(snap, out).await;
+    counts.count(match &result {
+        Ok(resp) => resp.status().as_u16(),
+        Err(e) => e.status().as_u16(),
+    });
+    result
+}
+
+/// Sends `out` to a backend of its service, retrying on another backend what `retryOn`
+/// allows (a request never written, a safe request after a reset or a retried status), within
+/// `timeouts.request` (or a gRPC request's shorter `grpc-timeout`).
+async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayError> {
     let Outgoing {
         service,
         mut req,
@@ -316,7 +427,16 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
     // failure of the backend, never stretched for a slow body.
     let client_deadline = request_timeout < svc.timeouts.request;
     let deadline = Instant::now() + request_timeout;
-    let mut attempts = Attempts::new(snap, svc, &pool);
+    let mut attempts = Attempts::new(snap, svc, &pool, deadline);
+    if let Some(budget) = &svc.retry.budget {
+        budget.request();
+    }
+    // Whether the request may be sent again after it was sent (a reset, a retried status):
+    // then each attempt keeps a copy of its head.
+    let resendable = svc.retry.after_sending()
+        && upgrade.is_none()
+        && grpc.is_none()
+        && req.method().is_idempotent();
     if grpc.is_some() && !pool.members().backends.iter().any(|b| b.may_speak_http2()) {
         tracing::warn!(service = %svc.name, "a gRPC request on a route whose backends speak HTTP/1.1 only");
         attempts.errored("grpc_needs_http2");
@@ -349,9 +469,15 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                         detail: e.to_string(),
                     });
                 }
-                attempts.failed(idx, &backend, e.reason())?;
+                attempts.failed(idx, &backend, e.reason());
+                if attempts.spent() {
+                    return Err(attempts.exhausted());
+                }
                 if Instant::now() >= deadline {
                     return Err(GatewayError::UpstreamTimeout);
+                }
+                if !svc.retry.connect || attempts.retry(Why::ConnectFailure) == Next::Stop {
+                    return Err(attempts.exhausted());
                 }
                 continue;
             }
@@ -382,8 +508,9 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
             }
         }
         // A copy of the head to send the request again: an idempotent request without a body
-        // after a broken connection, or any request an HTTP/2 backend did not process.
-        let replay = (replayable || sender.is_http2()).then(|| {
+        // after a broken connection, any request an HTTP/2 backend did not process, a safe
+        // request on a route that retries after sending.
+        let replay = (replayable || sender.is_http2() || resendable).then(|| {
             (
                 req.method().clone(),
                 req.uri().clone(),
@@ -430,8 +557,8 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                 return Err(GatewayError::DeadlineExceeded);
             }
             Err(Late::Backend) => {
-                // The budget is beside the point: the time is spent.
-                let _ = attempts.failed(idx, &backend, "response_timeout");
+                // No retry: the time is spent.
+                attempts.failed(idx, &backend, "response_timeout");
                 return Err(GatewayError::UpstreamTimeout);
             }
             Ok(Ok(resp)) => resp,
@@ -445,7 +572,10 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                     }
                     req = unsent;
                     if !reused {
-                        attempts.failed(idx, &backend, "connection_error")?;
+                        attempts.failed(idx, &backend, "connection_error");
+                        if !svc.retry.connect || attempts.retry(Why::ConnectFailure) == Next::Stop {
+                            return Err(attempts.exhausted());
+                        }
                     }
                     continue;
                 }
@@ -466,7 +596,7 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                 if let Some(tls) = tls_failure(&err) {
                     if let GatewayError::UpstreamTls { reason, .. } = &tls {
                         tracing::warn!(backend = %backend.addr, reason, error = %err, "upstream TLS failure");
-                        let _ = attempts.failed(idx, &backend, reason);
+                        attempts.failed(idx, &backend, reason);
                     }
                     return Err(tls);
                 }
@@ -481,6 +611,18 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                         // does not serve): no sign the backend or the connection is unwell.
                         tracing::debug!(backend = %backend.addr, error = %err, "the backend reset the stream");
                         attempts.errored("stream_reset");
+                        // With `reset`, a safe request goes to another backend (the reset is
+                        // still not counted against this one).
+                        let again = (svc.retry.reset && resendable)
+                            .then(|| resend_body(progress.as_deref()))
+                            .flatten();
+                        if let (Some(head), Some(body)) = (replay, again) {
+                            attempts.attempted(idx);
+                            if attempts.retry(Why::Reset) == Next::Retry {
+                                req = rebuild(head, body);
+                                continue;
+                            }
+                        }
                         return Err(GatewayError::Upstream(
                             "the backend reset the stream".into(),
                         ));
@@ -506,15 +648,32 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
                     Some(H2Failure::Connection) | None => {}
                 }
                 backend.drop_shared_h2(&sender);
-                let retry = if reused {
+                if reused {
+                    // A pooled connection the backend had closed: an idempotent request
+                    // without a body is sent again, not counted as a retry.
                     attempts.errored("connection_error");
-                    true
+                    match replay {
+                        Some(head) if replayable => {
+                            req = rebuild(head, Body::Empty);
+                            continue;
+                        }
+                        _ => return Err(GatewayError::Upstream(err.to_string())),
+                    }
+                }
+                attempts.failed(idx, &backend, "connection_error");
+                // The connection closed before a response head: an idempotent request without
+                // a body is sent again under `connect-failure` (HexGate always did) or `reset`;
+                // with `reset`, one whose body is still whole in its replay copy too.
+                let again = if replayable && (svc.retry.connect || svc.retry.reset) {
+                    Some(Body::Empty)
+                } else if svc.retry.reset && resendable {
+                    resend_body(progress.as_deref())
                 } else {
-                    attempts.failed(idx, &backend, "connection_error").is_ok()
+                    None
                 };
-                match replay {
-                    Some(head) if retry && replayable => {
-                        req = rebuild(head, Body::Empty);
+                match (replay, again) {
+                    (Some(head), Some(body)) if attempts.retry(Why::Reset) != Next::Stop => {
+                        req = rebuild(head, body);
                         continue;
                     }
                     _ => return Err(GatewayError::Upstream(err.to_string())),
@@ -545,8 +704,26 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
         } else {
             resp
         };
-        backend.record_success();
+        let status = resp.status().as_u16();
+        if svc.retry.breaker.is_some() && (500..600).contains(&status) {
+            attempts.answered_5xx(&backend);
+        } else {
+            backend.record_success();
+        }
         svc.metrics.upstream_duration.observe(sent_at.elapsed());
+        if resendable && svc.retry.on_status(status) {
+            // Decided on the head: nothing of this answer has reached the client. The last
+            // attempt's answer is passed on as it is.
+            if let (Some(head), Some(body)) = (replay, resend_body(progress.as_deref())) {
+                attempts.attempted(idx);
+                if attempts.retry(Why::Status(status)) == Next::Retry {
+                    tracing::debug!(backend = %backend.addr, status, "retried on another backend");
+                    discard(resp, &backend, sender);
+                    req = rebuild(head, body);
+                    continue;
+                }
+            }
+        }
         return respond(resp, backend, sender, upgrade);
     }
     Err(GatewayError::ConnectFailed)

@@ -54,6 +54,8 @@ pub const UPSTREAM_REASONS: [&str; 12] = [
     "stream_reset",
     "grpc_needs_http2",
 ];
+/// Labels of `hexgate_upstream_retries_total{reason}`, in counter order.
+pub const RETRY_REASONS: [&str; 6] = ["connect_failure", "reset", "500", "502", "503", "504"];
 /// Labels of `hexgate_ratelimit_decisions_total{result}`, in counter order.
 pub const LIMIT_RESULTS: [&str; 4] = ["allowed", "limited", "failed_open", "failed_closed"];
 /// Labels of `hexgate_ratelimit_decisions_total{limit}`, in counter order.
@@ -80,6 +82,14 @@ pub const REDIS_REQUEST_DURATION: &str = "hexgate_redis_request_duration_seconds
 pub const CONSUMER_REQUESTS_TOTAL: &str = "hexgate_consumer_requests_total";
 /// Quota ledger changes made through the admin endpoints, by action ([`LEDGER_ACTIONS`]).
 pub const QUOTA_LEDGER_CHANGES_TOTAL: &str = "hexgate_quota_ledger_changes_total";
+
+/// Retries on another backend, by service and reason ([`RETRY_REASONS`]).
+pub const UPSTREAM_RETRIES_TOTAL: &str = "hexgate_upstream_retries_total";
+/// Retries refused by a route's `retryBudget`, by service.
+pub const UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL: &str =
+    "hexgate_upstream_retry_budget_exhausted_total";
+/// Requests sent to a route's splits, by service, split and status code.
+pub const SPLIT_REQUESTS_TOTAL: &str = "hexgate_split_requests_total";
 
 /// Service label used for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -174,6 +184,46 @@ impl Histogram {
     }
 }
 
+/// Requests by status code: a lock-free slot per common code, a small locked list for others.
+#[derive(Default)]
+pub struct CodeCounts {
+    codes: [AtomicU64; CODES.len()],
+    other_codes: Mutex<Vec<(u16, u64)>>,
+}
+
+impl CodeCounts {
+    pub fn count(&self, code: u16) {
+        match CODES.iter().position(|c| *c == code) {
+            Some(i) => {
+                self.codes[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                if let Ok(mut others) = self.other_codes.lock() {
+                    match others.iter_mut().find(|(c, _)| *c == code) {
+                        Some((_, n)) => *n += 1,
+                        None => others.push((code, 1)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// (code, count) for every code counted, in code order.
+    pub fn counts(&self) -> Vec<(u16, u64)> {
+        let mut out: Vec<(u16, u64)> = CODES
+            .iter()
+            .zip(&self.codes)
+            .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if let Ok(others) = self.other_codes.lock() {
+            out.extend(others.iter().copied());
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
 #[derive(Default)]
 pub struct MethodMetrics {
     codes: [AtomicU64; CODES.len()],
@@ -215,6 +265,11 @@ pub struct ServiceMetrics {
     pub limit_decisions: [[AtomicU64; 4]; LIMITS.len()],
     /// Authenticated requests by consumer and code, bounded (see [`consumers`]).
     consumers: Mutex<consumers::ConsumerTable>,
+    /// Indexed like [`RETRY_REASONS`].
+    pub retries: [AtomicU64; RETRY_REASONS.len()],
+    pub retry_budget_exhausted: AtomicU64,
+    /// Requests by split name and code; handles resolved when a snapshot is built.
+    splits: Mutex<Vec<(String, Arc<CodeCounts>)>>,
 }
 
 impl ServiceMetrics {
@@ -228,7 +283,36 @@ impl ServiceMetrics {
             auth_failures: Default::default(),
             limit_decisions: Default::default(),
             consumers: Mutex::new(consumers::ConsumerTable::new()),
+            retries: Default::default(),
+            retry_budget_exhausted: AtomicU64::new(0),
+            splits: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Counts a retry on another backend by its reason (an index into [`RETRY_REASONS`]).
+    pub fn retry(&self, reason: usize) {
+        if let Some(c) = self.retries.get(reason) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a retry the route's budget refused.
+    pub fn retry_budget_exhausted(&self) {
+        self.retry_budget_exhausted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters of split `name` (created on first use, kept across reloads).
+    pub fn split(&self, name: &str) -> Arc<CodeCounts> {
+        let mut splits = match self.splits.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((_, c)) = splits.iter().find(|(n, _)| n == name) {
+            return c.clone();
+        }
+        let c = Arc::new(CodeCounts::default());
+        splits.push((name.to_string(), c.clone()));
+        c
     }
 
     pub fn limit_decision(&self, limit: usize, result: usize) {
@@ -421,6 +505,54 @@ impl Registry {
                 }
             }
         }
+        let _ = writeln!(out, "# HELP {UPSTREAM_RETRIES_TOTAL} Requests sent again to another backend, by service and reason (what the previous attempt met).");
+        let _ = writeln!(out, "# TYPE {UPSTREAM_RETRIES_TOTAL} counter");
+        for s in &services {
+            for (i, reason) in RETRY_REASONS.iter().enumerate() {
+                let v = s.retries[i].load(Ordering::Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{UPSTREAM_RETRIES_TOTAL}{{service=\"{}\",reason=\"{reason}\"}} {v}",
+                        s.name
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP {UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL} Retries not made because the route's retryBudget was spent, by service.");
+        let _ = writeln!(
+            out,
+            "# TYPE {UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL} counter"
+        );
+        for s in &services {
+            let v = s.retry_budget_exhausted.load(Ordering::Relaxed);
+            if v > 0 {
+                let _ = writeln!(
+                    out,
+                    "{UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL}{{service=\"{}\"}} {v}",
+                    s.name
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP {SPLIT_REQUESTS_TOTAL} Requests sent to a route's splits, by service, split and status code.");
+        let _ = writeln!(out, "# TYPE {SPLIT_REQUESTS_TOTAL} counter");
+        for s in &services {
+            let mut splits: Vec<(String, Arc<CodeCounts>)> = match s.splits.lock() {
+                Ok(v) => v.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            splits.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, counts) in &splits {
+                let name = escape_label(name);
+                for (code, v) in counts.counts() {
+                    let _ = writeln!(
+                        out,
+                        "{SPLIT_REQUESTS_TOTAL}{{service=\"{}\",split=\"{name}\",code=\"{code}\"}} {v}",
+                        s.name
+                    );
+                }
+            }
+        }
         let _ = writeln!(out, "# HELP {GRPC_REQUESTS_TOTAL} gRPC requests, by service, HTTP status code and grpc-status (\"\" when the answer carried none).");
         let _ = writeln!(out, "# TYPE {GRPC_REQUESTS_TOTAL} counter");
         for s in &services {
@@ -603,6 +735,35 @@ mod tests {
     fn label_values_are_escaped() {
         assert!(matches!(escape_label("plain-name.1"), Cow::Borrowed(_)));
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn retry_and_split_series_are_rendered() {
+        let r = Registry::default();
+        let s = r.service("web");
+        s.retry(4);
+        s.retry(4);
+        s.retry(0);
+        s.retry(99);
+        s.retry_budget_exhausted();
+        let canary = s.split("canary");
+        canary.count(200);
+        canary.count(200);
+        canary.count(599);
+        assert!(Arc::ptr_eq(&canary, &s.split("canary")));
+        s.split("stable");
+        let out = r.render(&[]);
+        for want in [
+            "# TYPE hexgate_upstream_retries_total counter\n",
+            "hexgate_upstream_retries_total{service=\"web\",reason=\"503\"} 2\n",
+            "hexgate_upstream_retries_total{service=\"web\",reason=\"connect_failure\"} 1\n",
+            "hexgate_upstream_retry_budget_exhausted_total{service=\"web\"} 1\n",
+            "hexgate_split_requests_total{service=\"web\",split=\"canary\",code=\"200\"} 2\n",
+            "hexgate_split_requests_total{service=\"web\",split=\"canary\",code=\"599\"} 1\n",
+        ] {
+            assert!(out.contains(want), "{want} missing:\n{out}");
+        }
+        assert!(!out.contains("split=\"stable\""), "{out}");
     }
 
     #[test]

@@ -5,14 +5,15 @@
 //! connections and health state (see `BackendSet`).
 //!
 //! Passive ejection has a floor (in the spirit of Envoy's panic threshold): failures seen on
-//! requests never eject more than half of any pool (see [`record_failure`]), so no stream of
-//! requests, however bad, can empty one. Active health checks are not bound by it.
+//! requests never eject more than half of any pool, or a route's `circuitBreaker.maxEjectedPercent`
+//! of it (see [`record_failure`]), so no stream of requests, however bad, can empty one. Active
+//! health checks are not bound by it.
 
 pub mod health;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use hexgate_config::{BackendAddr, LoadBalancing, Scheme, UpstreamProtocol};
+use hexgate_config::{BackendAddr, CircuitBreaker, LoadBalancing, Scheme, UpstreamProtocol};
 use hexgate_http::body::{Body, IdleSink};
 pub use tls::{tls_reason, Alpn, ClientTls, TlsConfigError, TlsMaterial};
 
@@ -33,6 +34,43 @@ const MAX_IDLE_PER_BACKEND: usize = 1024;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
+/// A circuit breaker's ejection grows to at most this many times `ejectFor`.
+const BREAKER_MAX_FACTOR: u32 = 10;
+/// The share of a pool passive ejection may take out without a `circuitBreaker` (half).
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+
+/// Passive-health counters of a backend, packed in one word so that a success (every answered
+/// request) checks them all with one load: bits 0-23 gateway-side failures in a row (the
+/// back-off without a circuit breaker), bits 24-47 failures or 5xx answers in a row (a circuit
+/// breaker's streak), bits 48-62 circuit-breaker ejections in a row, bit 63 set while the
+/// ejection in force is a circuit breaker's (it ends by time only, not by an active check).
+mod word {
+    pub(crate) const FAILS_SHIFT: u32 = 0;
+    pub(crate) const STREAK_SHIFT: u32 = 24;
+    pub(crate) const EJECTIONS_SHIFT: u32 = 48;
+    pub(crate) const FIELD24: u64 = (1 << 24) - 1;
+    pub(crate) const FIELD15: u64 = (1 << 15) - 1;
+    pub(crate) const HELD: u64 = 1 << 63;
+
+    pub(crate) fn fails(w: u64) -> u64 {
+        (w >> FAILS_SHIFT) & FIELD24
+    }
+    pub(crate) fn streak(w: u64) -> u64 {
+        (w >> STREAK_SHIFT) & FIELD24
+    }
+    pub(crate) fn ejections(w: u64) -> u64 {
+        (w >> EJECTIONS_SHIFT) & FIELD15
+    }
+    pub(crate) fn with_fails(w: u64, v: u64) -> u64 {
+        (w & !(FIELD24 << FAILS_SHIFT)) | (v.min(FIELD24) << FAILS_SHIFT)
+    }
+    pub(crate) fn with_streak(w: u64, v: u64) -> u64 {
+        (w & !(FIELD24 << STREAK_SHIFT)) | (v.min(FIELD24) << STREAK_SHIFT)
+    }
+    pub(crate) fn with_ejections(w: u64, v: u64) -> u64 {
+        (w & !(FIELD15 << EJECTIONS_SHIFT)) | (v.min(FIELD15) << EJECTIONS_SHIFT)
+    }
+}
 
 /// A connection to a backend, ready to carry requests: HTTP/1.1 (one request at a time, pooled
 /// while idle) or HTTP/2 (multiplexed: one connection per backend per worker, shared).
@@ -239,7 +277,8 @@ pub struct Backend {
     active_healthy: AtomicBool,
     /// Milliseconds since `epoch()` until which the backend is ejected (passive health).
     ejected_until_ms: AtomicU64,
-    consecutive_failures: AtomicU32,
+    /// Failures, 5xx streak and ejections in a row (see [`word`]).
+    passive: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -274,7 +313,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             active_healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
+            passive: AtomicU64::new(0),
         }
     }
 
@@ -283,11 +322,21 @@ impl Backend {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
     }
 
+    /// Sets the result of the last active check. A passing check ends a passive ejection for
+    /// gateway-side failures (the backend answers again), but not a circuit breaker's: a
+    /// backend can pass `healthCheckPath` and still answer requests with 5xx, so that ejection
+    /// lasts its time.
     pub fn set_active_health(&self, ok: bool) {
         self.active_healthy.store(ok, Ordering::Relaxed);
-        if ok {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        if ok && self.passive.load(Ordering::Relaxed) != 0 {
+            let _ = self
+                .passive
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                    Some(word::with_fails(w, 0))
+                });
+            if self.passive.load(Ordering::Relaxed) & word::HELD == 0 {
+                self.ejected_until_ms.store(0, Ordering::Relaxed);
+            }
         }
     }
 
@@ -296,20 +345,54 @@ impl Backend {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
     }
 
-    /// Counts a failure; returns the back-off an ejection for it would last (exponentially
-    /// growing with consecutive failures, so a backend that keeps failing stays out longer).
+    /// Updates the passive-health word; returns the new value.
+    fn update_passive(&self, f: impl Fn(u64) -> u64) -> u64 {
+        let old = self
+            .passive
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(f(w)))
+            .unwrap_or_else(|w| w);
+        f(old)
+    }
+
+    /// Counts a gateway-side failure; returns the back-off an ejection for it would last
+    /// (exponentially growing with consecutive failures, so a backend that keeps failing stays
+    /// out longer).
     fn count_failure(&self) -> Duration {
-        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = word::fails(self.update_passive(|w| word::with_fails(w, word::fails(w) + 1)));
         EJECT_BASE
-            .saturating_mul(1u32 << (n - 1).min(5))
+            .saturating_mul(1u32 << (n.max(1) - 1).min(5))
             .min(EJECT_MAX)
     }
 
+    /// Counts a failure or 5xx answer towards a circuit breaker's streak; returns the streak.
+    fn count_streak(&self) -> u64 {
+        word::streak(self.update_passive(|w| word::with_streak(w, word::streak(w) + 1)))
+    }
+
+    /// A response from the backend (any status, or one below 500 on a route with a circuit
+    /// breaker): the failure counts and streaks start again and a passive ejection ends. A
+    /// circuit breaker's ejection in force stands (the answer is to a request sent before it);
+    /// only its streak restarts. One load when nothing is counted (every request).
     pub fn record_success(&self) {
-        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        if self.passive.load(Ordering::Relaxed) != 0 {
+            self.settle_success();
         }
+    }
+
+    #[cold]
+    fn settle_success(&self) {
+        let w = self.passive.load(Ordering::Relaxed);
+        if w & word::HELD != 0 && self.passively_ejected(now_ms()) {
+            self.update_passive(|w| word::with_fails(word::with_streak(w, 0), 0));
+            return;
+        }
+        self.passive.store(0, Ordering::Relaxed);
+        self.ejected_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether a circuit breaker's ejection is in force (for `/admin/upstreams`).
+    pub fn breaker_ejected(&self) -> bool {
+        self.passive.load(Ordering::Relaxed) & word::HELD != 0 && self.passively_ejected(now_ms())
     }
 
     fn pop_idle(&self) -> Option<http1::SendRequest<Body>> {
@@ -769,9 +852,10 @@ impl Pool {
             .count()
     }
 
-    /// Whether ejecting `backend` keeps this pool within the floor: at most floor(n/2) of its n
-    /// members passively ejected. True when `backend` is not a member.
-    fn ejection_fits(&self, backend: &Backend, now: u64) -> bool {
+    /// Whether ejecting `backend` keeps this pool within its floor: at most
+    /// floor(n · `max_percent` / 100) of its n members passively ejected (50: floor(n/2); 0:
+    /// never; a pool of 3 at 50 % loses at most 1). True when `backend` is not a member.
+    fn ejection_fits(&self, backend: &Backend, now: u64, max_percent: u32) -> bool {
         let m = self.members.load();
         let (mut member, mut others) = (false, 0usize);
         for b in &m.backends {
@@ -781,7 +865,16 @@ impl Pool {
                 others += 1;
             }
         }
-        !member || others < m.backends.len() / 2
+        !member || others < max_ejected(m.backends.len(), max_percent)
+    }
+
+    /// Whether some healthy member is not in `tried` (no side effect on the balancing).
+    pub fn any_usable(&self, tried: u64) -> bool {
+        let m = self.members.load();
+        m.backends
+            .iter()
+            .enumerate()
+            .any(|(i, b)| (i >= 64 || tried & (1 << i) == 0) && b.is_healthy())
     }
 
     /// Picks a healthy backend not in `tried` (a bitmask of member indexes already attempted).
@@ -824,10 +917,32 @@ impl Pool {
 /// pool's floor and together go over it. Taken only when a backend fails.
 static EJECTIONS: Mutex<()> = Mutex::new(());
 
-/// Passive health: counts a failure that `backend` caused and ejects it for a back-off, unless
-/// that would leave some pool with more than half of its members passively ejected; then the
-/// failure only counts (it lengthens the next ejection) and the backend stays in rotation.
-/// Returns whether the backend was ejected.
+/// How many of a pool of `n` may be passively ejected at once: floor(n · percent / 100).
+pub fn max_ejected(n: usize, percent: u32) -> usize {
+    n.saturating_mul(percent.min(100) as usize) / 100
+}
+
+/// What a failure recorded by [`record_failure`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend failed to answer (connect error, reset, broken response, timeout).
+    Gateway,
+    /// The backend answered 500-599 (counted only on a route with a circuit breaker).
+    Status,
+}
+
+/// Passive health: counts a failure that `backend` caused and may eject it.
+///
+/// Without a circuit breaker (`breaker` None, the route's): every gateway-side failure ejects
+/// for a back-off (1 s doubling to 30 s); 5xx answers are not failures. With one: failures and
+/// 5xx answers in a row count, and the `consecutive5xx`-th ejects for `ejectFor`, doubled for
+/// each ejection in a row up to 10x (a success starts the count again); that ejection lasts
+/// its time, whatever active checks say.
+///
+/// No ejection may leave some pool with more passively ejected members than its floor
+/// (`pools`: each pool with its route's `maxEjectedPercent`, [`DEFAULT_MAX_EJECTED_PERCENT`]
+/// without a breaker, see [`max_ejected`]); then the failure only counts and the backend stays
+/// in rotation. Returns whether the backend was ejected.
 ///
 /// `pools` are the pools that may list `backend`: every pool of the snapshot, since a `Backend`
 /// is shared by all pools naming its address and its ejection takes it out of all of them. The
@@ -838,21 +953,82 @@ static EJECTIONS: Mutex<()> = Mutex::new(());
 ///
 /// Must be called only for failures the backend caused: a client whose body stalled or who went
 /// away is never a reason.
-pub fn record_failure<'a>(backend: &Backend, pools: impl IntoIterator<Item = &'a Pool>) -> bool {
-    let backoff = backend.count_failure();
-    let _guard = match EJECTIONS.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
+pub fn record_failure<'a>(
+    backend: &Backend,
+    failure: Failure,
+    breaker: Option<&CircuitBreaker>,
+    pools: impl IntoIterator<Item = (&'a Pool, u32)>,
+) -> bool {
+    let Some(cb) = breaker else {
+        if failure == Failure::Status {
+            return false;
+        }
+        let backoff = backend.count_failure();
+        let _guard = ejections_lock();
+        let now = now_ms();
+        if backend.passive.load(Ordering::Relaxed) & word::HELD != 0
+            && backend.passively_ejected(now)
+        {
+            // A circuit breaker's ejection is in force: it keeps its length.
+            return false;
+        }
+        if !fits(backend, now, pools) {
+            return false;
+        }
+        backend.update_passive(|w| w & !word::HELD);
+        backend
+            .ejected_until_ms
+            .store(now + backoff.as_millis() as u64, Ordering::Relaxed);
+        return true;
     };
-    let now = now_ms();
-    if !pools.into_iter().all(|p| p.ejection_fits(backend, now)) {
-        tracing::debug!(backend = %backend.addr, "not ejected: the pool is at its passive-ejection floor");
+    if failure == Failure::Gateway {
+        // Also lengthens a later ejection by a route without a breaker that shares the backend.
+        backend.count_failure();
+    }
+    let streak = backend.count_streak();
+    if cb.max_ejected_percent == 0 || streak < u64::from(cb.consecutive_5xx.max(1)) {
         return false;
     }
+    let _guard = ejections_lock();
+    let now = now_ms();
+    if backend.passively_ejected(now) {
+        // Answers to requests sent before the ejection: it is in force already.
+        return false;
+    }
+    if !fits(backend, now, pools) {
+        return false;
+    }
+    let w = backend.update_passive(|w| {
+        word::with_ejections(word::with_streak(w, 0), word::ejections(w) + 1) | word::HELD
+    });
+    let k = word::ejections(w).clamp(1, 31) as u32;
+    let length = cb
+        .eject_for
+        .saturating_mul(1u32 << (k - 1).min(4))
+        .min(cb.eject_for.saturating_mul(BREAKER_MAX_FACTOR));
     backend
         .ejected_until_ms
-        .store(now + backoff.as_millis() as u64, Ordering::Relaxed);
+        .store(now + length.as_millis() as u64, Ordering::Relaxed);
+    tracing::info!(backend = %backend.addr, streak, ejection = k, seconds = length.as_secs_f64(), "circuit breaker: backend ejected");
     true
+}
+
+fn ejections_lock() -> std::sync::MutexGuard<'static, ()> {
+    match EJECTIONS.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Whether ejecting `backend` at `now` keeps every pool within its floor.
+fn fits<'a>(backend: &Backend, now: u64, pools: impl IntoIterator<Item = (&'a Pool, u32)>) -> bool {
+    let ok = pools
+        .into_iter()
+        .all(|(p, percent)| p.ejection_fits(backend, now, percent));
+    if !ok {
+        tracing::debug!(backend = %backend.addr, "not ejected: the pool is at its passive-ejection floor");
+    }
+    ok
 }
 
 /// Every backend alive in any snapshot, by address, so a reload reuses pools and health state.
@@ -920,7 +1096,7 @@ mod tests {
             let mut ejected = 0;
             for _ in 0..3 {
                 for b in &members {
-                    if record_failure(b, [&p]) {
+                    if record_failure(b, Failure::Gateway, None, [(&p, 50)]) {
                         ejected += 1;
                     }
                 }
@@ -936,17 +1112,20 @@ mod tests {
     fn a_failure_over_the_floor_still_counts() {
         let (a, b) = (backend(10_100), backend(10_101));
         let p = pool(&[a.clone(), b.clone()]);
-        assert!(record_failure(&a, [&p]));
+        assert!(record_failure(&a, Failure::Gateway, None, [(&p, 50)]));
         for _ in 0..3 {
-            assert!(!record_failure(&b, [&p]), "b would be the second of two");
+            assert!(
+                !record_failure(&b, Failure::Gateway, None, [(&p, 50)]),
+                "b would be the second of two"
+            );
         }
-        assert_eq!(b.consecutive_failures.load(Ordering::Relaxed), 3);
+        assert_eq!(word::fails(b.passive.load(Ordering::Relaxed)), 3);
         assert!(b.is_healthy());
         // Once a is back (a success ends its ejection), b's next failure may eject it, for the
         // back-off its four consecutive failures earned (8 s).
         a.record_success();
         let before = now_ms();
-        assert!(record_failure(&b, [&p]));
+        assert!(record_failure(&b, Failure::Gateway, None, [(&p, 50)]));
         let until = b.ejected_until_ms.load(Ordering::Relaxed);
         assert!(
             until >= before + 8_000 && until < before + 9_000,
@@ -960,26 +1139,36 @@ mod tests {
         let (a, b, c) = (backend(10_200), backend(10_201), backend(10_202));
         let p = pool(&[a.clone(), b.clone()]);
         let q = pool(&[b.clone(), c.clone()]);
-        let all = || [&p, &q];
-        assert!(record_failure(&a, all()));
+        let all = || [(&p, 50), (&q, 50)];
+        assert!(record_failure(&a, Failure::Gateway, None, all()));
         // b is in both: ejecting it fits q (nothing ejected there) but not p (a is out).
-        assert!(!record_failure(&b, all()));
+        assert!(!record_failure(&b, Failure::Gateway, None, all()));
         assert!(b.is_healthy());
         // c is only in q, where nothing is ejected yet.
-        assert!(record_failure(&c, all()));
+        assert!(record_failure(&c, Failure::Gateway, None, all()));
         assert_eq!((p.passive_ejections(), q.passive_ejections()), (1, 1));
         // A pool that does not list the backend does not constrain it.
         let other = pool(&[backend(10_203)]);
         let d = backend(10_204);
         let r = pool(&[d.clone(), backend(10_205)]);
-        assert!(record_failure(&d, [&other, &r]));
+        assert!(record_failure(
+            &d,
+            Failure::Gateway,
+            None,
+            [(&other, 50), (&r, 50)]
+        ));
     }
 
     #[test]
     fn active_checks_take_out_any_number_of_members() {
         let members: Vec<_> = (0..3).map(|i| backend(10_300 + i)).collect();
         let p = pool(&members);
-        assert!(record_failure(&members[0], [&p]));
+        assert!(record_failure(
+            &members[0],
+            Failure::Gateway,
+            None,
+            [(&p, 50)]
+        ));
         for b in &members {
             b.set_active_health(false);
         }
@@ -993,6 +1182,113 @@ mod tests {
         assert_eq!(p.passive_ejections(), 0);
     }
 
+    fn breaker(n: u32, percent: u32) -> CircuitBreaker {
+        CircuitBreaker {
+            consecutive_5xx: n,
+            eject_for: Duration::from_secs(10),
+            max_ejected_percent: percent,
+        }
+    }
+
+    fn ejected_for_ms(b: &Backend) -> u64 {
+        b.ejected_until_ms
+            .load(Ordering::Relaxed)
+            .saturating_sub(now_ms())
+    }
+
+    #[test]
+    fn a_breaker_ejects_after_its_streak_and_doubles_up_to_ten_times() {
+        let members: Vec<_> = (0..2).map(|i| backend(10_500 + i)).collect();
+        let p = pool(&members);
+        let cb = breaker(3, 50);
+        let b = &members[0];
+        let fail = |f| record_failure(b, f, Some(&cb), [(&p, 50)]);
+        assert!(!fail(Failure::Status));
+        assert!(
+            !fail(Failure::Gateway),
+            "gateway failures count in the streak too"
+        );
+        assert!(fail(Failure::Status), "the third in a row ejects");
+        let first = ejected_for_ms(b);
+        assert!((9_000..=10_000).contains(&first), "{first}");
+        // An active check that passes does not end a breaker's ejection.
+        b.set_active_health(true);
+        assert!(!b.is_healthy());
+        // Later ejections double: 20 s, 40 s, 80 s, then 100 s (10x) at most.
+        for want in [20_000u64, 40_000, 80_000, 100_000, 100_000] {
+            b.ejected_until_ms.store(0, Ordering::Relaxed);
+            for _ in 0..2 {
+                assert!(!fail(Failure::Status));
+            }
+            assert!(fail(Failure::Status));
+            let got = ejected_for_ms(b);
+            assert!(got <= want && got + 1_000 >= want, "{got} for {want}");
+        }
+        // A success (once the ejection is over) starts everything again.
+        b.ejected_until_ms.store(0, Ordering::Relaxed);
+        b.record_success();
+        assert_eq!(b.passive.load(Ordering::Relaxed), 0);
+        for _ in 0..2 {
+            assert!(!fail(Failure::Status));
+        }
+        assert!(fail(Failure::Status));
+        assert!((9_000..=10_000).contains(&ejected_for_ms(b)));
+    }
+
+    #[test]
+    fn a_success_breaks_the_streak_and_a_late_one_keeps_the_ejection() {
+        let members: Vec<_> = (0..2).map(|i| backend(10_600 + i)).collect();
+        let p = pool(&members);
+        let cb = breaker(2, 50);
+        let b = &members[0];
+        assert!(!record_failure(b, Failure::Status, Some(&cb), [(&p, 50)]));
+        b.record_success();
+        assert!(!record_failure(b, Failure::Status, Some(&cb), [(&p, 50)]));
+        assert!(record_failure(b, Failure::Status, Some(&cb), [(&p, 50)]));
+        // The answer to a request sent before the ejection does not end it.
+        b.record_success();
+        assert!(!b.is_healthy());
+    }
+
+    #[test]
+    fn without_a_breaker_5xx_answers_are_not_failures() {
+        let members: Vec<_> = (0..2).map(|i| backend(10_700 + i)).collect();
+        let p = pool(&members);
+        for _ in 0..10 {
+            assert!(!record_failure(
+                &members[0],
+                Failure::Status,
+                None,
+                [(&p, 50)]
+            ));
+        }
+        assert_eq!(members[0].passive.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_breaker_never_ejects_more_than_its_percentage() {
+        for (n, percent, most) in [
+            (3, 50, 1),
+            (4, 50, 2),
+            (10, 30, 3),
+            (1, 50, 0),
+            (1, 100, 1),
+            (5, 0, 0),
+            (5, 100, 5),
+        ] {
+            let members: Vec<_> = (0..n).map(|i| backend(10_800 + i)).collect();
+            let p = pool(&members);
+            let cb = breaker(1, percent);
+            for _ in 0..3 {
+                for b in &members {
+                    record_failure(b, Failure::Status, Some(&cb), [(&p, percent)]);
+                }
+            }
+            assert_eq!(p.passive_ejections(), most, "{percent} % of {n}");
+            assert_eq!(max_ejected(n as usize, percent), most);
+        }
+    }
+
     #[test]
     fn concurrent_failures_respect_the_floor() {
         let members: Vec<_> = (0..4).map(|i| backend(10_400 + i)).collect();
@@ -1002,7 +1298,12 @@ mod tests {
                 let (p, members) = (p.clone(), members.clone());
                 std::thread::spawn(move || {
                     for i in 0..50 {
-                        record_failure(&members[(t + i) % members.len()], [&*p]);
+                        record_failure(
+                            &members[(t + i) % members.len()],
+                            Failure::Gateway,
+                            None,
+                            [(&*p, 50)],
+                        );
                     }
                 })
             })
