@@ -267,6 +267,43 @@ fn json(value: serde_json::Value) -> Response<Body> {
     )
 }
 
+/// `hexgate_load_shed_total{service,plan}`: requests `maxInFlight` refused, by plan (`plan=""`
+/// for requests without one), for the routes that set it. The counters live with the route
+/// (a reload starts them again, as Prometheus' counter resets allow).
+fn render_load_shed(snap: &crate::snapshot::Snapshot, out: &mut String) {
+    use std::fmt::Write as _;
+    let routes: Vec<_> = snap
+        .services
+        .iter()
+        .filter_map(|s| s.in_flight.as_ref().map(|f| (s, f)))
+        .collect();
+    if routes.is_empty() {
+        return;
+    }
+    out.push_str("# HELP hexgate_load_shed_total Requests refused by maxInFlight, by plan.\n");
+    out.push_str("# TYPE hexgate_load_shed_total counter\n");
+    for (s, f) in &routes {
+        for (plan, n) in f.shed() {
+            let _ = writeln!(
+                out,
+                "hexgate_load_shed_total{{service=\"{}\",plan=\"{}\"}} {n}",
+                crate::metrics::escape_label(&s.name),
+                crate::metrics::escape_label(plan.unwrap_or(""))
+            );
+        }
+    }
+    out.push_str("# HELP hexgate_in_flight_requests Requests in flight on routes with maxInFlight.\n");
+    out.push_str("# TYPE hexgate_in_flight_requests gauge\n");
+    for (s, f) in &routes {
+        let _ = writeln!(
+            out,
+            "hexgate_in_flight_requests{{service=\"{}\"}} {}",
+            crate::metrics::escape_label(&s.name),
+            f.in_flight()
+        );
+    }
+}
+
 /// Prometheus HTTP service discovery fed by Consul: the passing instances of `?service=` (default
 /// `hexgate`), for Prometheus builds without consul_sd_configs.
 async fn service_discovery(state: &State, req: &Request<Incoming>) -> Response<Body> {
@@ -335,6 +372,7 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             {
                 let mut out = state.metrics.render(&snap.health());
                 state.discovery.render(&mut out);
+                render_load_shed(&snap, &mut out);
                 out
             },
         ),

@@ -360,8 +360,15 @@ impl Snapshot {
     pub fn health(&self) -> Vec<(String, String, bool)> {
         let mut out = Vec::new();
         for s in &self.services {
-            for b in &s.pool.members().backends {
-                out.push((s.name.clone(), b.addr.to_string(), b.is_healthy()));
+            let first = out.len();
+            for pool in s.pools() {
+                for b in &pool.members().backends {
+                    let addr = b.addr.to_string();
+                    // Two splits may share a backend: one series per service and address.
+                    if !out[first..].iter().any(|(_, a, _)| *a == addr) {
+                        out.push((s.name.clone(), addr, b.is_healthy()));
+                    }
+                }
             }
         }
         out

@@ -632,4 +632,22 @@ services:
     for h in unplanned {
         assert_eq!(h.await.unwrap().0, 200);
     }
+    // Each refusal counted under its plan (free: the one that ended the burst, and the one
+    // after it); nothing in flight once every request ended.
+    let m = gw.metrics().await;
+    for (line, want) in [
+        ("hexgate_load_shed_total{service=\"api\",plan=\"free\"} ", 2),
+        ("hexgate_load_shed_total{service=\"api\",plan=\"pro\"} ", 1),
+        (
+            "hexgate_load_shed_total{service=\"unplanned\",plan=\"\"} ",
+            1,
+        ),
+        ("hexgate_in_flight_requests{service=\"api\"} ", 0),
+    ] {
+        let got = m
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .map(|v| v.trim().parse::<u64>().unwrap());
+        assert_eq!(got, Some(want), "{line}\n{m}");
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
-pub const AUTH_REASONS: [&str; 20] = [
+pub const AUTH_REASONS: [&str; 21] = [
     "missing",
     "malformed",
     "too_large",
@@ -38,6 +38,7 @@ pub const AUTH_REASONS: [&str; 20] = [
     "insufficient_scope",
     "plan_unknown",
     "plan_missing",
+    "ip_denied",
 ];
 /// Labels of `hexgate_upstream_errors_total{reason}`, in counter order.
 pub const UPSTREAM_REASONS: [&str; 12] = [
