@@ -203,9 +203,22 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
     }
     // The route's response policies, on every answer it gives (refusals included).
     if let Some(svc) = &cx.service {
-        if svc.cors.is_some() {
+        let preflight = resp.extensions().get::<cors::Preflight>().copied();
+        if svc.cors.is_some() && preflight.is_none() {
+            for name in &cors::OWNED {
+                resp.headers_mut().remove(name);
+            }
+        }
+        if svc.cors.is_some() && preflight.is_none_or(|p| p.granted) {
+            // The gateway's fields replace a backend's own (two Access-Control-Allow-Origin
+            // lines would make browsers refuse the answer); Vary is added to, except on a
+            // preflight answer, whose own Vary names Origin.
             for (name, value) in cors::response_fields(svc, cx.origin.as_ref()) {
-                resp.headers_mut().append(name, value);
+                if name != header::VARY {
+                    resp.headers_mut().insert(name, value);
+                } else if preflight.is_none() {
+                    resp.headers_mut().append(name, value);
+                }
             }
         }
         if !svc.response_rules.is_empty() {

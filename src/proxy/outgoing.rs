@@ -269,29 +269,62 @@ pub(super) fn check_switch(headers: &HeaderMap, upgrade: &Upgrade) -> Result<(),
     Ok(())
 }
 
-/// The path and query sent upstream: the normalised path (with `stripPath` applied).
-/// `normalized` is set when normalisation changed the request's path.
+/// The path and query sent upstream: the normalised path, with `stripPath` or `rewrite`
+/// applied (the query as it came). `normalized` is set when normalisation changed the
+/// request's path. A rewrite whose result is not a path is a 500, logged, never forwarded.
 fn upstream_uri(
     svc: &ServiceRt,
     uri: Uri,
     normalized: Option<String>,
 ) -> Result<Uri, GatewayError> {
-    if normalized.is_none() && svc.strip_prefix.is_none() && uri.scheme().is_none() {
+    if normalized.is_none()
+        && svc.strip_prefix.is_none()
+        && svc.rewrite.is_none()
+        && uri.scheme().is_none()
+    {
         return Ok(uri); // already origin-form and normal: forward as is
     }
     let path = normalized.as_deref().unwrap_or(uri.path());
-    let path: &str = match &svc.strip_prefix {
-        Some(p) => match path.strip_prefix(p.as_str()) {
-            Some(rest) if rest.starts_with('/') => rest,
-            _ => "/",
+    let path: std::borrow::Cow<str> = match (&svc.strip_prefix, &svc.rewrite) {
+        (Some(p), _) => match path.strip_prefix(p.as_str()) {
+            Some(rest) if rest.starts_with('/') => rest.into(),
+            _ => "/".into(),
         },
-        None => path,
+        (None, Some(rw)) => rw.apply(path).map_err(|(result, problem)| {
+            tracing::error!(
+                service = %svc.name,
+                path,
+                regex = rw.regex.as_str(),
+                replacement = %rw.replacement,
+                result = %result,
+                problem = %problem,
+                "rewrite produced an invalid path: answered 500, not forwarded"
+            );
+            GatewayError::Internal("the route's rewrite produced an invalid path".into())
+        })?,
+        (None, None) => path.into(),
     };
+    if matches!(path, std::borrow::Cow::Borrowed(_))
+        && normalized.is_none()
+        && svc.strip_prefix.is_none()
+        && uri.scheme().is_none()
+    {
+        return Ok(uri); // a rewrite that did not match: forward as is
+    }
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
+        None => path.into_owned(),
     };
-    Uri::try_from(pq).map_err(|e| GatewayError::Internal(format!("bad upstream uri: {e}")))
+    Uri::try_from(pq).map_err(|e| {
+        if svc.rewrite.is_some() {
+            tracing::error!(
+                service = %svc.name,
+                error = %e,
+                "rewrite produced an invalid request target: answered 500, not forwarded"
+            );
+        }
+        GatewayError::Internal(format!("bad upstream uri: {e}"))
+    })
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host and X-Request-Id. A peer in `trustedProxies` is a proxy
