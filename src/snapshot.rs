@@ -270,7 +270,13 @@ impl Snapshot {
                 in_flight: s
                     .policies
                     .max_in_flight
-                    .map(|max| crate::proxy::admission::InFlight::build(max, &config.plans)),
+                    .map(|max| {
+                    crate::proxy::admission::InFlight::build(
+                        max,
+                        &config.plans,
+                        metrics.service(&s.name),
+                    )
+                }),
                 splits: s
                     .split
                     .iter()

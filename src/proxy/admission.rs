@@ -145,17 +145,12 @@ impl IpRules {
     }
 }
 
-/// The in-flight count, alone on its cache lines: it is written by every request of the route,
-/// from every worker, and the rest of the route's runtime state is only read.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Count(AtomicU64);
-
 /// `maxInFlight` of one route in one instance.
-#[derive(Debug)]
 pub struct InFlight {
     pub max: u64,
-    count: Count,
+    /// The route's metrics, which hold the in-flight count: it outlives this snapshot, so a
+    /// reload does not let a second `maxInFlight` of requests in beside the first.
+    metrics: std::sync::Arc<crate::metrics::ServiceMetrics>,
     /// The distinct priorities of the configured plans, ascending: a plan's rank is its index.
     priorities: Vec<u32>,
     /// `limits[rank]`: a request of that rank is admitted while in flight is below it.
@@ -164,11 +159,22 @@ pub struct InFlight {
     shed: Vec<(Option<String>, AtomicU64)>,
 }
 
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("max", &self.max)
+            .field("in_flight", &self.in_flight())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
 impl InFlight {
     /// `plans`: their priorities set how much of `max` each may fill.
     pub fn build(
         max: u64,
         plans: &std::collections::BTreeMap<String, crate::config::Plan>,
+        metrics: std::sync::Arc<crate::metrics::ServiceMetrics>,
     ) -> InFlight {
         let mut priorities: Vec<u32> = plans.values().map(|p| p.priority).collect();
         priorities.sort_unstable();
@@ -180,7 +186,7 @@ impl InFlight {
             .collect();
         InFlight {
             max,
-            count: Count::default(),
+            metrics,
             priorities,
             limits,
             shed,
@@ -207,7 +213,7 @@ impl InFlight {
 
     /// Takes a place if fewer than `limit` are taken.
     fn try_enter(&self, limit: u64) -> Option<InFlightGuard<'_>> {
-        let count = &self.count.0;
+        let count = &self.metrics.in_flight.0;
         let mut now = count.load(Ordering::Relaxed);
         loop {
             if now >= limit {
@@ -231,7 +237,7 @@ impl InFlight {
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> u64 {
-        self.count.0.load(Ordering::Relaxed)
+        self.metrics.in_flight.0.load(Ordering::Relaxed)
     }
 
     /// Requests refused so far, by plan (`None`: requests without a plan), for
@@ -310,6 +316,10 @@ pub fn enter<'s>(
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn test_metrics() -> std::sync::Arc<crate::metrics::ServiceMetrics> {
+        crate::metrics::Registry::default().service("t")
+    }
 
     fn cidr(s: &str) -> (IpAddr, u8) {
         crate::config::parse_cidr(s).unwrap_or_else(|| panic!("{s}"))
@@ -593,7 +603,7 @@ mod tests {
 
     #[test]
     fn a_lower_plan_never_takes_the_places_of_a_higher_one() {
-        let inf = InFlight::build(10, &plans(&[("free", 0), ("pro", 10)]));
+        let inf = InFlight::build(10, &plans(&[("free", 0), ("pro", 10)]), test_metrics());
         let (free, pro) = (policy("free", 0), policy("pro", 10));
         let mut held = Vec::new();
         while let Some(g) = inf.try_enter(inf.limit(true, Some(&free))) {
@@ -619,19 +629,19 @@ mod tests {
         }
         assert_eq!(held.len(), 10);
         // One plan, or none: the whole limit.
-        let one = InFlight::build(10, &plans(&[("free", 0)]));
+        let one = InFlight::build(10, &plans(&[("free", 0)]), test_metrics());
         assert_eq!(one.limit(true, Some(&free)), 10);
         assert_eq!(one.limit(true, None), 10);
-        let none = InFlight::build(10, &Default::default());
+        let none = InFlight::build(10, &Default::default(), test_metrics());
         assert_eq!(none.limit(true, None), 10);
         // Equal priorities are one level.
-        let same = InFlight::build(10, &plans(&[("free", 5), ("pro", 5)]));
+        let same = InFlight::build(10, &plans(&[("free", 5), ("pro", 5)]), test_metrics());
         assert_eq!(same.limits(), &[10]);
     }
 
     #[test]
     fn shed_requests_are_counted_by_plan() {
-        let inf = InFlight::build(1, &plans(&[("free", 0), ("pro", 10)]));
+        let inf = InFlight::build(1, &plans(&[("free", 0), ("pro", 10)]), test_metrics());
         inf.count_shed(Some("pro"));
         inf.count_shed(Some("pro"));
         inf.count_shed(None);
@@ -641,7 +651,7 @@ mod tests {
 
     #[test]
     fn the_count_never_passes_the_limit_under_contention() {
-        let inf = std::sync::Arc::new(InFlight::build(7, &Default::default()));
+        let inf = std::sync::Arc::new(InFlight::build(7, &Default::default(), test_metrics()));
         let peak = std::sync::Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {

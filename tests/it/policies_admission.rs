@@ -438,6 +438,10 @@ async fn max_in_flight_refuses_the_excess_at_once() {
         .collect();
     b.wait_holding(N).await;
 
+    // A reload while they are held: the new snapshot's route counts them too.
+    gw.signal("HUP");
+    gw.wait_reloads(2).await; // the first load counts as 1
+
     // N+1: refused while the N are held, and without reaching the backend.
     let start = Instant::now();
     let (status, headers, body) = call(gw.port, "/slow/more", "x-api-key", None, None).await;

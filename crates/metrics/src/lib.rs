@@ -251,8 +251,17 @@ impl MethodMetrics {
 }
 
 /// Handles for one service, kept across reloads so counters never reset.
+/// A route's requests in flight (`maxInFlight`), kept with the service's metrics so the count
+/// carries over reloads (a new snapshot's route counts the requests the old one let in); alone
+/// on its cache lines, since every request of the route writes it.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct InFlightCount(pub AtomicU64);
+
 pub struct ServiceMetrics {
     pub name: String,
+    /// Requests in flight on the route, when it sets `maxInFlight`.
+    pub in_flight: InFlightCount,
     pub methods: [MethodMetrics; METHODS.len()],
     pub upstream_duration: Histogram,
     /// Indexed like [`UPSTREAM_REASONS`].
@@ -277,6 +286,7 @@ impl ServiceMetrics {
     fn new(name: &str) -> Self {
         ServiceMetrics {
             name: name.to_string(),
+            in_flight: InFlightCount::default(),
             methods: Default::default(),
             upstream_duration: Histogram::default(),
             upstream_errors: Default::default(),
