@@ -280,10 +280,12 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// Step 2b: the client address against the route's IP rules.
-pub fn check_ip(svc: &ServiceRt, ip: IpAddr) -> Result<(), Reject> {
+/// Step 2b: the client address against the route's IP rules. A client a trusted proxy named
+/// unreadably (`known` false) is refused by any rule: judging the proxy's address instead would
+/// let every client behind it through an `ipAllow` covering the proxy.
+pub fn check_ip(svc: &ServiceRt, ip: IpAddr, known: bool) -> Result<(), Reject> {
     match &svc.ip_rules {
-        Some(rules) if !rules.admits(ip) => {
+        Some(rules) if !known || !rules.admits(ip) => {
             svc.metrics.auth_failure("ip_denied");
             Err(GatewayError::IpDenied.into())
         }

@@ -70,29 +70,72 @@ pub async fn check<B>(
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
-/// address in X-Forwarded-For that is not itself a trusted proxy.
-pub fn client_ip(snap: &Snapshot, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+/// address in X-Forwarded-For that is not itself a trusted proxy. Entries may carry a port
+/// (`203.0.113.7:443`, `[2001:db8::1]:443`, as some proxies append them); empty ones are skipped.
+/// The flag is false when a trusted proxy named a client that is not an address (`unknown`, a
+/// zone id, garbage): the client is then unknown, the address returned is the last trusted
+/// proxy's (rate limits count it there), and IP rules refuse the request rather than judge the
+/// proxy.
+pub fn client_ip(snap: &Snapshot, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, bool) {
     if !snap.is_trusted_proxy(peer) {
-        return peer;
+        return (peer, true);
     }
     let mut ip = peer;
-    let hops = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect::<Vec<_>>();
-    for hop in hops.iter().rev() {
-        match hop.parse::<IpAddr>() {
-            Ok(addr) => {
-                ip = addr;
-                if !snap.is_trusted_proxy(addr) {
-                    break;
+    let mut values = headers.get_all("x-forwarded-for").iter().rev();
+    for v in values.by_ref() {
+        let Ok(v) = v.to_str() else {
+            return (ip, false);
+        };
+        for hop in v.rsplit(',').map(str::trim).filter(|h| !h.is_empty()) {
+            match forwarded_addr(hop) {
+                Some(addr) => {
+                    ip = addr;
+                    if !snap.is_trusted_proxy(addr) {
+                        return (ip, true);
+                    }
                 }
+                None => return (ip, false),
             }
-            Err(_) => break,
         }
     }
-    ip
+    (ip, true)
+}
+
+/// An X-Forwarded-For entry's address: `ip`, `ip:port`, `[v6]` or `[v6]:port`.
+fn forwarded_addr(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+        .map(IpAddr::V6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_addr;
+
+    #[test]
+    fn forwarded_entries_with_ports_and_brackets() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(forwarded_addr("203.0.113.7"), Some(ip("203.0.113.7")));
+        assert_eq!(forwarded_addr("203.0.113.7:443"), Some(ip("203.0.113.7")));
+        assert_eq!(forwarded_addr("2001:db8::1"), Some(ip("2001:db8::1")));
+        assert_eq!(forwarded_addr("[2001:db8::1]:443"), Some(ip("2001:db8::1")));
+        assert_eq!(forwarded_addr("[2001:db8::1]"), Some(ip("2001:db8::1")));
+        for bad in [
+            "unknown",
+            "fe80::1%eth0",
+            "1.2.3.4:",
+            "[1.2.3.4]",
+            "1.2.3.4:99999",
+            "_hidden",
+        ] {
+            assert_eq!(forwarded_addr(bad), None, "{bad}");
+        }
+    }
 }

@@ -143,9 +143,10 @@ async fn run(
     let svc = routed.service.clone();
     cx.metrics = svc.metrics.clone();
     cx.service = Some(svc.clone());
-    cx.client_ip = limits::client_ip(&cx.snap, cx.conn.peer.ip(), req.headers());
-    // 2b. Who may use the route: ipAllow, ipDeny.
-    admission::check_ip(&svc, cx.client_ip)?;
+    let (client_ip, client_known) = limits::client_ip(&cx.snap, cx.conn.peer.ip(), req.headers());
+    cx.client_ip = client_ip;
+    // 2b. Who may use the route: ipAllow, ipDeny (an unknown client is refused by them).
+    admission::check_ip(&svc, client_ip, client_known)?;
     // 2c. CORS: a preflight is answered here, before anything else is spent on it.
     if svc.cors.is_some() {
         cx.origin = req.headers().get(header::ORIGIN).cloned();

@@ -372,6 +372,8 @@ async fn the_rules_apply_to_the_forwarded_client_behind_trusted_proxies() {
             "    ipAllow: [\"2001:db8::/32\"]\n    ipDeny: [\"2001:db8:bad::/48\"]\n",
         ),
         service("v4", "/v4/", &[&u], "    ipAllow: [\"10.0.0.0/8\"]\n"),
+        // Allows the proxy itself (and only it).
+        service("lo", "/lo/", &[&u], "    ipAllow: [\"127.0.0.1/32\"]\n"),
     ]
     .concat();
     let gw = Gateway::start(&loopback_config(
@@ -394,6 +396,19 @@ async fn the_rules_apply_to_the_forwarded_client_behind_trusted_proxies() {
         // An IPv4-mapped IPv6 client is the IPv4 client it is.
         ("/v4/x", trusted, Some("::ffff:10.1.2.3"), 200),
         ("/v4/x", trusted, Some("2001:db8::5"), 403),
+        // Entries with ports, as some proxies append them; empty entries skipped.
+        ("/v4/x", trusted, Some("10.1.2.3:443"), 200),
+        ("/v4/x", trusted, Some("192.0.2.1:443"), 403),
+        ("/v6/x", trusted, Some("[2001:db8::5]:443"), 200),
+        ("/v6/x", trusted, Some("[2001:db9::1]:443"), 403),
+        ("/v4/x", trusted, Some("10.1.2.3,"), 200),
+        // A client the proxy named unreadably is unknown: refused, never judged as the proxy
+        // (whose address an allow list covering it would let through).
+        ("/lo/x", trusted, Some("unknown"), 403),
+        ("/lo/x", trusted, Some("fe80::1%eth0"), 403),
+        ("/lo/x", trusted, Some("10.1.2.3, unknown"), 403),
+        ("/lo/x", trusted, Some("10.1.2.3"), 403),
+        ("/lo/x", trusted, None, 200),
         // No header: the peer itself.
         ("/v4/x", trusted, None, 403),
         // From a peer that is not trusted the header is not believed.
