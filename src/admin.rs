@@ -292,7 +292,9 @@ fn render_load_shed(snap: &crate::snapshot::Snapshot, out: &mut String) {
             );
         }
     }
-    out.push_str("# HELP hexgate_in_flight_requests Requests in flight on routes with maxInFlight.\n");
+    out.push_str(
+        "# HELP hexgate_in_flight_requests Requests in flight on routes with maxInFlight.\n",
+    );
     out.push_str("# TYPE hexgate_in_flight_requests gauge\n");
     for (s, f) in &routes {
         let _ = writeln!(

@@ -267,10 +267,7 @@ impl Snapshot {
                 ),
                 rewrite: rewrites.get(i).cloned().flatten(),
                 ip_rules: crate::proxy::admission::IpRules::build(&s.policies),
-                in_flight: s
-                    .policies
-                    .max_in_flight
-                    .map(|max| {
+                in_flight: s.policies.max_in_flight.map(|max| {
                     crate::proxy::admission::InFlight::build(
                         max,
                         &config.plans,
