@@ -10,10 +10,9 @@
 //!   -Max-Age) only when the origin, the method (in `allowMethods`, or a CORS-safelisted
 //!   GET/HEAD/POST, compared case-sensitively as the Fetch standard does) and every requested
 //!   header (in `allowHeaders`, any case; `Accept`, `Accept-Language` and `Content-Language`
-//!   need not be listed) are allowed. Otherwise it carries none of them and the browser fails
-//!   the preflight (an allowed origin still gets Access-Control-Allow-Origin from
-//!   `response_fields`, as Envoy sends it on every preflight of an allowed origin). Envoy
-//!   answers preflights itself too (200, and with `forward_not_matching_preflights: false`
+//!   need not be listed) are allowed. Otherwise it carries no Access-Control-Allow-* field at
+//!   all (the answer is marked [`Preflight`] `{ granted: false }`, and `proxy::finish` adds
+//!   nothing to it), and the browser fails the preflight. Envoy answers preflights itself too (200, and with `forward_not_matching_preflights: false`
 //!   those of other origins, without CORS fields); it never refuses one with a 403.
 //! - **Every answer** of the route (`response_fields`, added by `proxy::finish`): for an
 //!   allowed origin Access-Control-Allow-Origin (the origin echoed; `*` when the list has `*`,
@@ -189,7 +188,8 @@ impl CorsRt {
 ///
 /// The answer carries what only a preflight needs (Access-Control-Allow-Methods, -Allow-Headers
 /// and -Max-Age when it is granted, and `Vary` on the request fields it depends on);
-/// Access-Control-Allow-Origin and the rest come from [`response_fields`], as on any answer.
+/// Access-Control-Allow-Origin and the rest come from [`response_fields`], added by
+/// `proxy::finish` to a preflight that is granted.
 pub fn preflight<B>(svc: &ServiceRt, req: &Request<B>) -> Option<Response<Body>> {
     if req.method() != Method::OPTIONS {
         return None;

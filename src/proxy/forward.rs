@@ -14,7 +14,10 @@
 //! one: an idempotent method, no body or one still whole in the replay copy (64 KiB), neither
 //! an upgrade nor gRPC. A request resent on a stale pooled connection or refused unprocessed
 //! by an HTTP/2 backend is no retry: it is sent again without counting. With a
-//! `circuitBreaker`, 5xx answers count towards ejection too (`Attempts::answered_5xx`).
+//! `circuitBreaker`, 5xx answers count towards ejection too (`Attempts::answered_5xx`), at
+//! most one per backend per client request and never one that may be the client's doing;
+//! without one they count for nothing, and they never reset a streak (only an answer below
+//! 500 does).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -66,6 +69,16 @@ fn body_failure(progress: Option<&BodyProgress>, err: &hyper::Error) -> Option<G
 /// failure is not evidence against the backend (it may have given up on a slow client).
 fn awaiting_client(progress: Option<&BodyProgress>) -> bool {
     progress.is_some_and(|p| matches!(p.state(), BodyState::AwaitingClient | BodyState::Failed))
+}
+
+/// Whether a backend's answer may be the client's doing: its body failed (broke, stalled,
+/// went over the limit, the client went away) or was still awaited from the client. Then a
+/// 5xx is not counted against the backend. A client that goes away after its body is whole
+/// (say while a retry is waiting for its answer) drops this request's future with it: no later
+/// attempt's answer is ever read, so none is counted.
+fn client_at_fault(progress: Option<&BodyProgress>) -> bool {
+    // A failed body is in state Failed (`BodyProgress::fail`).
+    awaiting_client(progress)
 }
 
 /// Who is late when a response has not come by its deadline.
@@ -190,6 +203,12 @@ struct Attempts<'a> {
     /// The last TLS failure: when every attempt failed, the client is told that (502), not a
     /// generic "could not connect" (503).
     tls: Option<GatewayError>,
+    /// The backends (by address of their `Backend`) a 5xx of this request was counted against,
+    /// so that none counts twice whatever the pool's indexes (a pool of more than 64, members
+    /// that changed under a discovery update); `fives` of them are set. Beyond its length a
+    /// request counts no more 5xx: fewer counts, never more. Only written on a breaker's route.
+    counted: [usize; 4],
+    fives: u8,
 }
 
 impl<'a> Attempts<'a> {
@@ -203,6 +222,8 @@ impl<'a> Attempts<'a> {
             max: svc.retries as usize + 1,
             deadline,
             tls: None,
+            counted: [0; 4],
+            fives: 0,
         }
     }
 
@@ -258,9 +279,19 @@ impl<'a> Attempts<'a> {
         self.attempted(idx);
     }
 
-    /// A 5xx the backend answered, on a route with a circuit breaker: counted towards its
-    /// ejection (never without one: a 5xx is then an answer like any other).
-    fn answered_5xx(&self, backend: &Backend) {
+    /// A 5xx (500-599, 500 included: Envoy's `consecutive_5xx` counts every 5xx, and so does
+    /// `consecutive5xx`) the backend answered, on a route with a circuit breaker: counted
+    /// towards its ejection (never without one: see `send`), at most once per backend per
+    /// client request. A request's attempts never go to a backend twice (`tried`), but the
+    /// count does not rely on it. The client-fault rule is the caller's (`client_at_fault`).
+    fn answered_5xx(&mut self, backend: &Arc<Backend>) {
+        let key = Arc::as_ptr(backend) as usize;
+        let seen = &self.counted[..usize::from(self.fives)];
+        if seen.contains(&key) || usize::from(self.fives) == self.counted.len() {
+            return;
+        }
+        self.counted[usize::from(self.fives)] = key;
+        self.fives += 1;
         crate::upstream::record_failure(
             backend,
             Failure::Status,
@@ -705,8 +736,16 @@ async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayE
             resp
         };
         let status = resp.status().as_u16();
-        if svc.retry.breaker.is_some() && (500..600).contains(&status) {
-            attempts.answered_5xx(&backend);
+        if (500..600).contains(&status) {
+            // A 5xx neither resets the backend's streak nor ends its ejection: on a route
+            // without a breaker it is passed on and nothing else (else alternate requests
+            // through such a route would keep a failing backend that it shares with a
+            // breaker's route from ever being ejected). On a breaker's route it counts, unless
+            // the client's body had failed or was still awaited (a backend may answer 5xx to a
+            // client that stalled or went away: the client-fault rule).
+            if svc.retry.breaker.is_some() && !client_at_fault(progress.as_deref()) {
+                attempts.answered_5xx(&backend);
+            }
         } else {
             backend.record_success();
         }

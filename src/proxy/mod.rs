@@ -202,8 +202,20 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
     for (name, value) in cx.response_headers {
         resp.headers_mut().insert(name, value);
     }
-    // The route's response policies, on every answer it gives (refusals included).
+    // The route's response policies, on every answer it gives (refusals included): the header
+    // rules, then CORS, which owns its fields (no rule can undo the route's CORS policy).
     if let Some(svc) = &cx.service {
+        if !svc.response_rules.is_empty() {
+            svc.response_rules.apply(
+                resp.headers_mut(),
+                &header_rules::Vars {
+                    consumer: cx.consumer.as_deref(),
+                    request_id: &cx.request_id,
+                    client_ip: cx.client_ip,
+                    plan: cx.plan.as_deref(),
+                },
+            );
+        }
         let preflight = resp.extensions().get::<cors::Preflight>().copied();
         if svc.cors.is_some() && preflight.is_none() {
             for name in &cors::OWNED {
@@ -221,17 +233,6 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
                     resp.headers_mut().append(name, value);
                 }
             }
-        }
-        if !svc.response_rules.is_empty() {
-            svc.response_rules.apply(
-                resp.headers_mut(),
-                &header_rules::Vars {
-                    consumer: cx.consumer.as_deref(),
-                    request_id: &cx.request_id,
-                    client_ip: cx.client_ip,
-                    plan: cx.plan.as_deref(),
-                },
-            );
         }
     }
     let elapsed = cx.start.elapsed();

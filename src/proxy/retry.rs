@@ -4,7 +4,11 @@
 //! The budget (Envoy's retry budget) is per route and per instance: a retry is allowed while
 //! the retries of the last second stay under max(`minPerSecond`, `percent` % of the requests
 //! of the last second). The second is a sliding window of ten 100 ms buckets of atomics, on the
-//! injected clock; a reload starts a new window.
+//! injected clock; a reload starts a new window. A route whose `retryOn` lists `reset` or a
+//! status and that sets no `retryBudget` gets [`DEFAULT_BUDGET`] (20 %, at least 5 per second,
+//! Envoy's recommendation): retrying requests that were sent may multiply a failing fleet's
+//! load, so it is never unbounded. A route that retries `connect-failure` only (the default)
+//! keeps no budget: a request never written costs the backends nothing.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -54,9 +58,17 @@ pub struct RetryRt {
     pub reset: bool,
     /// The statuses listed, as bits: 500, 502, 503, 504.
     statuses: u8,
-    /// `retryBudget` (None: retries limited by `retries` only).
+    /// The effective budget: `retryBudget`, else [`DEFAULT_BUDGET`] when `retryOn` lists
+    /// `reset` or a status (None: `connect-failure` only, retries limited by `retries` only).
     pub budget: Option<Budget>,
 }
+
+/// The budget of a route that retries after sending (`reset`, a status) and sets no
+/// `retryBudget`: Envoy's recommended 20 % of requests, at least 5 retries per second.
+pub const DEFAULT_BUDGET: RetryBudget = RetryBudget {
+    percent: 20.0,
+    min_per_second: 5,
+};
 
 /// The statuses `retryOn` may name, in bit order.
 const STATUSES: [u16; 4] = [500, 502, 503, 504];
@@ -75,13 +87,19 @@ impl RetryRt {
                 }
             }
         }
+        let reset = p.retry_on.contains(&RetryOn::Reset);
+        let budget = match p.retry_budget {
+            Some(b) => Some(b),
+            None if reset || statuses != 0 => Some(DEFAULT_BUDGET),
+            None => None,
+        };
         RetryRt {
             on: p.retry_on.clone(),
             breaker: p.circuit_breaker,
             connect: p.retry_on.contains(&RetryOn::ConnectFailure),
-            reset: p.retry_on.contains(&RetryOn::Reset),
+            reset,
             statuses,
-            budget: p.retry_budget.map(|b| Budget::new(b, clock)),
+            budget: budget.map(|b| Budget::new(b, clock)),
         }
     }
 
@@ -113,6 +131,9 @@ impl RetryRt {
 const BUCKETS: usize = 10;
 const BUCKET_US: u64 = 100_000;
 
+/// A bucket's `tick` while its counts are being emptied for a new tick.
+const RESETTING: u64 = u64::MAX;
+
 /// One 100 ms bucket: which tick it holds, and its counts.
 #[derive(Debug, Default)]
 struct Bucket {
@@ -141,22 +162,39 @@ impl Budget {
         }
     }
 
-    /// The bucket of `tick`, emptied first if it still holds an older tick. Two requests that
-    /// find it stale at once may lose a count between them; the budget is a bound of the order
-    /// of a request, not an exact one.
+    /// The bucket of `tick`, emptied first if it still holds an older tick. The emptying is
+    /// fenced: the bucket is marked [`RESETTING`] while its counts go to zero, and requests
+    /// that find the mark wait the two stores out, so no count added for the new tick is lost
+    /// to it (a lost count would let the budget overshoot). A bucket already holding a later
+    /// tick (a request that read the clock a second ago) is used as it is.
     fn bucket(&self, tick: u64) -> &Bucket {
         let b = &self.buckets[(tick % BUCKETS as u64) as usize];
         let stamp = tick + 1;
-        let seen = b.tick.load(Ordering::Acquire);
-        if seen != stamp
-            && b.tick
-                .compare_exchange(seen, stamp, Ordering::AcqRel, Ordering::Acquire)
+        let mut spins = 0u32;
+        loop {
+            let seen = b.tick.load(Ordering::Acquire);
+            if seen == RESETTING {
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            if seen >= stamp {
+                return b;
+            }
+            if b.tick
+                .compare_exchange(seen, RESETTING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-        {
-            b.requests.store(0, Ordering::Relaxed);
-            b.retries.store(0, Ordering::Relaxed);
+            {
+                b.requests.store(0, Ordering::Relaxed);
+                b.retries.store(0, Ordering::Relaxed);
+                b.tick.store(stamp, Ordering::Release);
+                return b;
+            }
         }
-        b
     }
 
     /// Counts a request (each request once, however many attempts it takes).
@@ -170,7 +208,12 @@ impl Budget {
         let (mut requests, mut retries) = (0u64, 0u64);
         for b in &self.buckets {
             let stamp = b.tick.load(Ordering::Acquire);
-            if stamp != 0 && stamp - 1 + (BUCKETS as u64) > tick && stamp - 1 <= tick {
+            // A bucket being emptied holds nothing yet.
+            if stamp != 0
+                && stamp != RESETTING
+                && stamp - 1 + (BUCKETS as u64) > tick
+                && stamp - 1 <= tick
+            {
                 requests += u64::from(b.requests.load(Ordering::Relaxed));
                 retries += u64::from(b.retries.load(Ordering::Relaxed));
             }
@@ -178,16 +221,37 @@ impl Budget {
         (requests, retries)
     }
 
-    /// Takes one retry if the window has room: retries in the last second below
-    /// max(`minPerSecond`, `percent` % of its requests).
+    /// The limits in force (`retryBudget`, or [`DEFAULT_BUDGET`]).
+    pub fn limits(&self) -> RetryBudget {
+        RetryBudget {
+            percent: self.percent,
+            min_per_second: self.min_per_second,
+        }
+    }
+
+    /// Takes one retry if the window has room: retries in the last second, this one included,
+    /// at most max(`minPerSecond`, `percent` % of its requests).
+    ///
+    /// The retry is added first, then the window checked, and the retry taken back when it
+    /// does not fit: of requests racing for the last places, the one whose addition came last
+    /// sees every earlier one and refuses itself, so concurrent requests never take more than
+    /// the limit between them (a check-then-add let all of them see the same room; and a
+    /// bucket's emptying for a new tick loses no count, see `bucket`). Racing requests may
+    /// all refuse themselves when one place is left, which errs on the safe side. The window
+    /// itself moves by 100 ms steps, so the bound is per window as it stands at each retry.
     pub fn try_retry(&self) -> bool {
         let tick = self.clock.now_us() / BUCKET_US;
+        let bucket = self.bucket(tick);
+        bucket.retries.fetch_add(1, Ordering::AcqRel);
         let (requests, retries) = self.window(tick);
         let share = (requests as f64 * self.percent / 100.0).floor() as u64;
-        if retries >= share.max(u64::from(self.min_per_second)) {
+        if retries > share.max(u64::from(self.min_per_second)) {
+            // Saturating: the bucket may have been emptied for a new tick meanwhile.
+            let _ = bucket
+                .retries
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
             return false;
         }
-        self.bucket(tick).retries.fetch_add(1, Ordering::Relaxed);
         true
     }
 }
@@ -262,6 +326,86 @@ mod tests {
         // A bucket reused for a later tick starts from zero.
         clock.advance_us(1_000_000);
         assert_eq!(b.window(clock.now_us() / BUCKET_US), (0, 0));
+    }
+
+    #[test]
+    fn concurrent_retries_never_take_more_than_the_budget() {
+        // Check-then-add let every thread see the same room; add-first lets the last one see
+        // all the others. No tick boundary here (the clock stands still): the bound is exact.
+        for round in 0..50 {
+            let (b, _clock) = budget(20.0, 5);
+            let b = &b;
+            let barrier = std::sync::Barrier::new(8);
+            let taken: usize = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| {
+                        let barrier = &barrier;
+                        s.spawn(move || {
+                            barrier.wait();
+                            take(b, 4)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert!(
+                taken <= 5,
+                "round {round}: {taken} retries under a minimum of 5"
+            );
+            // Refusals were taken back: exactly the ones allowed stay counted.
+            assert_eq!(b.window(b.clock.now_us() / BUCKET_US).1, taken as u64);
+        }
+    }
+
+    #[test]
+    fn retrying_after_sending_gets_the_default_budget() {
+        for on in [
+            vec![RetryOn::Status(503)],
+            vec![RetryOn::ConnectFailure, RetryOn::Reset],
+        ] {
+            let p = Policies {
+                retry_on: on.clone(),
+                ..Policies::default()
+            };
+            let r = RetryRt::build(&p);
+            assert_eq!(
+                r.budget.as_ref().map(Budget::limits),
+                Some(DEFAULT_BUDGET),
+                "{on:?}"
+            );
+        }
+        // connect-failure only: unlimited within `retries`, as before.
+        let p = Policies {
+            retry_on: vec![RetryOn::ConnectFailure],
+            ..Policies::default()
+        };
+        assert!(RetryRt::build(&p).budget.is_none());
+        // A budget of the route's own is kept.
+        let own = RetryBudget {
+            percent: 50.0,
+            min_per_second: 1,
+        };
+        let p = Policies {
+            retry_on: vec![RetryOn::Status(503)],
+            retry_budget: Some(own),
+            ..Policies::default()
+        };
+        assert_eq!(RetryRt::build(&p).budget.map(|b| b.limits()), Some(own));
+        // The default stops at 5 a second without traffic, 20 % with it.
+        let (clock, d) = (ManualClock::new(5_000_000), Clock::Manual);
+        let r = RetryRt::with_clock(
+            &Policies {
+                retry_on: vec![RetryOn::Status(503)],
+                ..Policies::default()
+            },
+            d(clock.clone()),
+        );
+        let b = r.budget.as_ref().unwrap();
+        assert_eq!(take(b, 20), 5);
+        for _ in 0..100 {
+            b.request();
+        }
+        assert_eq!(take(b, 100), 15, "20 of 100 requests, 5 taken already");
     }
 
     #[test]

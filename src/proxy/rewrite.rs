@@ -81,6 +81,29 @@ fn path_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b)
 }
 
+/// The first `%` escape in `text` that no path may hold: not two hex digits, or `%00`. (A
+/// literal that ends in the middle of an escape, `%` before a capture, is left to the check of
+/// each result.)
+fn bad_escape(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(off) = b[i..].iter().position(|c| *c == b'%') {
+        let at = i + off;
+        let digits = b.get(at + 1..at + 3);
+        match digits {
+            Some(d) if d.iter().all(u8::is_ascii_hexdigit) => {
+                if d == b"00" {
+                    return Some("%00".into());
+                }
+            }
+            Some(_) => return Some(String::from_utf8_lossy(&b[at..(at + 3).min(b.len())]).into()),
+            None => {}
+        }
+        i = at + 1;
+    }
+    None
+}
+
 impl RewriteRt {
     /// Compiles `regex`; the replacement's capture references must name groups it has, and its
     /// own text must be path characters (no `?` or `#`: the request's query is kept as it is).
@@ -119,6 +142,11 @@ impl RewriteRt {
                     problems.push(format!(
                         "replacement {replacement:?}: {:?} cannot appear in a path (the query string is kept as it came; escape other characters as %XX)",
                         char::from(b).to_string()
+                    ));
+                } else if let Some(bad) = bad_escape(text) {
+                    // Every request the rewrite matched would be a 500: refused at load.
+                    problems.push(format!(
+                        "replacement {replacement:?}: {bad:?} is not a path escape (%XX with two hex digits, never %00)"
                     ));
                 }
             }
@@ -217,12 +245,22 @@ mod tests {
             ("^/(a)$", "/$1 b", "\" \" cannot appear"),
             ("^/(a)$", "/x#y", "\"#\" cannot appear"),
             ("^/(a)$", "/${1", "\"{\" cannot appear"),
+            ("^/(a)$", "/x%00/$1", "\"%00\" is not a path escape"),
+            ("^/(a)$", "/x%zz/$1", "\"%zz\" is not a path escape"),
         ] {
             let e = RewriteRt::compile(re, rep).unwrap_err();
             assert!(e.contains(want), "{re} → {rep}: {e}");
         }
         assert!(RewriteRt::compile("^/(a", "/x").is_err());
-        for ok in ["/$$1", "/${1}a", "/$", "/$0", "/a$-b"] {
+        for ok in [
+            "/$$1",
+            "/${1}a",
+            "/$",
+            "/$0",
+            "/a$-b",
+            "/a%2Fb/$1",
+            "/%41$1",
+        ] {
             rw("^/(a)$", ok);
         }
     }

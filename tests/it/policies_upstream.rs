@@ -576,3 +576,167 @@ async fn retries_stop_at_the_budget() {
     );
     assert!(retries >= 3, "the minimum is always allowed: {retries}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_a_breaker_never_resets_the_streak_it_shares() {
+    let bad = Knob::start(500).await;
+    let good = Knob::start(200).await;
+    // Both routes share both backends; only "a" has a breaker. Before, every 500 "b" got from
+    // the bad backend counted as a success and started its streak again.
+    let services = format!(
+        "{}{}",
+        service(
+            "a",
+            "/a/",
+            &[&bad.url(), &good.url()],
+            "    circuitBreaker: {consecutive5xx: 3, ejectFor: 30s, maxEjectedPercent: 50}\n",
+        ),
+        service("b", "/b/", &[&bad.url(), &good.url()], ""),
+    );
+    let gw = Gateway::start(&loopback_config("healthCheckInterval: 30\n", &services)).await;
+    // Round robin in each pool: "a" reaches the bad backend every other request; two requests
+    // through "b" between two of "a" put one of b's 500s between any two of a's.
+    let mut a_fives = 0;
+    for i in 0..8 {
+        let (status, _) = call(gw.port, "GET", &format!("/a/{i}"), &[], b"").await;
+        if status == 500 {
+            a_fives += 1;
+        }
+        for j in 0..2 {
+            let _ = call(gw.port, "GET", &format!("/b/{i}/{j}"), &[], b"").await;
+        }
+        if a_fives == 3 {
+            break;
+        }
+    }
+    assert_eq!(a_fives, 3);
+    assert!(
+        !healthy(&gw, "a", &bad.url()).await,
+        "three 500s through the breaker's route eject the backend, whatever b saw meanwhile"
+    );
+    // Shared: out of b's pool too.
+    assert!(!healthy(&gw, "b", &bad.url()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_to_a_client_whose_body_stalls_never_counts() {
+    // A backend that gives a body 300 ms, then answers 500 (its own body timeout, as some
+    // application servers answer a slow upload), and a healthy one.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = listener.local_addr().unwrap();
+    let slow_task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() == "/health" {
+                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())));
+                    }
+                    let read =
+                        tokio::time::timeout(Duration::from_millis(300), req.into_body().collect())
+                            .await;
+                    let mut r = Response::new(Full::new(Bytes::from_static(b"slow body")));
+                    if read.is_err() {
+                        *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    Ok(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let good = Knob::start(200).await;
+    let slow_url = format!("http://{slow_addr}");
+    let gw = Gateway::start(&loopback_config(
+        "healthCheckInterval: 30\n",
+        &service(
+            "api",
+            "/api/",
+            &[&slow_url, &good.url()],
+            "    circuitBreaker: {consecutive5xx: 2, ejectFor: 30s, maxEjectedPercent: 50}\n",
+        ),
+    ))
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fives = 0;
+    for i in 0..6 {
+        // Ten bytes of a hundred, then nothing: the backend's 500 comes while the gateway
+        // awaits the client.
+        let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+        s.write_all(
+            format!(
+                "PUT /api/{i} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\n0123456789"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        if head.starts_with("HTTP/1.1 500") {
+            fives += 1;
+        }
+        drop(s);
+    }
+    assert!(fives >= 2, "round robin reached the slow backend: {fives}");
+    assert!(
+        healthy(&gw, "api", &slow_url).await,
+        "500s to clients whose body stalled are the clients' doing"
+    );
+    // Its own 5xx still count: a whole body, and the backend answers 500 anyway.
+    drop(slow_task);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_status_without_a_budget_stops_at_the_default_one() {
+    let a = Knob::start(503).await;
+    let b = Knob::start(503).await;
+    let gw = Gateway::start(&loopback_config(
+        "healthCheckInterval: 30\n",
+        &service(
+            "api",
+            "/api/",
+            &[&a.url(), &b.url()],
+            "    retries: 1\n    retryOn: [\"503\"]\n",
+        ),
+    ))
+    .await;
+    let started = Instant::now();
+    let n = 300u64;
+    let mut client = KeepAlive::new(gw.port);
+    for i in 0..n {
+        let (status, _) = client.get(&format!("/api/{i}")).await.unwrap();
+        assert_eq!(status, 503);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let m = gw.metrics().await;
+    let retries = metric(
+        &m,
+        "hexgate_upstream_retries_total{service=\"api\",reason=\"503\"} ",
+    );
+    let exhausted = metric(
+        &m,
+        "hexgate_upstream_retry_budget_exhausted_total{service=\"api\"} ",
+    );
+    assert_eq!(
+        retries + exhausted,
+        n,
+        "every request wanted one retry: {m}"
+    );
+    assert!(exhausted > 0, "no retryBudget is not unlimited: {m}");
+    // The default: max(5, 20 % of the requests) in any second.
+    let bound = (n as f64 * 0.2) + 5.0 * (secs.ceil() + 1.0);
+    assert!(
+        (retries as f64) <= bound,
+        "{retries} retries for {n} requests in {secs:.2}s (bound {bound:.0})"
+    );
+    assert!(retries >= 5, "the default minimum is allowed: {retries}");
+}

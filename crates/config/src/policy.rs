@@ -189,6 +189,8 @@ pub const RESERVED_REQUEST: &[&str] = &[
     "trailer",
     "transfer-encoding",
     "upgrade",
+    "proxy-authorization",
+    "expect",
     "host",
     "content-length",
     "x-consumer-id",
@@ -198,8 +200,9 @@ pub const RESERVED_REQUEST: &[&str] = &[
     "x-forwarded-host",
 ];
 
-/// Response headers no rule may set, add or remove: hop-by-hop and framing fields, and the
-/// request id the gateway answers with.
+/// Response headers no rule may set, add or remove: hop-by-hop and framing fields, the request
+/// id the gateway answers with, and the limits' fields (a client must see its limits and when
+/// to retry).
 pub const RESERVED_RESPONSE: &[&str] = &[
     "connection",
     "keep-alive",
@@ -210,6 +213,12 @@ pub const RESERVED_RESPONSE: &[&str] = &[
     "upgrade",
     "content-length",
     "x-request-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "retry-after",
 ];
 
 /// Reads the policy keys of `f` (the top level or a service) over `defaults`: a key present
@@ -335,10 +344,24 @@ fn read_cors(r: &mut Reader, n: &Node, path: &str) -> Cors {
     };
     let allow_headers = names(r, "allowHeaders");
     let expose_headers = names(r, "exposeHeaders");
-    let allow_methods = r
-        .string_list(&f, "allowMethods")
-        .map(|m| m.into_iter().map(|(m, _)| m.to_ascii_uppercase()).collect())
-        .unwrap_or_else(|| vec!["GET".into(), "HEAD".into(), "POST".into()]);
+    let mut allow_methods = Vec::new();
+    match r.string_list(&f, "allowMethods") {
+        Some(list) => {
+            for (m, line) in list {
+                let up = m.to_ascii_uppercase();
+                if keys::METHODS.contains(&up.as_str()) || m == "*" {
+                    allow_methods.push(up);
+                } else {
+                    r.err(
+                        line,
+                        &f.key_path("allowMethods"),
+                        format!("{m:?} is not a method ({})", keys::METHODS.join(", ")),
+                    );
+                }
+            }
+        }
+        None => allow_methods = vec!["GET".into(), "HEAD".into(), "POST".into()],
+    }
     let allow_credentials = r.bool(&f, "allowCredentials").unwrap_or(false);
     if allow_credentials && origins.iter().any(|o| o == "*") {
         r.err(
@@ -346,6 +369,21 @@ fn read_cors(r: &mut Reader, n: &Node, path: &str) -> Cors {
             &f.key_path("allowCredentials"),
             "not with the origin \"*\": the CORS protocol forbids credentials for any origin; list the origins",
         );
+    }
+    if allow_credentials {
+        for (key, list) in [
+            ("allowMethods", &allow_methods),
+            ("allowHeaders", &allow_headers),
+            ("exposeHeaders", &expose_headers),
+        ] {
+            if list.iter().any(|v| v == "*") {
+                r.err(
+                    f.key_line(key),
+                    &f.key_path(key),
+                    "\"*\" with allowCredentials: browsers read it as a name, not a wildcard, when credentials are on; list the names",
+                );
+            }
+        }
     }
     Cors {
         allow_origins: origins,
@@ -374,16 +412,29 @@ fn origin(o: &str) -> Option<String> {
     }
     let host = match rest.rsplit_once(':') {
         Some((h, port)) if !h.ends_with(']') || h.starts_with('[') => {
-            if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5 {
+            // A port browsers would send: 1 to 65535, and never the scheme's default (an
+            // origin never carries it, so the entry could never match).
+            let n = port.parse::<u16>().ok().filter(|n| *n > 0)?;
+            if !port.bytes().all(|b| b.is_ascii_digit())
+                || (scheme == "https" && n == 443)
+                || (scheme == "http" && n == 80)
+            {
                 return None;
             }
             h
         }
         _ => rest,
     };
+    let wildcard = host.starts_with("*.");
     let bare = host.strip_prefix("*.").unwrap_or(host);
     let ok = !bare.is_empty()
-        && (bare.starts_with('[') && bare.ends_with(']')
+        && !bare.starts_with('.')
+        && !bare.ends_with('.')
+        && !bare.contains("..")
+        // `*.com` would be every site under a top-level domain: a wildcard needs a registrable
+        // name (two labels at least) after it.
+        && (!wildcard || bare.contains('.'))
+        && (bare.starts_with('[') && bare.ends_with(']') && !wildcard
             || bare
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)));
@@ -425,6 +476,15 @@ fn read_rules(r: &mut Reader, n: &Node, path: &str, reserved: &[&str]) -> Header
             let Some(h) = name(r, key, line, &h) else {
                 continue;
             };
+            let list = if key == "set" { &rules.set } else { &rules.add };
+            if list.iter().any(|(n, _)| *n == h) {
+                r.err(
+                    line,
+                    &format!("{path}.{key}"),
+                    format!("{h:?} is named twice (header names are case-insensitive)"),
+                );
+                continue;
+            }
             match template(&v) {
                 Ok(t) => {
                     let list = if key == "set" {

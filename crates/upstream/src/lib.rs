@@ -36,6 +36,9 @@ const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 /// A circuit breaker's ejection grows to at most this many times `ejectFor`.
 const BREAKER_MAX_FACTOR: u32 = 10;
+/// How long a backend whose breaker streak reached its threshold, but whose ejection did not fit
+/// a pool's floor, waits before the breaker looks for room again (see [`record_failure`]).
+const BREAKER_RESCAN: Duration = Duration::from_millis(100);
 /// The share of a pool passive ejection may take out without a `circuitBreaker` (half).
 pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 
@@ -279,6 +282,10 @@ pub struct Backend {
     ejected_until_ms: AtomicU64,
     /// Failures, 5xx streak and ejections in a row (see [`word`]).
     passive: AtomicU64,
+    /// Milliseconds since `epoch()` before which a circuit breaker does not look again for room
+    /// to eject this backend: set when its streak reached the threshold but the ejection did not
+    /// fit a pool's floor (see [`record_failure`]). Only read past the threshold.
+    breaker_rescan_ms: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -314,6 +321,7 @@ impl Backend {
             active_healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
             passive: AtomicU64::new(0),
+            breaker_rescan_ms: AtomicU64::new(0),
         }
     }
 
@@ -364,13 +372,17 @@ impl Backend {
             .min(EJECT_MAX)
     }
 
-    /// Counts a failure or 5xx answer towards a circuit breaker's streak; returns the streak.
-    fn count_streak(&self) -> u64 {
-        word::streak(self.update_passive(|w| word::with_streak(w, word::streak(w) + 1)))
+    /// Counts a failure or 5xx answer towards a circuit breaker's streak, which never goes past
+    /// `cap` (the breaker's threshold); returns the streak.
+    fn count_streak(&self, cap: u64) -> u64 {
+        word::streak(
+            self.update_passive(|w| word::with_streak(w, (word::streak(w) + 1).min(cap.max(1)))),
+        )
     }
 
-    /// A response from the backend (any status, or one below 500 on a route with a circuit
-    /// breaker): the failure counts and streaks start again and a passive ejection ends. A
+    /// A response from the backend with a status below 500 (a 500-599 answer is never a
+    /// success, whether the route has a circuit breaker or not): the failure counts and streaks
+    /// start again and a passive ejection ends. A
     /// circuit breaker's ejection in force stands (the answer is to a request sent before it);
     /// only its streak restarts. One load when nothing is counted (every request).
     pub fn record_success(&self) {
@@ -942,7 +954,9 @@ pub enum Failure {
 /// No ejection may leave some pool with more passively ejected members than its floor
 /// (`pools`: each pool with its route's `maxEjectedPercent`, [`DEFAULT_MAX_EJECTED_PERCENT`]
 /// without a breaker, see [`max_ejected`]); then the failure only counts and the backend stays
-/// in rotation. Returns whether the backend was ejected.
+/// in rotation. Returns whether the backend was ejected. A breaker's streak stops at its
+/// threshold, and a backend whose ejection did not fit is not considered again for
+/// [`BREAKER_RESCAN`]: its further 5xx take no lock (see the body).
 ///
 /// `pools` are the pools that may list `backend`: every pool of the snapshot, since a `Backend`
 /// is shared by all pools naming its address and its ejection takes it out of all of them. The
@@ -985,8 +999,21 @@ pub fn record_failure<'a>(
         // Also lengthens a later ejection by a route without a breaker that shares the backend.
         backend.count_failure();
     }
-    let streak = backend.count_streak();
-    if cb.max_ejected_percent == 0 || streak < u64::from(cb.consecutive_5xx.max(1)) {
+    let threshold = u64::from(cb.consecutive_5xx.max(1));
+    let streak = backend.count_streak(threshold);
+    if cb.max_ejected_percent == 0 || streak < threshold {
+        return false;
+    }
+    // Past the threshold, and kept there (`count_streak` caps it): every further 5xx would
+    // take the global EJECTIONS lock and scan every pool of the snapshot. Two cheap checks
+    // spare that on the hot path of a failing backend: an ejection already in force (answers
+    // to requests sent before it), and a recent scan that found no room under some pool's
+    // floor (`breaker_rescan_ms`, BREAKER_RESCAN later). So a backend held in rotation by a
+    // floor costs at most one locked scan per BREAKER_RESCAN, not one per 5xx; once room frees
+    // up (another ejection ends), its next 5xx after the pause ejects it, and a success resets
+    // the streak as always.
+    let now = now_ms();
+    if backend.passively_ejected(now) || backend.breaker_rescan_ms.load(Ordering::Relaxed) > now {
         return false;
     }
     let _guard = ejections_lock();
@@ -996,6 +1023,9 @@ pub fn record_failure<'a>(
         return false;
     }
     if !fits(backend, now, pools) {
+        backend
+            .breaker_rescan_ms
+            .store(now + BREAKER_RESCAN.as_millis() as u64, Ordering::Relaxed);
         return false;
     }
     let w = backend.update_passive(|w| {
@@ -1287,6 +1317,48 @@ mod tests {
             assert_eq!(p.passive_ejections(), most, "{percent} % of {n}");
             assert_eq!(max_ejected(n as usize, percent), most);
         }
+    }
+
+    #[test]
+    fn a_streak_held_by_the_floor_takes_no_lock_until_the_pause_ends() {
+        let members: Vec<_> = (0..2).map(|i| backend(10_900 + i)).collect();
+        let p = pool(&members);
+        let cb = breaker(2, 50);
+        let (a, b) = (&members[0], &members[1]);
+        let fail = |x: &Backend| record_failure(x, Failure::Status, Some(&cb), [(&p, 50)]);
+        assert!(!fail(a));
+        assert!(fail(a), "a is ejected: the pool of 2 is at its floor");
+        assert!(!fail(b));
+        assert!(
+            !fail(b),
+            "b's ejection does not fit: one scan, then a pause"
+        );
+        assert_eq!(word::streak(b.passive.load(Ordering::Relaxed)), 2);
+        // While the global lock is held elsewhere, b's further 5xx neither wait for it nor
+        // grow the streak past the threshold.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let held = ejections_lock();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..100 {
+                    fail(b);
+                }
+                tx.send(()).unwrap();
+            });
+            let done = rx.recv_timeout(Duration::from_secs(2));
+            drop(held);
+            assert!(
+                done.is_ok(),
+                "a 5xx past the threshold waited for the ejection lock"
+            );
+        });
+        assert_eq!(word::streak(b.passive.load(Ordering::Relaxed)), 2);
+        assert!(b.is_healthy());
+        // Once a is back and the pause is over, b's next 5xx ejects it.
+        a.ejected_until_ms.store(0, Ordering::Relaxed);
+        std::thread::sleep(BREAKER_RESCAN + Duration::from_millis(20));
+        assert!(fail(b));
+        assert!(!b.is_healthy());
     }
 
     #[test]
