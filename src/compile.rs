@@ -248,6 +248,9 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         }
         None => None,
     };
+    for (service, message) in breaker_warnings(&config) {
+        tracing::warn!(service = %service, "{message}");
+    }
     for (key, message) in port_clashes(&config, scope) {
         err(key, message);
     }
@@ -271,6 +274,94 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
         api_keys,
         rewrites,
     })
+}
+
+/// Circuit-breaker settings that load but likely do not do what was meant, as (service,
+/// message), logged once per load: `consecutive5xx: 1` (one 5xx ejects), `maxEjectedPercent:
+/// 100` (a whole pool may go), and a breaker route's backend that another route (or split)
+/// lists in a pool whose floor lets nothing be ejected (say alone, at the default 50 %): a
+/// backend is shared by every pool naming its address and is ejected only where every pool
+/// allows it, so that breaker can never eject it. Static backends only (discovered ones change).
+fn breaker_warnings(config: &Config) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    type PoolRef<'a> = (Option<&'a str>, &'a [hexgate_config::BackendAddr]);
+    fn pools(s: &hexgate_config::Service) -> Vec<PoolRef<'_>> {
+        if s.split.is_empty() {
+            vec![(None, &s.backends[..])]
+        } else {
+            s.split
+                .iter()
+                .map(|p| (Some(p.name.as_str()), &p.backends[..]))
+                .collect()
+        }
+    }
+    // Every backend in a pool where no ejection fits: (service index, split) by address.
+    let mut pinned: HashMap<&hexgate_config::BackendAddr, Vec<(usize, Option<&str>)>> =
+        HashMap::new();
+    for (i, s) in config.services.iter().enumerate() {
+        let percent = s
+            .policies
+            .circuit_breaker
+            .map_or(crate::upstream::DEFAULT_MAX_EJECTED_PERCENT, |b| {
+                b.max_ejected_percent
+            });
+        for (split, backends) in pools(s) {
+            if crate::upstream::max_ejected(backends.len(), percent) == 0 {
+                for b in backends {
+                    pinned.entry(b).or_default().push((i, split));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, s) in config.services.iter().enumerate() {
+        let Some(cb) = s.policies.circuit_breaker else {
+            continue;
+        };
+        if cb.consecutive_5xx == 1 {
+            out.push((
+                s.name.clone(),
+                "circuitBreaker.consecutive5xx is 1: one 5xx ejects a backend".to_string(),
+            ));
+        }
+        if cb.max_ejected_percent >= 100 {
+            out.push((
+                s.name.clone(),
+                "circuitBreaker.maxEjectedPercent is 100: a whole pool may be ejected".to_string(),
+            ));
+        }
+        if cb.max_ejected_percent == 0 {
+            continue;
+        }
+        let mut seen = Vec::new();
+        for (split, backends) in pools(s) {
+            for b in backends {
+                let Some(other) = pinned
+                    .get(b)
+                    .and_then(|v| v.iter().find(|(j, sp)| (*j, *sp) != (i, split)))
+                else {
+                    continue;
+                };
+                if seen.contains(&b) {
+                    continue;
+                }
+                seen.push(b);
+                let named = &config.services[other.0].name;
+                let place = match other.1 {
+                    Some(sp) => format!("split {sp:?} of service {named:?}"),
+                    None => format!("service {named:?}"),
+                };
+                out.push((
+                    s.name.clone(),
+                    format!(
+                        "circuitBreaker: backend {} is also in the pool of {place}, where no backend may be ejected (a pool of one, or maxEjectedPercent too low for its size): the breaker can never eject it",
+                        b.authority()
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// One service's `upstreamTls`: its files read and the client configs built; on error, the key
@@ -543,6 +634,31 @@ mod tests {
             panic!("a missing key file accepted");
         };
         assert_eq!(errors.0[0].key, "apiKeys.file", "{errors}");
+    }
+
+    #[test]
+    fn breaker_settings_that_surprise_are_warned_about_at_load() {
+        let c = cfg("services:\n  - name: a\n    path: /a/\n    backends: [\"http://10.0.0.1\", \"http://10.0.0.2\"]\n    circuitBreaker: {consecutive5xx: 1, ejectFor: 10s, maxEjectedPercent: 100}\n  - name: b\n    path: /b/\n    backends: [\"http://10.0.0.1\", \"http://10.0.0.3\"]\n    circuitBreaker: {consecutive5xx: 5, ejectFor: 10s, maxEjectedPercent: 50}\n  - name: c\n    path: /c/\n    backends: [\"http://10.0.0.3\"]\n  - name: d\n    path: /d/\n    backends: [\"http://10.0.0.4\"]\n    circuitBreaker: {consecutive5xx: 5, ejectFor: 10s, maxEjectedPercent: 50}\n");
+        let w = breaker_warnings(&c);
+        let text = |svc: &str| {
+            w.iter()
+                .filter(|(s, _)| s == svc)
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+        };
+        let a = text("a");
+        assert_eq!(a.len(), 2, "{w:?}");
+        assert!(a[0].contains("one 5xx ejects") && a[1].contains("whole pool"));
+        // b's 10.0.0.3 is alone in c's pool: its breaker can never eject it.
+        let b = text("b");
+        assert_eq!(b.len(), 1, "{w:?}");
+        assert!(
+            b[0].contains("10.0.0.3") && b[0].contains("service \"c\""),
+            "{b:?}"
+        );
+        // A breaker route alone in its own pool is not warned about here (documented), nor is
+        // a route without a breaker.
+        assert!(text("c").is_empty() && text("d").is_empty(), "{w:?}");
     }
 
     #[test]
