@@ -91,11 +91,8 @@ fn bad_escape(text: &str) -> Option<String> {
         let at = i + off;
         let digits = b.get(at + 1..at + 3);
         match digits {
-            Some(d) if d.iter().all(u8::is_ascii_hexdigit) => {
-                if d == b"00" {
-                    return Some("%00".into());
-                }
-            }
+            Some(b"00") => return Some("%00".into()),
+            Some(d) if d.iter().all(u8::is_ascii_hexdigit) => {}
             Some(_) => return Some(String::from_utf8_lossy(&b[at..(at + 3).min(b.len())]).into()),
             None => {}
         }
