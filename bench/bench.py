@@ -126,7 +126,7 @@ healthCheckInterval: 5
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "apikey", "policies", "scale", "memory", "h2", "tls",
-                                                           "profile", "grpc", "upstream-tls"],
+                                                           "profile", "grpc", "upstream-tls", "accesslog"],
                     help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both "
                          "vs API key + plan limits through Redis; "
                          "apikey: only plain, JWT + Redis limits and API key + plan limits through Redis (and nginx); "
@@ -135,7 +135,8 @@ def main():
                          "h2: h2load over h2c; tls: HTTPS at the proxy; "
                          "profile: instructions per request under callgrind, HexGate and nginx; "
                          "grpc: gRPC unary over h2c, HexGate (h2c:// backend) vs nginx grpc_pass; "
-                         "upstream-tls: HexGate vs nginx proxy_ssl to an HTTPS keep-alive backend")
+                         "upstream-tls: HexGate vs nginx proxy_ssl to an HTTPS keep-alive backend; "
+                         "accesslog: no access log vs the text line vs JSON lines, both to a file")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", default="64,256")
@@ -190,6 +191,7 @@ http {{ access_log off; keepalive_requests 1000000;
         wait_port(backend_port)
         # targets: name -> (proc, port, wrk extra args)
         targets = {}
+        admins = {}
         hg_variants = {"hexgate": ("", "")}
         headers = {}
         if args.mode == "policies":
@@ -198,6 +200,10 @@ http {{ access_log off; keepalive_requests 1000000;
             hg_variants["hg+policies"] = ("", POLICIES_ROUTE)
             origin = ["-H", f"Origin: {POLICIES_ORIGIN}"]
             headers = {"hexgate": origin, "hg+policies": origin}
+        if args.mode == "accesslog":
+            # The issue's bar: the JSON access log to a file within 5 % of plain's CPU per request.
+            for fmt in ("text", "json"):
+                hg_variants[f"hg+{fmt}log"] = (f'accessLog: {{format: {fmt}, path: "{tmp}/{fmt}-access.log"}}\n', "")
         if features:
             subprocess.run([args.hexgate, "keygen", "--out", f"{tmp}/keys"], check=True, capture_output=True)
             token = subprocess.run([args.hexgate, "token", "--key", f"{tmp}/keys/private.pem", "--sub", "bench",
@@ -244,6 +250,7 @@ http {{ access_log off; keepalive_requests 1000000;
             with open(cfg, "w") as f:
                 f.write(hexgate_yaml(port, admin, backend_port, extra, route_extra))
             targets[name] = (Proc([args.hexgate, "run", "--config", cfg], log), port, headers.get(name, []))
+            admins[name] = admin
             wait_port(port)
             check_200(name, port, headers.get(name, []))
             if name == "hg+policies":
@@ -257,7 +264,7 @@ http {{ access_log off; keepalive_requests 1000000;
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }} }}
 """)
-        if args.mode != "policies":  # HexGate against itself only
+        if args.mode not in ("policies", "accesslog"):  # HexGate against itself only
             targets["nginx"] = (Proc(["nginx", "-c", f"{tmp}/proxy.conf", "-p", tmp], log), nginx_port, [])
             wait_port(nginx_port)
         if use_haproxy:
@@ -286,6 +293,8 @@ backend be
         compare = ("hg+apikey+plans+redis", "hg+jwt+redis")  # the API-key bar: own CPU ≤ JWT + limits
         if args.mode == "policies":
             compare = ("hg+policies", "hexgate")  # the policies bar: CPU per request within 10 %
+        if args.mode == "accesslog":
+            compare = ("hg+jsonlog", "hexgate")  # the access-log bar: CPU per request within 5 %
 
         results = {}
         redis_stats = {}
@@ -346,6 +355,21 @@ backend be
                 print(f"| {conns} | {rps_r:.2f} | {cpu_r:.2f} | {rcpu_txt} |")
             if args.mode == "policies":
                 print("bar: own CPU µs/req ratio at most 1.10")
+            if args.mode == "accesslog":
+                print("bar: own CPU µs/req ratio at most 1.05")
+        if args.mode == "accesslog":
+            print()
+            print("| proxy | lines written | bytes | lines dropped |")
+            print("|---|---|---|---|")
+            for fmt in ("text", "json"):
+                name, path = f"hg+{fmt}log", os.path.join(tmp, f"{fmt}-access.log")
+                lines = size = 0
+                if os.path.exists(path):
+                    size = os.path.getsize(path)
+                    with open(path, "rb") as f:
+                        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+                    os.remove(path)  # large; nothing else reads it
+                print(f"| {name} | {lines} | {size} | {access_log_dropped(admins[name])} |")
     finally:
         for p in reversed(procs):
             p.stop()
@@ -402,6 +426,18 @@ def check_200(name, port, hdrs):
         time.sleep(0.1)
     if status != 200:
         raise SystemExit(f"{name}: sample request answered {status} {body!r}, not 200")
+
+
+def access_log_dropped(admin_port):
+    """hexgate_access_log_dropped_total from the admin listener."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    m = re.search(r"^hexgate_access_log_dropped_total (\d+)$", text, re.M)
+    return int(m.group(1)) if m else "?"
 
 
 def evalsha_calls(port):

@@ -254,6 +254,9 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
     for (key, message) in port_clashes(&config, scope) {
         err(key, message);
     }
+    if let Some((key, message)) = crate::access_log::check(&config, files) {
+        err(key, message);
+    }
     let admin_token = match admin_token(files, &config) {
         Ok(t) => t.map(Arc::from),
         Err(message) => {

@@ -10,6 +10,7 @@ pub use hexgate_limits as limits;
 pub use hexgate_metrics as metrics;
 pub use hexgate_upstream as upstream;
 
+pub mod access_log;
 pub mod admin;
 pub mod alloc;
 pub mod compile;

@@ -236,6 +236,8 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a file, journald or a container's log gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -634,6 +636,8 @@ fn run_gateway_at(
             _ => None,
         };
         let state = State::new(compiled, source, consul, overrides);
+        // The access log's writer and SIGUSR1 (reopen), whether or not the log is on now.
+        hexgate::access_log::start(&cfg, state.metrics.clone()).map_err(anyhow::Error::msg)?;
         // API keys from Consul are fetched before serving when Consul answers soon; otherwise
         // the gateway serves with none (every key refused) until the watcher gets them.
         let (keys_ready, first_keys) = tokio::sync::oneshot::channel();
@@ -670,6 +674,7 @@ fn run_gateway_at(
             r.register().await;
         }
         server::serve(state, listeners, &cfg, shutdown_signal()).await;
+        hexgate::access_log::flush(std::time::Duration::from_secs(2)).await;
         if let Some(r) = &registration {
             r.deregister().await;
         }

@@ -118,7 +118,8 @@ impl Fixed {
 
 /// The settings requests and the control plane read from the snapshot.
 pub struct Settings {
-    pub access_log: bool,
+    /// `accessLog`, when on: its format, destination and dropped-line counter.
+    pub access_log: Option<crate::access_log::Sink>,
     /// The header-field policy (`rules::headers`) every request goes through.
     pub header_policy: HeaderPolicy,
     /// The HTTP/1 limits of the admin listener's new connections.
@@ -308,7 +309,7 @@ impl Snapshot {
             services.push(rt);
         }
         let settings = Settings {
-            access_log: config.access_log,
+            access_log: crate::access_log::Sink::of(&config, metrics),
             header_policy: HeaderPolicy {
                 max_count: usize::try_from(config.max_header_count).unwrap_or(usize::MAX),
                 max_bytes: config.max_header_size,

@@ -208,6 +208,8 @@ struct Attempts<'a> {
     /// that changed under a discovery update); `fives` of them are set. Beyond its length a
     /// request counts no more 5xx: fewer counts, never more. Only written on a breaker's route.
     counted: [usize; 4],
+    /// Retries made for this request (the access log's `retries`).
+    retried: u32,
     fives: u8,
 }
 
@@ -223,6 +225,7 @@ impl<'a> Attempts<'a> {
             deadline,
             tls: None,
             counted: [0; 4],
+            retried: 0,
             fives: 0,
         }
     }
@@ -331,6 +334,7 @@ impl<'a> Attempts<'a> {
             }
         }
         self.svc.metrics.retry(why.reason());
+        self.retried += 1;
         Next::Retry
     }
 
@@ -762,6 +766,15 @@ async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayE
                     continue;
                 }
             }
+        }
+        let mut resp = resp;
+        if snap.settings.access_log.is_some() {
+            // For the access log's upstream, upstream_ms and retries.
+            resp.extensions_mut().insert(crate::access_log::Upstream {
+                backend: backend.clone(),
+                took: sent_at.elapsed(),
+                retries: Some(attempts.retried),
+            });
         }
         return respond(resp, backend, sender, upgrade);
     }

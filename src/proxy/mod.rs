@@ -64,8 +64,8 @@ pub struct Context {
     pub conn: ConnInfo,
     pub request_id: String,
     pub method: Method,
-    /// Path and version for the access log, when it is on.
-    access: Option<(String, &'static str)>,
+    /// Path, version and a refusal's reason for the access log, when it is on.
+    access: Option<Box<crate::access_log::Access>>,
     /// The routed service's metrics (the unmatched ones until routing finds a service).
     pub metrics: Arc<ServiceMetrics>,
     /// Headers the response carries, whatever it is (the RateLimit fields of an allowed request).
@@ -98,10 +98,13 @@ pub async fn handle(
         start: Instant::now(),
         request_id: edge::request_id(&req),
         method: req.method().clone(),
-        access: snap
-            .settings
-            .access_log
-            .then(|| (req.uri().path().to_string(), version_name(req.version()))),
+        access: snap.settings.access_log.as_ref().map(|_| {
+            Box::new(crate::access_log::Access {
+                path: req.uri().path().to_string(),
+                version: version_name(req.version()),
+                refusal: None,
+            })
+        }),
         metrics: snap.unmatched.clone(),
         response_headers: Vec::new(),
         grpc: grpc::Grpc::of(req.headers()),
@@ -122,6 +125,9 @@ pub async fn handle(
             }
             if cx.grpc.is_some() {
                 cx.refused = Some(reject.error.status().as_u16());
+            }
+            if let Some(access) = cx.access.as_deref_mut() {
+                access.refusal = Some(crate::access_log::Refusal::of(&reject.error));
             }
             reject.to_response(&cx.request_id, cx.grpc.is_some())
         }
@@ -247,18 +253,51 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
     if cx.grpc.is_some() {
         resp = grpc::observe(cx.metrics.clone(), code, resp);
     }
-    if let Some((path, version)) = cx.access {
-        println!(
-            "{} \"{} {} {}\" {} {:.3}ms service={} request_id={}",
-            cx.conn.peer.ip(),
-            cx.method,
-            path,
-            version,
-            resp.status().as_u16(),
-            elapsed.as_secs_f64() * 1000.0,
-            cx.metrics.name,
-            cx.request_id
-        );
+    if let (Some(access), Some(sink)) = (&cx.access, &cx.snap.settings.access_log) {
+        let line = if sink.format == crate::config::AccessLogFormat::Text {
+            format!(
+                "{} \"{} {} {}\" {} {:.3}ms service={} request_id={}\n",
+                cx.conn.peer.ip(),
+                cx.method,
+                access.path,
+                access.version,
+                resp.status().as_u16(),
+                elapsed.as_secs_f64() * 1000.0,
+                cx.metrics.name,
+                cx.request_id
+            )
+        } else {
+            use crate::access_log::{self as log, Phase};
+            // `allowed` once the route's limits (or the consumer's plan's) let the request
+            // through; `limited` when one refused it; null when none applied or the request
+            // was refused before them.
+            let limited_route =
+                cx.plan.is_some() || cx.service.as_ref().is_some_and(|s| s.limits.is_some());
+            let preflight = resp.extensions().get::<cors::Preflight>().is_some();
+            let limit_outcome = match access.refusal.as_ref().map(|r| r.phase) {
+                Some(Phase::Limited) => Some("limited"),
+                None if preflight => None,
+                None | Some(Phase::After) if limited_route => Some("allowed"),
+                _ => None,
+            };
+            log::json_line(&log::Fields {
+                time: std::time::SystemTime::now(),
+                request_id: &cx.request_id,
+                client_ip: cx.client_ip,
+                method: &cx.method,
+                path: &access.path,
+                version: access.version,
+                status: resp.status().as_u16(),
+                bytes_sent: log::bytes_sent(&cx.method, &resp),
+                duration: elapsed,
+                upstream: resp.extensions().get::<log::Upstream>(),
+                service: &cx.metrics.name,
+                consumer: cx.consumer.as_deref(),
+                limit_outcome,
+                reason: access.refusal.as_ref().map(|r| r.reason.as_str()),
+            })
+        };
+        sink.send(line);
     }
     resp
 }

@@ -2,6 +2,7 @@
 // A test binary: its modules share helpers, and nothing here is a library API.
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
+mod access_log;
 mod admin_security;
 mod apikeys;
 mod apikeys_consul;

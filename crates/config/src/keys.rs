@@ -30,6 +30,9 @@ pub enum Kind {
     Map,
     /// A mapping with the declared keys only.
     Block(&'static [KeyDecl]),
+    /// `true` or `false` (unquoted), or a mapping with the declared keys only: a switch with
+    /// settings (`accessLog: true` or `accessLog: {format: json, path: ...}`).
+    Switch(&'static [KeyDecl]),
     /// A list of mappings with the declared keys only.
     Blocks(&'static [KeyDecl]),
     /// A mapping of names (letters, digits, `-`, `_`, `.`) to mappings with the declared keys
@@ -127,7 +130,7 @@ pub static TOP: &[KeyDecl] = &[
     key("adminTokenFile", Kind::String, NONE, "file whose first line is the admin token (relative to the config's directory); `HEXGATE_ADMIN_TOKEN` in the environment is used when neither key is set. A token is required when `adminBind` is not a loopback address. Not together with `adminToken`"),
     key("maxBodySize", Kind::Size, NONE, "default per-service body limit: a larger declared Content-Length gets 413 before anything is forwarded; a chunked body is counted while it streams and the request ends in 413 when it goes over"),
     key("maxConnections", Kind::Int { min: 1, max: 10_000_000 }, Value("20000"), "client connections per instance; beyond it new connections wait"),
-    key("accessLog", Kind::Bool, Value("false"), "one line per request on stdout"),
+    key("accessLog", Kind::Switch(ACCESS_LOG), Value("false"), "one line per request: `true` is the seed's text line on stdout (`{enabled: true, format: text}`); a mapping sets the keys below"),
     key("shutdownTimeout", Kind::Duration, Value("30s"), "how long SIGTERM/SIGINT waits for in-flight requests"),
     key("trustedProxies", Kind::List(Item::Any), Value("[]"), "IPs/CIDRs whose `X-Forwarded-*` headers are kept and appended to; from anyone else they are replaced"),
     key("rateLimitHeaders", Kind::Enum(&["draft", "legacy", "both", "none"]), Value("draft"), "RateLimit response fields: `draft` (`RateLimit-Policy` + `RateLimit`, draft-ietf-httpapi-ratelimit-headers), `legacy` (`RateLimit-Limit`/`-Remaining`/`-Reset`), `both`, `none`"),
@@ -148,6 +151,17 @@ pub static TOP: &[KeyDecl] = &[
     key("retryOn", Kind::List(Item::OneOf(RETRY_ON)), Value("[connect-failure]"), "default for services: what is retried on another backend (within `retries`)"),
     key("retryBudget", Kind::Block(RETRY_BUDGET), NONE, "default for services: the share of requests that may be retries"),
 ];
+
+/// `accessLog` given as a mapping.
+#[rustfmt::skip]
+pub static ACCESS_LOG: &[KeyDecl] = &[
+    key("enabled", Kind::Bool, Value("true"), "write the access log (giving the mapping turns it on)"),
+    key("format", Kind::Enum(ACCESS_LOG_FORMATS), Value("json"), "`json`: one JSON object per line; `text`: the seed's line (what `accessLog: true` writes)"),
+    key("path", Kind::String, Text("stdout"), "file the lines are appended to, relative to the config's directory; `-` means stdout. Its directory must exist. Reopened on SIGUSR1 (logrotate's `create`); a reload that changes it writes to the new file"),
+];
+
+/// `accessLog.format` words.
+pub const ACCESS_LOG_FORMATS: &[&str] = &["json", "text"];
 
 /// `retryOn` words.
 pub const RETRY_ON: &[&str] = &["connect-failure", "reset", "500", "502", "503", "504"];
@@ -434,7 +448,7 @@ pub fn all() -> Vec<(String, &'static KeyDecl)> {
             let path = join(prefix, d.name);
             out.push((path.clone(), d));
             match d.kind {
-                Kind::Block(children) => walk(&path, children, out),
+                Kind::Block(children) | Kind::Switch(children) => walk(&path, children, out),
                 Kind::Blocks(children) => walk(&format!("{path}[]"), children, out),
                 Kind::Named(children) => walk(&format!("{path}.NAME"), children, out),
                 _ => {}
@@ -470,6 +484,7 @@ impl Kind {
             Kind::List(Item::OneOfAnyCase(w)) => format!("list of {} (any case)", words(w)),
             Kind::Map => "mapping".into(),
             Kind::Block(_) => "mapping".into(),
+            Kind::Switch(_) => "bool or mapping".into(),
             Kind::Blocks(_) => "list of mappings".into(),
             Kind::Named(_) => "mapping of names to mappings".into(),
         }

@@ -60,6 +60,12 @@ impl<'n> Fields<'n> {
 
 pub use crate::keys::join;
 
+/// A [`keys::Kind::Switch`] as given: the bare `true`/`false`, or the mapping's fields.
+pub enum Switched<'n> {
+    Bool(bool),
+    Block(Fields<'n>),
+}
+
 impl Reader {
     pub fn new(file: &str) -> Self {
         Reader {
@@ -162,6 +168,45 @@ impl Reader {
                     node.line,
                     &path,
                     format!("expected true or false, found {s:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A switch (`true`/`false`) or its mapping, with the keys its declaration gives.
+    pub fn switch<'n>(&mut self, f: &Fields<'n>, key: &str) -> Option<Switched<'n>> {
+        let children = match f.kind(key) {
+            keys::Kind::Switch(children) => children,
+            other => {
+                debug_assert!(false, "{} is declared {other:?}", f.key_path(key));
+                &[]
+            }
+        };
+        let node = f.get(key)?;
+        let path = f.key_path(key);
+        match &node.kind {
+            Kind::Map(_) => Some(Switched::Block(self.fields(node, &path, children))),
+            Kind::Scalar { value, quoted } => match (value.as_str(), *quoted) {
+                ("true" | "True" | "TRUE", false) => Some(Switched::Bool(true)),
+                ("false" | "False" | "FALSE", false) => Some(Switched::Bool(false)),
+                (s, _) => {
+                    self.err(
+                        node.line,
+                        &path,
+                        format!("expected true, false or a mapping, found {s:?}"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                self.err(
+                    node.line,
+                    &path,
+                    format!(
+                        "expected true, false or a mapping, found a {}",
+                        node.type_name()
+                    ),
                 );
                 None
             }

@@ -70,6 +70,11 @@ fn rows(out: &mut String, prefix: &str, decls: &'static [KeyDecl], seen: &mut Ve
                     rows(out, &path, children, seen);
                 }
             }
+            // A switch with settings (`accessLog`): its own row, then its keys.
+            Kind::Switch(children) => {
+                row(out, &path, d);
+                rows(out, &path, children, seen);
+            }
             // A list of blocks inside a table (`split[]`); `services[]` has its own table.
             Kind::Blocks(children) if !std::ptr::eq(children.as_ptr(), keys::SERVICE.as_ptr()) => {
                 row(out, &path, d);

@@ -84,6 +84,10 @@ fn key(d: &KeyDecl) -> Value {
         Kind::List(item) => json!({"type": ["array", "null"], "items": list_item(item)}),
         Kind::Map => json!({"type": ["object", "null"], "additionalProperties": scalar()}),
         Kind::Block(children) => block(children, true),
+        // `true`/`false` (or null), or the mapping.
+        Kind::Switch(children) => json!({
+            "oneOf": [{"type": ["boolean", "null"]}, block(children, false)],
+        }),
         Kind::Blocks(children) => {
             json!({"type": ["array", "null"], "items": block(children, false)})
         }
@@ -145,7 +149,7 @@ fn default(d: &KeyDecl) -> Option<Value> {
             json!(v.parse::<u64>().ok()?)
         }
         Kind::Number { .. } => json!(v.parse::<f64>().ok()?),
-        Kind::Bool => json!(v == "true"),
+        Kind::Bool | Kind::Switch(_) => json!(v == "true"),
         Kind::List(_) | Kind::Blocks(_) => {
             let inner = v.strip_prefix('[')?.strip_suffix(']')?;
             json!(inner

@@ -72,6 +72,19 @@ fn join(at: &str, key: &str) -> String {
 /// Problems of `v` against `s`; `unknown` collects the paths of keys refused by
 /// `additionalProperties: false`.
 fn check(s: &Value, v: &Value, at: &str, errs: &mut Vec<String>, unknown: &mut BTreeSet<String>) {
+    if let Some(branches) = s.get("oneOf").and_then(Value::as_array) {
+        // Exactly one branch matches; unknown keys are those of any branch (only an object
+        // branch has them).
+        let mut matched = 0;
+        for b in branches {
+            let mut e = Vec::new();
+            check(b, v, at, &mut e, unknown);
+            matched += usize::from(e.is_empty());
+        }
+        if matched != 1 {
+            errs.push(format!("{at}: {v} matches {matched} of the oneOf branches"));
+        }
+    }
     if let Some(t) = s.get("type") {
         let types: Vec<&str> = match t {
             Value::String(one) => vec![one.as_str()],
@@ -364,7 +377,7 @@ fn every_declared_key_is_known_and_no_other() {
         let (errs, unknown) = validate(&text);
         assert!(unknown.is_empty(), "{path}: {errs:?}");
         match d.kind {
-            keys::Kind::Block(_) => blocks.push(path),
+            keys::Kind::Block(_) | keys::Kind::Switch(_) => blocks.push(path),
             keys::Kind::Blocks(_) => blocks.push(format!("{path}[]")),
             _ => {}
         }
@@ -413,6 +426,10 @@ fn the_schema_accepts_what_the_reader_accepts() {
         "authentication: {issuer: true, forwardClaims: {role: X-Role, n: 5}}",
         "redis: {address: \"r:6379\", db: 15, tls: True}",
         "accessLog: FALSE",
+        "accessLog: ~",
+        "accessLog: {}",
+        "accessLog: {enabled: true, format: json, path: /var/log/hexgate/access.log}",
+        "accessLog: {format: text, path: ~}",
         "trustedProxies: [127.0.0.1, \"::1\"]",
         "allowedUpgrades: [WebSocket, h2c]",
         "gatewayBind: \"::\"",
@@ -433,6 +450,9 @@ fn the_schema_accepts_what_the_reader_accepts() {
         "gatewayPort: -1",
         "accessLog: \"yes\"",
         "accessLog: 1",
+        "accessLog: [true]",
+        "accessLog: {format: xml}",
+        "accessLog: {enabled: \"yes\"}",
         "loadBalancing: random",
         "authentication: {algorithms: [HS256]}",
         "rateLimiting: {ratePerSecond: 0}",

@@ -168,7 +168,7 @@ fn wrong_types() {
     let e = errs("tls: true\nservices: []\n");
     assert!(e[0].message.contains("expected a mapping"));
     let e = errs("accessLog: \"yes\"\nservices: []\n");
-    assert!(e[0].message.contains("true or false"));
+    assert!(e[0].message.contains("true, false or a mapping"));
 }
 
 #[test]
@@ -547,4 +547,66 @@ fn traffic_policy_errors_name_line_and_key() {
         e.iter().any(|e| e.key == "services[0].rewrite.regex"),
         "{e:?}"
     );
+}
+
+#[test]
+fn access_log_takes_a_bool_or_a_mapping() {
+    let svc = "services: []\n";
+    let read = |top: &str| parse(&format!("{top}\n{svc}"), "t").unwrap().access_log;
+    let off = AccessLog {
+        enabled: false,
+        format: AccessLogFormat::Text,
+        path: None,
+    };
+    assert_eq!(read(""), off);
+    assert_eq!(read("accessLog: false"), off);
+    assert_eq!(read("accessLog: ~"), off);
+    // The seed's form: today's text line on stdout.
+    assert_eq!(
+        read("accessLog: true"),
+        AccessLog {
+            enabled: true,
+            ..off.clone()
+        }
+    );
+    // The mapping: on, JSON, stdout unless a path is given.
+    assert_eq!(
+        read("accessLog: {}"),
+        AccessLog {
+            enabled: true,
+            format: AccessLogFormat::Json,
+            path: None
+        }
+    );
+    assert_eq!(
+        read("accessLog:\n  format: text\n  path: logs/access.log"),
+        AccessLog {
+            enabled: true,
+            format: AccessLogFormat::Text,
+            path: Some("logs/access.log".into())
+        }
+    );
+    assert_eq!(read("accessLog: {path: \"-\"}").path, None);
+    assert!(!read("accessLog: {enabled: false, format: json}").enabled);
+    let a = read("accessLog: {path: a.log}");
+    assert_eq!(
+        a.file(Some(std::path::Path::new("/etc/hexgate"))),
+        Some(std::path::PathBuf::from("/etc/hexgate/a.log"))
+    );
+    let a = read("accessLog: {path: /var/log/a.log}");
+    assert_eq!(
+        a.file(Some(std::path::Path::new("/etc/hexgate"))),
+        Some(std::path::PathBuf::from("/var/log/a.log"))
+    );
+
+    let e = errs("accessLog: {format: xml}\nservices: []\n");
+    assert_eq!(e[0].key, "accessLog.format");
+    assert!(e[0].message.contains("json, text"), "{e:?}");
+    let e = errs("services: []\naccessLog:\n  fromat: json\n");
+    assert_eq!((e[0].line, e[0].key.as_str()), (3, "accessLog.fromat"));
+    assert!(e[0].message.contains("did you mean \"format\""), "{e:?}");
+    let e = errs("accessLog: [true]\nservices: []\n");
+    assert!(e[0].message.contains("true, false or a mapping"), "{e:?}");
+    let e = errs("accessLog: {enabled: \"yes\"}\nservices: []\n");
+    assert_eq!(e[0].key, "accessLog.enabled");
 }

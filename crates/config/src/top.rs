@@ -5,14 +5,14 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::keys;
-use crate::read::{suggest, Fields, Reader};
+use crate::read::{suggest, Fields, Reader, Switched};
 use crate::service::{
     read_escaped_slashes, read_lb, read_rate_limit, read_service, read_timeouts, read_upgrades,
 };
 use crate::yaml::{self, Node};
 use crate::{
-    parse_cidr, Authentication, Config, Consul, FailureMode, LimitKey, LoadBalancing,
-    RateLimitHeaders, Redis, Timeouts, Tls, UnderscoreHeaders, ADMIN_TOKEN_ENV,
+    parse_cidr, AccessLog, AccessLogFormat, Authentication, Config, Consul, FailureMode, LimitKey,
+    LoadBalancing, RateLimitHeaders, Redis, Timeouts, Tls, UnderscoreHeaders, ADMIN_TOKEN_ENV,
 };
 
 fn read_ip(r: &mut Reader, f: &Fields, key: &str, default: IpAddr) -> IpAddr {
@@ -249,6 +249,25 @@ fn read_consul(r: &mut Reader, node: Option<&Node>) -> Consul {
     c
 }
 
+/// `accessLog`: `true`/`false` (text on stdout), or the mapping (json unless it says text).
+fn read_access_log(r: &mut Reader, f: &Fields) -> AccessLog {
+    match r.switch(f, "accessLog") {
+        None => AccessLog::default(),
+        Some(Switched::Bool(enabled)) => AccessLog {
+            enabled,
+            ..AccessLog::default()
+        },
+        Some(Switched::Block(af)) => AccessLog {
+            enabled: r.bool(&af, "enabled").unwrap_or(true),
+            format: match r.choice(&af, "format").as_deref() {
+                Some("text") => AccessLogFormat::Text,
+                _ => AccessLogFormat::Json,
+            },
+            path: r.string(&af, "path").filter(|p| !p.is_empty() && p != "-"),
+        },
+    }
+}
+
 pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
     let f = r.fields(root, "", keys::TOP);
     let mut cfg = Config {
@@ -295,7 +314,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         max_header_size: r.size(&f, "maxHeaderSize").unwrap_or(64 * 1024),
         max_body_size: r.size(&f, "maxBodySize"),
         max_connections: r.uint(&f, "maxConnections").unwrap_or(20_000),
-        access_log: r.bool(&f, "accessLog").unwrap_or(false),
+        access_log: read_access_log(r, &f),
         shutdown_timeout: r
             .duration(&f, "shutdownTimeout")
             .unwrap_or(Duration::from_secs(30)),

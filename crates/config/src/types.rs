@@ -343,6 +343,40 @@ pub struct Service {
     pub allowed_upgrades: Vec<String>,
 }
 
+/// What `accessLog.format` writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// The seed's line: `IP "METHOD PATH VERSION" STATUS TIMEms service=S request_id=R`.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `accessLog`. `true`/`false` (the seed's form) is `{enabled, format: text}` on stdout; the
+/// mapping form defaults to `enabled: true, format: json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessLog {
+    pub enabled: bool,
+    pub format: AccessLogFormat,
+    /// `accessLog.path` as written; `None` (absent, empty or `-`) is stdout.
+    pub path: Option<String>,
+}
+
+impl AccessLog {
+    /// The file written to, a relative path taken from `base_dir` (the config's directory);
+    /// `None` is stdout.
+    pub fn file(&self, base_dir: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+        let p = std::path::Path::new(self.path.as_deref()?);
+        Some(match base_dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        })
+    }
+}
+
 /// A validated configuration, defaults applied. Produced by [`crate::parse`].
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -373,7 +407,8 @@ pub struct Config {
     pub max_header_size: u64,
     pub max_body_size: Option<u64>,
     pub max_connections: u64,
-    pub access_log: bool,
+    /// `accessLog`: `true`/`false` or the mapping.
+    pub access_log: AccessLog,
     #[serde(with = "secs")]
     pub shutdown_timeout: Duration,
     pub trusted_proxies: Vec<String>,

@@ -92,6 +92,9 @@ pub const UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL: &str =
 /// Requests sent to a route's splits, by service, split and status code.
 pub const SPLIT_REQUESTS_TOTAL: &str = "hexgate_split_requests_total";
 
+/// Access log lines not written: the writer's queue was full, or the file could not be written.
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "hexgate_access_log_dropped_total";
+
 /// Service label used for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
@@ -402,6 +405,8 @@ pub struct Registry {
     pub redis_duration: Histogram,
     /// Indexed like [`LEDGER_ACTIONS`].
     pub ledger_changes: [AtomicU64; LEDGER_ACTIONS.len()],
+    /// [`ACCESS_LOG_DROPPED_TOTAL`].
+    pub access_log_dropped: AtomicU64,
 }
 
 impl Registry {
@@ -731,6 +736,16 @@ impl Registry {
             out,
             "{CONFIG_LAST_RELOAD_SUCCESS} {}",
             self.last_reload_success.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {ACCESS_LOG_DROPPED_TOTAL} Access log lines dropped: the writer's queue was full (the disk or stdout could not keep up) or the write failed."
+        );
+        let _ = writeln!(out, "# TYPE {ACCESS_LOG_DROPPED_TOTAL} counter");
+        let _ = writeln!(
+            out,
+            "{ACCESS_LOG_DROPPED_TOTAL} {}",
+            self.access_log_dropped.load(Ordering::Relaxed)
         );
         out
     }
