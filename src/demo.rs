@@ -75,6 +75,7 @@ pub fn config_yaml(port: u16, admin_port: u16, backend_ports: [u16; 3], keys: &s
     let [a, b, c] = backend_ports;
     format!(
         r#"gatewayPort: "{port}"
+gatewayBind: 127.0.0.1
 adminPort: "{admin_port}"
 healthCheckInterval: 5
 authentication:
@@ -145,6 +146,7 @@ Try, in another terminal:
   curl -H "Authorization: Bearer $TOKEN" http://localhost:{port}/users/2   # Port {b} (round robin)
 
   # four rapid requests: 200, 200, 200, then 429 Too Many Requests
+  # (1 request/s, burst 3, per consumer: wait a few seconds after the two calls above)
   for i in 1 2 3 4; do curl -s -o /dev/null -w "%{{http_code}}\n" -H "Authorization: Bearer $TOKEN" http://localhost:{port}/users/$i; done
 
   curl -i http://localhost:{port}/nowhere       # 404 with a JSON reason

@@ -248,7 +248,7 @@ pub async fn handle(
                     return unavailable(e.to_string());
                 }
                 // Values quoted and escaped, so a consumer id cannot forge the line's fields.
-                tracing::info!(by = %who, consumer = ?q.consumer, scope = ?c.scope, plan = ?c.plan.as_deref(), "quota reset");
+                tracing::info!(by = ?who, consumer = ?q.consumer, scope = ?c.scope, plan = ?c.plan.as_deref().unwrap_or("-"), "quota reset");
                 reset.push(c.scope.clone());
             }
             if !reset.is_empty() {
@@ -306,7 +306,7 @@ pub async fn handle(
                 Err(e) => return unavailable(e.to_string()),
             };
             state.metrics.record_ledger_change("credit");
-            tracing::info!(by = %who, consumer = ?q.consumer, scope = ?c.scope, plan = ?c.plan.as_deref(), amount, "quota credited");
+            tracing::info!(by = ?who, consumer = ?q.consumer, scope = ?c.scope, plan = ?c.plan.as_deref().unwrap_or("-"), amount, "quota credited");
             (
                 StatusCode::OK,
                 json!({ "consumer": q.consumer, "credited": amount, "quota": shown(c, &after) }),

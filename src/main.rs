@@ -460,7 +460,13 @@ fn token(
 fn validate(file: &std::path::Path, connect: bool) -> ExitCode {
     match config::load_file(file).and_then(|c| compile(c, &Disk, Scope::Start)) {
         Ok(Compiled { config: cfg, .. }) => {
-            let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            let backends: usize = cfg
+                .services
+                .iter()
+                .map(|s| {
+                    s.backends.len() + s.split.iter().map(|sp| sp.backends.len()).sum::<usize>()
+                })
+                .sum();
             let consul = cfg
                 .services
                 .iter()

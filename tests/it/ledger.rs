@@ -287,7 +287,7 @@ async fn ledger_matches_traffic_and_corrects_it_under_load_across_two_instances(
     let log_a = plain(&a.log());
     let log_c = plain(&c.log());
     assert!(
-        log_a.contains("quota reset") && log_a.contains("by=admin token from 127.0.0.1"),
+        log_a.contains("quota reset") && log_a.contains("by=\"admin token from 127.0.0.1\""),
         "{log_a}"
     );
     assert!(

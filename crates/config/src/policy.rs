@@ -319,13 +319,16 @@ fn read_cors(r: &mut Reader, n: &Node, path: &str) -> Cors {
     for (o, line) in r.string_list(&f, "allowOrigins").unwrap_or_default() {
         match origin(&o) {
             Some(o) => origins.push(o),
-            None => r.err(
-                line,
-                &f.key_path("allowOrigins"),
-                format!(
-                    "{o:?} is not an origin: `*`, `https://host[:port]` or `https://*.example.com`"
-                ),
-            ),
+            None => {
+                let why = origin_problem(&o);
+                r.err(
+                    line,
+                    &f.key_path("allowOrigins"),
+                    format!(
+                        "{o:?} is not an origin{why}: `*`, `https://host[:port]` or `https://*.example.com`"
+                    ),
+                )
+            }
         }
     }
     let names = |r: &mut Reader, key: &str| -> Vec<String> {
@@ -397,6 +400,36 @@ fn read_cors(r: &mut Reader, n: &Node, path: &str) -> Cors {
 
 /// An allowed origin, lower case: `*`, or `scheme://host[:port]` where the host may start with
 /// `*.` (any subdomain).
+/// Why `origin` refused `o`, for the error message (empty when no specific reason).
+fn origin_problem(o: &str) -> &'static str {
+    let o = o.to_ascii_lowercase();
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return " (no scheme://)";
+    };
+    if let Some((_, port)) = rest
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.ends_with(']') || h.starts_with('['))
+    {
+        match port.parse::<u16>() {
+            Ok(443) if scheme == "https" => {
+                return " (browsers never send the default port 443: leave it out)"
+            }
+            Ok(80) if scheme == "http" => {
+                return " (browsers never send the default port 80: leave it out)"
+            }
+            Ok(0) | Err(_) => return " (the port must be 1 to 65535)",
+            _ => {}
+        }
+    }
+    if rest.starts_with("*.") && !rest[2..].split(':').next().unwrap_or("").contains('.') {
+        return " (a wildcard needs two labels after `*.`: `*.example.com`, not `*.com`)";
+    }
+    if rest.contains('/') {
+        return " (no path)";
+    }
+    ""
+}
+
 fn origin(o: &str) -> Option<String> {
     if o == "*" {
         return Some(o.into());

@@ -501,7 +501,21 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
                 r.err(
                     svc.line,
                     &format!("{path}.authentication.methods"),
-                    "apiKey needs the top-level apiKeys block (header and file)",
+                    "apiKey needs the top-level apiKeys block (file or consulKey)",
+                );
+            }
+            let a = &cfg.authentication;
+            if svc.authentication == Some(true)
+                && !a.enabled
+                && svc.auth_methods.contains(&crate::AuthMethod::Jwt)
+                && a.public_key_path.is_none()
+                && a.public_keys.is_empty()
+                && a.jwks_url.is_none()
+            {
+                r.err(
+                    svc.line,
+                    &format!("{path}.authentication"),
+                    "this route takes JWTs, and no key checks them: set authentication.publicKeyPath, publicKeys or jwksUrl (or methods: [apiKey])",
                 );
             }
             if !auth_on && !svc.require_scopes.is_empty() {
