@@ -60,11 +60,28 @@ enum Frame {
     Map(usize, Vec<(String, usize, Node)>, Option<(String, usize)>),
 }
 
+/// Most nodes a document may build, aliases expanded: a few kilobytes of nested aliases would
+/// otherwise expand into billions of nodes (the "billion laughs"), and the config, the API key
+/// file and Consul values all go through here. Real configs have a few thousand.
+const MAX_NODES: usize = 200_000;
+
+/// The nodes in `n`, itself included.
+fn size(n: &Node) -> usize {
+    1 + match &n.kind {
+        Kind::Scalar { .. } => 0,
+        Kind::Seq(items) => items.iter().map(size).sum(),
+        Kind::Map(entries) => entries.iter().map(|(_, _, v)| size(v)).sum(),
+    }
+}
+
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     root: Option<Node>,
-    anchors: Vec<(usize, Node)>,
+    /// Anchored nodes with their sizes.
+    anchors: Vec<(usize, Node, usize)>,
+    /// Nodes built so far, aliases expanded.
+    nodes: usize,
     pending_anchor: Vec<usize>,
     error: Option<String>,
 }
@@ -113,8 +130,9 @@ impl MarkedEventReceiver for Builder {
                     line,
                     kind: Kind::Scalar { value, quoted },
                 };
+                self.nodes += 1;
                 if anchor > 0 {
-                    self.anchors.push((anchor, node.clone()));
+                    self.anchors.push((anchor, node.clone(), 1));
                 }
                 self.push_node(node);
             }
@@ -139,18 +157,27 @@ impl MarkedEventReceiver for Builder {
                     },
                     None => return,
                 };
+                self.nodes += 1;
                 if anchor > 0 {
-                    self.anchors.push((anchor, node.clone()));
+                    let n = size(&node);
+                    self.anchors.push((anchor, node.clone(), n));
                 }
                 self.push_node(node);
             }
             Event::Alias(id) => {
-                let found = self
-                    .anchors
-                    .iter()
-                    .rev()
-                    .find(|(a, _)| *a == id)
-                    .map(|(_, n)| n.clone());
+                let found = self.anchors.iter().rev().find(|(a, _, _)| *a == id);
+                if let Some((_, _, n)) = found {
+                    if self.nodes.saturating_add(*n) > MAX_NODES {
+                        if self.error.is_none() {
+                            self.error = Some(format!(
+                                "line {line}: aliases expand to more than {MAX_NODES} nodes"
+                            ));
+                        }
+                        return;
+                    }
+                    self.nodes += n;
+                }
+                let found = found.map(|(_, n, _)| n.clone());
                 match found {
                     Some(mut n) => {
                         n.line = line;
@@ -193,6 +220,24 @@ pub fn parse(text: &str) -> Result<Node, SyntaxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alias_bombs_are_refused_quickly() {
+        let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        let mut prev = "a".to_string();
+        for l in ["b", "c", "d", "e", "f", "g", "h", "i"] {
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            text.push_str(&format!("{l}: &{l} [{refs}]\n"));
+            prev = l.to_string();
+        }
+        // 9^9 nodes if expanded: refused once the budget is reached, before building them.
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("aliases expand to more than"), "{}", e.message);
+        // Small aliases still work.
+        let n = parse("a: &x [1, 2]\nb: *x\n").unwrap();
+        let Kind::Map(m) = n.kind else { panic!() };
+        assert!(matches!(&m[1].2.kind, Kind::Seq(items) if items.len() == 2));
+    }
 
     #[test]
     fn lines_are_one_based_and_flow_maps_work() {
