@@ -56,7 +56,15 @@ impl Gcra {
 
     /// Decides at `now` given the stored TAT; returns the decision and the TAT to store.
     pub fn decide(&self, tat: Option<u64>, now: u64) -> (Decision, Option<u64>) {
-        let base = tat.unwrap_or(now).max(now);
+        // A stored TAT beyond this limit's tolerance was left by a slower limit sharing the key
+        // (a consumer moved to a faster plan): it counts as this limit's burst used up but for
+        // one request, so the new rate applies at once (and is stored from this request on)
+        // rather than the old one's backlog.
+        // (This limit's own TAT never passes `now + tolerance`: only a slower one's can.)
+        let base = match tat.unwrap_or(now).max(now) {
+            t if t > now + self.tolerance_us() => now + self.tolerance_us() - self.interval_us,
+            t => t,
+        };
         let new_tat = base + self.interval_us;
         let limit = self.tolerance_us();
         if new_tat - now > limit {

@@ -31,6 +31,7 @@ local interval = tonumber(ARGV[1])
 local limit = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
+if tat > now + limit then tat = now + limit - interval end
 local new_tat = tat + interval
 if new_tat - now > limit then
   return {0, 0, tat - now, new_tat - now - limit}

@@ -124,3 +124,23 @@ fn refund_gives_the_slot_back() {
     store.refund("a", d.bucket.unwrap());
     assert!(store.quota("a", &w, 100 * S).allowed);
 }
+
+#[test]
+fn a_backlog_left_by_a_slower_limit_is_capped_at_this_ones_tolerance() {
+    // free: 1/s burst 100 used up (TAT 100 s ahead); pro: 50/s burst 100 (tolerance 2 s).
+    let free = Gcra::new(1.0, 100);
+    let pro = Gcra::new(50.0, 100);
+    let now = 1_000 * S;
+    let tat = Some(now + 100 * S);
+    let (d, _) = free.decide(tat, now);
+    assert!(!d.allowed, "free is spent");
+    // On pro the backlog counts as pro's burst spent but for one request, which passes; then
+    // pro's rate (one per 20 ms), not the 98 s free's backlog would mean.
+    let (d, stored) = pro.decide(tat, now);
+    assert!(d.allowed, "one request at once");
+    let (d, _) = pro.decide(stored, now);
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after_us, pro.interval_us);
+    let (d, _) = pro.decide(stored, now + pro.interval_us);
+    assert!(d.allowed, "pro's rate from then on");
+}
