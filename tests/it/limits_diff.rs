@@ -721,7 +721,7 @@ async fn plans_and_ledger_decide_alike_in_both_stores() {
     let seed = seed();
     eprintln!("plans/ledger seed {seed} (replay: LIMITS_DIFF_SEED={seed})");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let plans_yaml = "plans:\n  small: {rateLimiting: {ratePerSecond: 2, burst: 3}, quota: {limit: 6, period: 1m}}\n  big: {quota: {limit: 9, period: 1m}}\n  hourly: {quota: {limit: 4, period: 1h}}\n";
+    let plans_yaml = "plans:\n  small: {rateLimiting: {ratePerSecond: 2, burst: 3}, quota: {limit: 6, period: 1m}}\n  big: {quota: {limit: 9, period: 1m}}\n  third: {quota: {limit: 4, period: 1m}}\n";
     let with_plans = |redis: Option<(u16, &str)>| {
         let mut yaml = format!("rateLimitHeaders: both\n{plans_yaml}");
         if let Some((port, prefix)) = redis {
@@ -733,7 +733,7 @@ async fn plans_and_ledger_decide_alike_in_both_stores() {
         hexgate::config::parse(&yaml, "plans_diff.yaml").unwrap_or_else(|e| panic!("{e}"))
     };
     let plans = hexgate::limits::Plans::build(&with_plans(None)).expect("plans");
-    let names = ["small", "big", "hourly"];
+    let names = ["small", "big", "third"];
     let route = RoutePolicies::build(
         &config("both", None),
         "svc",

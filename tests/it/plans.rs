@@ -310,6 +310,10 @@ fn plan_settings_are_checked_at_load() {
         ("plans:\n  free: {}\n", "a plan needs rateLimiting or quota"),
         ("plans:\n  free:\n", "a plan needs rateLimiting or quota"),
         ("plans:\n  free: {quota: {limit: 1, period: 1500ms}}\n", "a whole number of seconds"),
+        (
+            "plans:\n  free: {quota: {limit: 1, period: 1h}}\n  pro: {quota: {limit: 9, period: 24h}}\n",
+            "every plan's quota needs the same period",
+        ),
         ("plans: [free]\n", "expected a mapping of plan names"),
     ];
     for (top, want) in cases {

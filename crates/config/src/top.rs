@@ -372,6 +372,30 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
     cfg.authentication = read_auth(r, f.get("authentication"));
     if let Some(n) = f.get("plans") {
         cfg.plans = crate::service::read_plans(r, n);
+        // One quota period for every plan: a consumer's plan counter is one per period, so
+        // plans with different periods would give a consumer one quota per period (a key on
+        // one plan, a token on another).
+        let mut periods: Vec<(Duration, &String)> = cfg
+            .plans
+            .iter()
+            .filter_map(|(name, p)| p.quota.as_ref().map(|q| (q.period, name)))
+            .collect();
+        periods.sort();
+        if let (Some(first), Some(last)) = (periods.first(), periods.last()) {
+            if first.0 != last.0 {
+                r.err(
+                    f.key_line("plans"),
+                    "plans",
+                    format!(
+                        "every plan's quota needs the same period (plans.{}.quota.period is {}s, plans.{}.quota.period {}s): a consumer's plan quota is one counter over one window, whichever plan it is on",
+                        first.1,
+                        first.0.as_secs(),
+                        last.1,
+                        last.0.as_secs()
+                    ),
+                );
+            }
+        }
     }
     if let Some(p) = &cfg.authentication.default_plan {
         if !cfg.plans.contains_key(p) {
