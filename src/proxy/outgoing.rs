@@ -474,6 +474,26 @@ pub fn prepare(
     if let Some(h) = upstream_host {
         parts.headers.insert(header::HOST, h);
     }
+    // HTTP/2 clients send one `cookie` field per cookie (RFC 9113 section 8.2.3); a backend
+    // spoken to in HTTP/1.1 expects one Cookie line, so several are joined with "; ".
+    if parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        let joined: Vec<u8> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect::<Vec<_>>()
+            .join(&b"; "[..]);
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
     // The route's header rules, after the gateway's own fields (which they cannot name).
     if !svc.request_rules.is_empty() {
         svc.request_rules.apply(&mut parts.headers, vars);

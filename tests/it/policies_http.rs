@@ -941,3 +941,55 @@ fn bad_rewrites_are_refused_at_load_with_the_line() {
         "    rewrite:\n      regex: \"^/a/(?P<id>x)/(y)$\"\n      replacement: \"/b/${id}/$2/$$\"\n",
     ));
 }
+
+/// An HTTP/2 client's cookies, one field each (RFC 9113 section 8.2.3), reach an HTTP/1.1
+/// backend as the one Cookie line HTTP/1.1 allows, joined with "; " (the backend's raw bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_fields_reach_http1_backends_as_one_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(8);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+                let text = String::from_utf8_lossy(&head).into_owned();
+                if !text.starts_with("GET /health") {
+                    let _ = tx.send(text).await;
+                }
+            });
+        }
+    });
+    let url = format!("http://{addr}");
+    let gw = Gateway::start(&loopback_config("", &service("web", "/web/", &[&url], ""))).await;
+    let (status, _, _) = h2c(gw.port, "/web/x", &[("cookie", "a=1"), ("cookie", "b=2")]).await;
+    assert_eq!(status, 200);
+    let head = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let cookies: Vec<&str> = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("cookie:"))
+        .collect();
+    assert_eq!(cookies.len(), 1, "{head}");
+    assert!(cookies[0].ends_with("a=1; b=2"), "{head}");
+    task.abort();
+}
