@@ -31,6 +31,9 @@ pub fn route_request<B>(
 ) -> Result<Routed, GatewayError> {
     let raw_path = req.uri().path();
     let escapes = path::scan(raw_path)?;
+    if let Some(q) = req.uri().query() {
+        path::check_query(q)?;
+    }
     let norm = path::normalize_path(raw_path)?;
     let host_name = host.as_ref().map(Authority::host);
     let route = snap

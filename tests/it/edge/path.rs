@@ -105,3 +105,71 @@ async fn path_readings_that_reach_another_route_are_refused() {
         "only the legitimate request reached private"
     );
 }
+
+/// Bytes no request target may hold are refused in the path and the query alike, over HTTP/1.1
+/// and HTTP/2 (whose `:path` the HTTP/1.1 parser never sees), and never reach a backend; the
+/// characters HTTP/1.1 lets through (`{}|^[]`) pass over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_target_bytes_are_judged_alike_over_http1_and_http2() {
+    let b = Capture::start("b").await;
+    let yaml = format!(
+        "{TOP}services:\n  - name: a\n    path: /a/\n    backends: [\"{u}\"]\n",
+        u = b.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    for (target, want) in [
+        ("/a/x\"y", 400),
+        ("/a/x<y", 400),
+        ("/a/x`y", 400),
+        ("/a/x?q=\"1\"", 400),
+        ("/a/x?q=<1>", 400),
+        ("/a/x{y}|z^", 200),
+        ("/a/x?q[]={1}|2", 200),
+    ] {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = exchange(gw.port, raw.as_bytes()).await;
+        assert_eq!(status(&r), want, "HTTP/1.1 {target}: {r}");
+        let h2 = super::h2_raw(
+            gw.port,
+            &[
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"x"),
+                (b":path", target.as_bytes()),
+            ],
+        )
+        .await;
+        // Refused over HTTP/2 with a 400, or a stream reset where the HTTP/2 layer refuses the
+        // `:path` itself (it never becomes a request); either way never forwarded.
+        if want == 400 {
+            assert!(
+                matches!(h2, super::H2Outcome::Status(400) | super::H2Outcome::Reset),
+                "HTTP/2 {target}: {h2:?}"
+            );
+        } else {
+            assert_eq!(h2, super::H2Outcome::Status(want), "HTTP/2 {target}");
+        }
+    }
+    // Bytes above 0x7F: HTTP/2 only (an HTTP/1.1 request line is refused by its parser).
+    let h2 = super::h2_raw(
+        gw.port,
+        &[
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"x"),
+            (b":path", "/a/é".as_bytes()),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(h2, super::H2Outcome::Status(400) | super::H2Outcome::Reset),
+        "HTTP/2 non-ASCII path: {h2:?}"
+    );
+    assert!(
+        b.heads()
+            .iter()
+            .all(|h| !h.contains('"') && !h.contains('<') && !h.contains('`')),
+        "{:?}",
+        b.heads()
+    );
+}

@@ -38,6 +38,25 @@ pub enum PathError {
     EncodedSeparator,
     #[error("ambiguous path: read with its ';' parameters removed or its escaped separators decoded, as some backends do, it reaches another route")]
     Ambiguous,
+    #[error("invalid character in the request target (a control, space, '\"', '<', '>', '`' or a byte above 0x7F): percent-encode it")]
+    BadByte,
+}
+
+/// A byte no request target may hold unescaped, HTTP/1.1 and HTTP/2 alike (RFC 3986 leaves
+/// them out; HTTP/1.1's parser refuses most of them, and HTTP/2's `:path` must not let them
+/// through to a backend's HTTP/1.1 request line): controls, space, DEL, `"`, `<`, `>`, `` ` ``,
+/// and bytes above 0x7F. (`\` is the path policy's, `escapedSlashes`.)
+fn bad_target_byte(b: u8) -> bool {
+    b <= b' ' || b >= 0x7f || matches!(b, b'"' | b'<' | b'>' | b'`')
+}
+
+/// Refuses a query string with a byte no request target may hold (see [`scan`] for the path).
+pub fn check_query(query: &str) -> Result<(), PathError> {
+    if query.bytes().any(bad_target_byte) {
+        Err(PathError::BadByte)
+    } else {
+        Ok(())
+    }
 }
 
 /// What a raw path holds that the separator policy cares about.
@@ -47,13 +66,15 @@ pub struct Escapes {
     pub separators: bool,
 }
 
-/// One pass over a raw path: refuses `%00`, reports escaped separators.
+/// One pass over a raw path: refuses `%00` and bytes no request target may hold, reports
+/// escaped separators.
 pub fn scan(path: &str) -> Result<Escapes, PathError> {
     let b = path.as_bytes();
     let mut out = Escapes::default();
     let mut i = 0;
     while i < b.len() {
         match b[i] {
+            c if bad_target_byte(c) => return Err(PathError::BadByte),
             b'\\' => out.separators = true,
             b'%' if i + 2 < b.len() => {
                 match (b[i + 1], b[i + 2].to_ascii_uppercase()) {
