@@ -627,6 +627,25 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// The compile step's check: the directory of `accessLog.path` exists (the file itself is
 /// created at start). `Some((key, message))` when it does not.
+/// A request path for the text line, as nginx writes its log: `"`, `\\`, controls and bytes
+/// outside printable ASCII as `\xNN`, so a line always splits on its quotes.
+pub fn escape_text(path: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |b: u8| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\';
+    if path.bytes().all(plain) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len() + 8);
+    for b in path.bytes() {
+        if plain(b) {
+            out.push(char::from(b));
+        } else {
+            use std::fmt::Write as _;
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn check(cfg: &Config, files: &dyn crate::compile::Files) -> Option<(&'static str, String)> {
     if !cfg.access_log.enabled {
         return None;
@@ -636,7 +655,12 @@ pub fn check(cfg: &Config, files: &dyn crate::compile::Files) -> Option<(&'stati
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    if files.exists(dir) {
+    if files.is_dir(&path) {
+        Some((
+            "accessLog.path",
+            format!("{} is a directory: name a file in it", path.display()),
+        ))
+    } else if files.exists(dir) {
         None
     } else {
         Some((
@@ -653,6 +677,14 @@ pub fn check(cfg: &Config, files: &dyn crate::compile::Files) -> Option<(&'stati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_paths_are_escaped_as_nginx_does() {
+        assert_eq!(escape_text("/a/b?c=1"), "/a/b?c=1");
+        assert_eq!(escape_text("/a\"b"), "/a\\x22b");
+        assert_eq!(escape_text("/a\\b c"), "/a\\x5Cb\\x20c");
+        assert_eq!(escape_text("/é"), "/\\xC3\\xA9");
+    }
 
     fn at_millis(ms: u64) -> String {
         let mut s = String::new();

@@ -204,6 +204,15 @@ async fn respond(
                 crate::ledger::handle(state, req.method(), path, req.uri().query(), &who).await;
             let mut r = json(body);
             *r.status_mut() = status;
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                let allow = if path == "/admin/quotas" {
+                    "GET, HEAD, DELETE"
+                } else {
+                    "POST"
+                };
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
             r
         }
         _ => handle(state, req),

@@ -30,6 +30,11 @@ use tokio_rustls::TlsAcceptor;
 pub trait Files {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     fn exists(&self, path: &Path) -> bool;
+    /// Whether `path` is a directory (false when it does not exist).
+    fn is_dir(&self, path: &Path) -> bool {
+        let _ = path;
+        false
+    }
 }
 
 /// The local file system.
@@ -42,6 +47,10 @@ impl Files for Disk {
 
     fn exists(&self, path: &Path) -> bool {
         path.exists()
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
     }
 }
 

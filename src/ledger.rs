@@ -63,6 +63,11 @@ fn parse_query(query: Option<&str>) -> Result<Query, String> {
         if slot.is_some() {
             return Err(format!("parameter {k:?} given twice"));
         }
+        // Percent-escapes that are not UTF-8 decode to U+FFFD: two different inputs would
+        // name one consumer.
+        if v.contains('\u{FFFD}') {
+            return Err(format!("parameter {k:?} is not UTF-8"));
+        }
         *slot = Some(v.into_owned());
     }
     q.consumer = consumer
@@ -233,6 +238,12 @@ pub async fn handle(
         .filter(|(c, _)| q.scope.as_ref().is_none_or(|s| *s == c.scope))
         .filter(|(c, _)| q.plan.is_none() || c.plan.as_deref() == q.plan.as_deref())
         .collect();
+    if let (Some(plan), true) = (&q.plan, selected.is_empty()) {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("consumer {:?} has no counter of plan {plan:?}", q.consumer),
+        );
+    }
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/admin/quotas") => (
             StatusCode::OK,

@@ -259,7 +259,7 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
                 "{} \"{} {} {}\" {} {:.3}ms service={} request_id={}\n",
                 cx.conn.peer.ip(),
                 cx.method,
-                access.path,
+                crate::access_log::escape_text(&access.path),
                 access.version,
                 resp.status().as_u16(),
                 elapsed.as_secs_f64() * 1000.0,

@@ -336,6 +336,20 @@ async fn ledger_matches_traffic_and_corrects_it_under_load_across_two_instances(
         ),
         (
             "GET",
+            "/admin/quotas?consumer=%ff",
+            Some(TOKEN),
+            400,
+            "is not UTF-8",
+        ),
+        (
+            "DELETE",
+            "/admin/quotas?consumer=bob&scope=plan&plan=nosuch",
+            Some(TOKEN),
+            404,
+            "no counter of plan",
+        ),
+        (
+            "GET",
             "/admin/quotas?consumer=bob&bogus=1",
             Some(TOKEN),
             400,

@@ -394,7 +394,18 @@ fn read_cors(r: &mut Reader, n: &Node, path: &str) -> Cors {
         allow_headers,
         expose_headers,
         allow_credentials,
-        max_age: r.duration(&f, "maxAge"),
+        max_age: r.duration(&f, "maxAge").filter(|d| {
+            // Access-Control-Max-Age is whole seconds: a fraction would be cut off silently.
+            let whole = d.subsec_nanos() == 0;
+            if !whole {
+                r.err(
+                    f.key_line("maxAge"),
+                    &f.key_path("maxAge"),
+                    "a whole number of seconds (Access-Control-Max-Age counts seconds)",
+                );
+            }
+            whole
+        }),
     }
 }
 

@@ -480,6 +480,7 @@ fn traffic_policy_errors_name_line_and_key() {
             "not a header name",
         ),
         ("ipAllow: [\"10.0.0.0/33\"]\n", "ipAllow", "expected an IP address or CIDR"),
+        ("cors: {maxAge: 1500ms}\n", "cors.maxAge", "a whole number of seconds"),
         ("cors: {allowOrigins: [\"https://*.com\"]}\n", "cors.allowOrigins", "is not an origin"),
         ("cors: {allowOrigins: [\"https://a.com:443\"]}\n", "cors.allowOrigins", "is not an origin"),
         ("cors: {allowOrigins: [\"https://a.com:0\"]}\n", "cors.allowOrigins", "is not an origin"),

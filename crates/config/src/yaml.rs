@@ -232,7 +232,11 @@ mod tests {
         }
         // 9^9 nodes if expanded: refused once the budget is reached, before building them.
         let e = parse(&text).unwrap_err();
-        assert!(e.message.contains("aliases expand to more than"), "{}", e.message);
+        assert!(
+            e.message.contains("aliases expand to more than"),
+            "{}",
+            e.message
+        );
         // Small aliases still work.
         let n = parse("a: &x [1, 2]\nb: *x\n").unwrap();
         let Kind::Map(m) = n.kind else { panic!() };
