@@ -86,6 +86,9 @@ pub fn parse_api_keys(text: &str, file: &str) -> Result<Vec<ApiKeyEntry>, Config
                     &f.key_path(key),
                     "visible ASCII characters only (it goes upstream in a header)",
                 );
+            } else if value.len() > 256 {
+                // As a JWT's consumer claim: the same consumer whichever credential names it.
+                r.err(f.key_line(key), &f.key_path(key), "at most 256 characters");
             }
         }
         let hash = match r.string(&f, "hash") {
@@ -119,12 +122,23 @@ pub fn parse_api_keys(text: &str, file: &str) -> Result<Vec<ApiKeyEntry>, Config
             },
             None => None,
         };
-        let scopes = r
-            .string_list(&f, "scopes")
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let mut scopes = Vec::new();
+        for (scope, line) in r.string_list(&f, "scopes").unwrap_or_default() {
+            // As `requireScopes`: a scope with a space, a quote or a backslash could never match.
+            if scope.is_empty()
+                || !scope
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            {
+                r.err(
+                    line,
+                    &f.key_path("scopes"),
+                    format!("{scope:?} is not a scope (RFC 6749: visible ASCII, no space, quote or backslash)"),
+                );
+            } else {
+                scopes.push(scope);
+            }
+        }
         let Some(hash) = hash else { continue };
         if let Some(prev) = out.iter().find(|e| e.id == id) {
             r.err(
