@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
@@ -120,25 +120,6 @@ async fn call(
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (r.0, r.2)
-}
-
-/// A GET over HTTP/2 (h2c) with `fields`, each sent as a field of its own: the status.
-async fn get_h2c_with(port: u16, path: &str, fields: &[(&str, &str)]) -> u16 {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut b = Request::get(format!("http://localhost:{port}{path}"));
-    for (k, v) in fields {
-        b = b.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(b.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
-    resp.status().as_u16()
 }
 
 /// The value of the metric line starting with `series` (0 when absent).
@@ -268,7 +249,7 @@ async fn splits_follow_their_weights_and_matches_always_reach_the_canary() {
         .await
         .unwrap();
         assert_eq!(status, 200);
-        let status = get_h2c_with(
+        let (status, _, _) = h2c_with(
             gw.port,
             &format!("/web/h2/{i}"),
             &[

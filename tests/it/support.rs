@@ -669,3 +669,30 @@ pub fn header_limit_key(kind: char, scope: &str, value: &str) -> String {
         .collect();
     format!("hexgate:{{{kind}:{scope}:h:{hex}}}")
 }
+
+/// One request over HTTP/2 with prior knowledge (h2c): (status, headers, body).
+pub async fn h2c_with(
+    port: u16,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut b = Request::get(format!("http://localhost:{port}{path}"));
+    for (n, v) in fields {
+        b = b.header(*n, *v);
+    }
+    let resp = sender
+        .send_request(b.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}

@@ -122,23 +122,8 @@ pub fn parse_api_keys(text: &str, file: &str) -> Result<Vec<ApiKeyEntry>, Config
             },
             None => None,
         };
-        let mut scopes = Vec::new();
-        for (scope, line) in r.string_list(&f, "scopes").unwrap_or_default() {
-            // As `requireScopes`: a scope with a space, a quote or a backslash could never match.
-            if scope.is_empty()
-                || !scope
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-            {
-                r.err(
-                    line,
-                    &f.key_path("scopes"),
-                    format!("{scope:?} is not a scope (RFC 6749: visible ASCII, no space, quote or backslash)"),
-                );
-            } else {
-                scopes.push(scope);
-            }
-        }
+        // As `requireScopes`: a scope with a space, a quote or a backslash could never match.
+        let scopes = crate::service::read_scopes(&mut r, &f, "scopes");
         let Some(hash) = hash else { continue };
         if let Some(prev) = out.iter().find(|e| e.id == id) {
             r.err(

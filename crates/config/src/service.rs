@@ -168,6 +168,28 @@ pub(crate) fn read_plans(
     plans
 }
 
+/// The scopes listed under `key` (a route's `requireScopes`, an API key's `scopes`): each one
+/// visible ASCII without space, quote or backslash (RFC 6749), else refused at its line.
+pub(crate) fn read_scopes(r: &mut Reader, f: &Fields, key: &str) -> Vec<String> {
+    let mut scopes = Vec::new();
+    for (scope, line) in r.string_list(f, key).unwrap_or_default() {
+        if scope.is_empty()
+            || !scope
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            r.err(
+                line,
+                &f.key_path(key),
+                format!("{scope:?} is not a scope (RFC 6749: visible ASCII, no space, quote or backslash)"),
+            );
+        } else {
+            scopes.push(scope);
+        }
+    }
+    scopes
+}
+
 /// A name of a service or plan: letters, digits, `-`, `_`, `.`.
 pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -334,10 +356,7 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
     let name = r.string(&f, "name").unwrap_or_default();
     if name.is_empty() {
         r.err(f.line, &f.key_path("name"), "required");
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    } else if !valid_name(&name) {
         r.err(
             f.key_line("name"),
             &f.key_path("name"),
@@ -515,22 +534,7 @@ pub(crate) fn read_service(r: &mut Reader, node: &Node, path: &str, top: &Config
         }
         None => None,
     };
-    let mut require_scopes = Vec::new();
-    for (scope, line) in r.string_list(&f, "requireScopes").unwrap_or_default() {
-        if scope.is_empty()
-            || !scope
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            r.err(
-                line,
-                &f.key_path("requireScopes"),
-                format!("{scope:?} is not a scope (RFC 6749: visible ASCII, no space, quote or backslash)"),
-            );
-        } else {
-            require_scopes.push(scope);
-        }
-    }
+    let require_scopes = read_scopes(r, &f, "requireScopes");
     let rate_limiting = f
         .get("rateLimiting")
         .map(|n| read_rate_limit(r, n, &f.key_path("rateLimiting")));

@@ -113,6 +113,33 @@ const CODES: [u16; 24] = [
     500, 501, 502, 503, 504,
 ];
 
+/// One counter per service and reason: HELP and TYPE, then each non-zero series (and, with
+/// `first_always`, the first reason's even at zero, so every service has a series from the start).
+fn render_by_reason(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    services: &[Arc<ServiceMetrics>],
+    reasons: &[&str],
+    counts: impl Fn(&ServiceMetrics) -> &[AtomicU64],
+    first_always: bool,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for s in services {
+        for (i, (reason, c)) in reasons.iter().zip(counts(s)).enumerate() {
+            let v = c.load(Ordering::Relaxed);
+            if v > 0 || (first_always && i == 0) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",reason=\"{reason}\"}} {v}",
+                    s.name
+                );
+            }
+        }
+    }
+}
+
 /// A label value as the text format wants it: backslash, double quote and newline escaped.
 pub fn escape_label(v: &str) -> Cow<'_, str> {
     if !v.contains(['\\', '"', '\n']) {
@@ -506,35 +533,25 @@ impl Registry {
                     .write(&mut out, UPSTREAM_REQUEST_DURATION, &labels);
             }
         }
-        let _ = writeln!(out, "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream attempts (connect errors, TLS failures, resets, timeouts), by service and reason.");
-        let _ = writeln!(out, "# TYPE {UPSTREAM_ERRORS_TOTAL} counter");
-        for s in &services {
-            for (i, reason) in UPSTREAM_REASONS.iter().enumerate() {
-                let v = s.upstream_errors[i].load(Ordering::Relaxed);
-                // connect_failed always, so every service has a series from the start.
-                if v > 0 || i == 0 {
-                    let _ = writeln!(
-                        out,
-                        "{UPSTREAM_ERRORS_TOTAL}{{service=\"{}\",reason=\"{reason}\"}} {v}",
-                        s.name
-                    );
-                }
-            }
-        }
-        let _ = writeln!(out, "# HELP {UPSTREAM_RETRIES_TOTAL} Requests sent again to another backend, by service and reason (what the previous attempt met).");
-        let _ = writeln!(out, "# TYPE {UPSTREAM_RETRIES_TOTAL} counter");
-        for s in &services {
-            for (i, reason) in RETRY_REASONS.iter().enumerate() {
-                let v = s.retries[i].load(Ordering::Relaxed);
-                if v > 0 {
-                    let _ = writeln!(
-                        out,
-                        "{UPSTREAM_RETRIES_TOTAL}{{service=\"{}\",reason=\"{reason}\"}} {v}",
-                        s.name
-                    );
-                }
-            }
-        }
+        // connect_failed always, so every service has a series from the start.
+        render_by_reason(
+            &mut out,
+            UPSTREAM_ERRORS_TOTAL,
+            "Failed upstream attempts (connect errors, TLS failures, resets, timeouts), by service and reason.",
+            &services,
+            &UPSTREAM_REASONS,
+            |s| &s.upstream_errors,
+            true,
+        );
+        render_by_reason(
+            &mut out,
+            UPSTREAM_RETRIES_TOTAL,
+            "Requests sent again to another backend, by service and reason (what the previous attempt met).",
+            &services,
+            &RETRY_REASONS,
+            |s| &s.retries,
+            false,
+        );
         let _ = writeln!(out, "# HELP {UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL} Retries not made because the route's retryBudget was spent, by service.");
         let _ = writeln!(
             out,
@@ -587,20 +604,15 @@ impl Registry {
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {AUTH_FAILURES_TOTAL} Requests refused by authentication (JWT, API key) or a missing scope, by service and reason.");
-        let _ = writeln!(out, "# TYPE {AUTH_FAILURES_TOTAL} counter");
-        for s in &services {
-            for (i, reason) in AUTH_REASONS.iter().enumerate() {
-                let v = s.auth_failures[i].load(Ordering::Relaxed);
-                if v > 0 {
-                    let _ = writeln!(
-                        out,
-                        "{AUTH_FAILURES_TOTAL}{{service=\"{}\",reason=\"{reason}\"}} {v}",
-                        s.name
-                    );
-                }
-            }
-        }
+        render_by_reason(
+            &mut out,
+            AUTH_FAILURES_TOTAL,
+            "Requests refused by authentication (JWT, API key) or a missing scope, by service and reason.",
+            &services,
+            &AUTH_REASONS,
+            |s| &s.auth_failures,
+            false,
+        );
         let _ = writeln!(out, "# HELP {RATELIMIT_DECISIONS_TOTAL} Rate-limit and quota decisions, by service, limit and result.");
         let _ = writeln!(out, "# TYPE {RATELIMIT_DECISIONS_TOTAL} counter");
         for s in &services {
