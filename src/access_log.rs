@@ -646,34 +646,6 @@ pub fn escape_text(path: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-pub fn check(cfg: &Config, files: &dyn crate::compile::Files) -> Option<(&'static str, String)> {
-    if !cfg.access_log.enabled {
-        return None;
-    }
-    let path = cfg.access_log.file(cfg.base_dir.as_deref())?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if files.is_dir(&path) {
-        Some((
-            "accessLog.path",
-            format!("{} is a directory: name a file in it", path.display()),
-        ))
-    } else if files.exists(dir) {
-        None
-    } else {
-        Some((
-            "accessLog.path",
-            format!(
-                "{}: the directory {} does not exist",
-                path.display(),
-                dir.display()
-            ),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,29 +811,5 @@ mod tests {
         assert!(metrics
             .render(&[])
             .contains(&format!("hexgate_access_log_dropped_total {dropped}\n")));
-    }
-
-    #[test]
-    fn a_file_in_a_missing_directory_is_refused() {
-        struct Fake;
-        impl crate::compile::Files for Fake {
-            fn read(&self, _: &Path) -> std::io::Result<Vec<u8>> {
-                Err(std::io::ErrorKind::NotFound.into())
-            }
-            fn exists(&self, p: &Path) -> bool {
-                p == Path::new("/etc/hexgate/logs")
-            }
-        }
-        let cfg = |yaml: &str| {
-            let mut c = crate::config::parse(&format!("{yaml}\nservices: []\n"), "t").unwrap();
-            c.base_dir = Some(PathBuf::from("/etc/hexgate"));
-            c
-        };
-        assert!(check(&cfg("accessLog: {path: logs/a.log}"), &Fake).is_none());
-        assert!(check(&cfg("accessLog: true"), &Fake).is_none());
-        assert!(check(&cfg("accessLog: {enabled: false, path: /no/a.log}"), &Fake).is_none());
-        let (key, msg) = check(&cfg("accessLog: {path: nope/a.log}"), &Fake).unwrap();
-        assert_eq!(key, "accessLog.path");
-        assert!(msg.contains("/etc/hexgate/nope"), "{msg}");
     }
 }

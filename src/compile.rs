@@ -263,7 +263,7 @@ pub fn compile(config: Config, files: &dyn Files, scope: Scope) -> Result<Compil
     for (key, message) in port_clashes(&config, scope) {
         err(key, message);
     }
-    if let Some((key, message)) = crate::access_log::check(&config, files) {
+    if let Some((key, message)) = access_log_path(&config, files) {
         err(key, message);
     }
     let admin_token = match admin_token(files, &config) {
@@ -506,6 +506,35 @@ fn admin_token(files: &dyn Files, cfg: &Config) -> Result<Option<String>, String
         .filter(|v| !v.is_empty()))
 }
 
+/// `accessLog.path`: a file (not a directory) in a directory that exists.
+fn access_log_path(cfg: &Config, files: &dyn Files) -> Option<(&'static str, String)> {
+    if !cfg.access_log.enabled {
+        return None;
+    }
+    let path = cfg.access_log.file(cfg.base_dir.as_deref())?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if files.is_dir(&path) {
+        Some((
+            "accessLog.path",
+            format!("{} is a directory: name a file in it", path.display()),
+        ))
+    } else if files.exists(dir) {
+        None
+    } else {
+        Some((
+            "accessLog.path",
+            format!(
+                "{}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -681,5 +710,31 @@ mod tests {
         let b = compiled.upstream_tls[1].as_ref().expect("built");
         assert!(b.insecure && !b.has_client_cert());
         assert!(b.server_name.is_some());
+    }
+
+    #[test]
+    fn a_file_in_a_missing_directory_is_refused() {
+        struct Fake;
+        impl Files for Fake {
+            fn read(&self, _: &Path) -> std::io::Result<Vec<u8>> {
+                Err(std::io::ErrorKind::NotFound.into())
+            }
+            fn exists(&self, p: &Path) -> bool {
+                p == Path::new("/etc/hexgate/logs")
+            }
+        }
+        let cfg = |yaml: &str| {
+            let mut c = crate::config::parse(&format!("{yaml}\nservices: []\n"), "t").unwrap();
+            c.base_dir = Some(PathBuf::from("/etc/hexgate"));
+            c
+        };
+        assert!(access_log_path(&cfg("accessLog: {path: logs/a.log}"), &Fake).is_none());
+        assert!(access_log_path(&cfg("accessLog: true"), &Fake).is_none());
+        assert!(
+            access_log_path(&cfg("accessLog: {enabled: false, path: /no/a.log}"), &Fake).is_none()
+        );
+        let (key, msg) = access_log_path(&cfg("accessLog: {path: nope/a.log}"), &Fake).unwrap();
+        assert_eq!(key, "accessLog.path");
+        assert!(msg.contains("/etc/hexgate/nope"), "{msg}");
     }
 }

@@ -44,7 +44,6 @@ use http::{header, HeaderValue};
 
 use crate::error::{GatewayError, Reject};
 use crate::limits::PlanPolicy;
-use crate::snapshot::ServiceRt;
 
 /// The start of the IPv4-mapped block `::ffff:0:0/96`.
 const MAPPED: u128 = 0xffff_0000_0000;
@@ -283,26 +282,33 @@ impl Drop for InFlightGuard<'_> {
 /// Step 2b: the client address against the route's IP rules. A client a trusted proxy named
 /// unreadably (`known` false) is refused by any rule: judging the proxy's address instead would
 /// let every client behind it through an `ipAllow` covering the proxy.
-pub fn check_ip(svc: &ServiceRt, ip: IpAddr, known: bool) -> Result<(), Reject> {
-    match &svc.ip_rules {
+pub fn check_ip(
+    rules: Option<&IpRules>,
+    metrics: &crate::metrics::ServiceMetrics,
+    ip: IpAddr,
+    known: bool,
+) -> Result<(), Reject> {
+    match rules {
         Some(rules) if !known || !rules.admits(ip) => {
-            svc.metrics.auth_failure("ip_denied");
+            metrics.auth_failure("ip_denied");
             Err(GatewayError::IpDenied.into())
         }
         _ => Ok(()),
     }
 }
 
-/// Step 5b: a place among the route's requests in flight, or 503 when it is full for this
-/// request's plan priority.
+/// Step 5b: a place among the route's requests in flight (`maxInFlight`, when the route sets
+/// it), or 503 when it is full for this request's plan priority (`plans_apply`: the route
+/// applies plans).
 pub fn enter<'s>(
-    svc: &'s ServiceRt,
+    in_flight: Option<&'s InFlight>,
+    plans_apply: bool,
     plan: Option<&PlanPolicy>,
 ) -> Result<Option<InFlightGuard<'s>>, Reject> {
-    let Some(inf) = &svc.in_flight else {
+    let Some(inf) = in_flight else {
         return Ok(None);
     };
-    match inf.try_enter(inf.limit(svc.plans, plan)) {
+    match inf.try_enter(inf.limit(plans_apply, plan)) {
         Some(guard) => Ok(Some(guard)),
         None => {
             inf.count_shed(plan.map(|p| &*p.name));

@@ -32,7 +32,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 
 use crate::body::Body;
 use crate::config::Cors;
-use crate::snapshot::ServiceRt;
 
 /// The Fetch standard's CORS-safelisted methods: a browser never needs them listed in
 /// Access-Control-Allow-Methods.
@@ -190,11 +189,10 @@ impl CorsRt {
 /// and -Max-Age when it is granted, and `Vary` on the request fields it depends on);
 /// Access-Control-Allow-Origin and the rest come from [`response_fields`], added by
 /// `proxy::finish` to a preflight that is granted.
-pub fn preflight<B>(svc: &ServiceRt, req: &Request<B>) -> Option<Response<Body>> {
+pub fn preflight<B>(service: &str, cors: &CorsRt, req: &Request<B>) -> Option<Response<Body>> {
     if req.method() != Method::OPTIONS {
         return None;
     }
-    let cors = svc.cors.as_ref()?;
     let h = req.headers();
     let origin = h.get(ORIGIN).filter(|o| !o.is_empty())?;
     let method = h
@@ -225,7 +223,7 @@ pub fn preflight<B>(svc: &ServiceRt, req: &Request<B>) -> Option<Response<Body>>
         }
     } else {
         tracing::debug!(
-            service = %svc.name,
+            service = %service,
             origin = ?origin,
             method = ?method,
             origin_ok,
@@ -262,12 +260,9 @@ pub struct Preflight {
 /// The CORS response fields for a request with this `Origin` (none when the origin is not
 /// allowed or the route has no `cors`), and `Vary: Origin` when the answer depends on it.
 pub fn response_fields(
-    svc: &ServiceRt,
+    cors: &CorsRt,
     origin: Option<&HeaderValue>,
 ) -> Vec<(HeaderName, HeaderValue)> {
-    let Some(cors) = &svc.cors else {
-        return Vec::new();
-    };
     let mut out = Vec::with_capacity(4);
     let allow_origin = if cors.any_origin {
         // The same answer for every origin, and for requests without one: cacheable as is.

@@ -152,11 +152,11 @@ async fn run(
     let (client_ip, client_known) = limits::client_ip(&cx.snap, cx.conn.peer.ip(), req.headers());
     cx.client_ip = client_ip;
     // 2b. Who may use the route: ipAllow, ipDeny (an unknown client is refused by them).
-    admission::check_ip(&svc, client_ip, client_known)?;
+    admission::check_ip(svc.ip_rules.as_ref(), &svc.metrics, client_ip, client_known)?;
     // 2c. CORS: a preflight is answered here, before anything else is spent on it.
-    if svc.cors.is_some() {
+    if let Some(c) = &svc.cors {
         cx.origin = req.headers().get(header::ORIGIN).cloned();
-        if let Some(answer) = cors::preflight(&svc, &req) {
+        if let Some(answer) = cors::preflight(&svc.name, c, &req) {
             return Ok(answer);
         }
     }
@@ -170,7 +170,7 @@ async fn run(
     let plan = limits::plan_of(&cx.snap, &svc, identity.as_deref())?;
     cx.plan = plan.map(|p| p.name.clone());
     // 5b. Load shedding: a place among the route's requests in flight, by plan priority.
-    let _in_flight = admission::enter(&svc, plan.map(|p| &**p))?;
+    let _in_flight = admission::enter(svc.in_flight.as_ref(), svc.plans, plan.map(|p| &**p))?;
     // 6. Limits: the route's, and the consumer's plan's.
     if svc.limits.is_some() || plan.is_some() {
         cx.response_headers = limits::check(
@@ -228,11 +228,15 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
                 resp.headers_mut().remove(name);
             }
         }
-        if svc.cors.is_some() && preflight.is_none_or(|p| p.granted) {
+        if let Some(c) = svc
+            .cors
+            .as_ref()
+            .filter(|_| preflight.is_none_or(|p| p.granted))
+        {
             // The gateway's fields replace a backend's own (two Access-Control-Allow-Origin
             // lines would make browsers refuse the answer); Vary is added to, except on a
             // preflight answer, whose own Vary names Origin.
-            for (name, value) in cors::response_fields(svc, cx.origin.as_ref()) {
+            for (name, value) in cors::response_fields(c, cx.origin.as_ref()) {
                 if name != header::VARY {
                     resp.headers_mut().insert(name, value);
                 } else if preflight.is_none() {

@@ -498,7 +498,7 @@ pub fn prepare(
     if !svc.request_rules.is_empty() {
         svc.request_rules.apply(&mut parts.headers, vars);
     }
-    let (pool, split) = super::split::choose(svc, &parts.headers);
+    let (pool, split) = super::split::choose(&svc.splits, &svc.pool, &parts.headers);
     let replayable = parts.method.is_idempotent() && http_body::Body::is_end_stream(&body);
     // A body still to come is tracked, so a failure while the upstream waits on the client is
     // put down to the client; the body must also make progress every `headerRead` (nginx's

@@ -16,7 +16,6 @@ use http::{header, HeaderMap};
 
 use crate::config::SplitMatch;
 use crate::metrics::CodeCounts;
-use crate::snapshot::ServiceRt;
 use crate::upstream::Pool;
 
 /// One split of a route.
@@ -30,12 +29,17 @@ pub struct SplitRt {
 }
 
 /// The pool a request goes to, with the split's index (None: the route's own pool).
-pub fn choose(svc: &ServiceRt, headers: &HeaderMap) -> (Arc<Pool>, Option<usize>) {
-    if svc.splits.is_empty() {
-        return (svc.pool.clone(), None);
+/// `pool`: the route's own, for a route without splits.
+pub fn choose(
+    splits: &[SplitRt],
+    pool: &Arc<Pool>,
+    headers: &HeaderMap,
+) -> (Arc<Pool>, Option<usize>) {
+    if splits.is_empty() {
+        return (pool.clone(), None);
     }
-    let i = pick(&svc.splits, headers, fastrand::u64);
-    (svc.splits[i].pool.clone(), Some(i))
+    let i = pick(splits, headers, fastrand::u64);
+    (splits[i].pool.clone(), Some(i))
 }
 
 /// The split for a request: the first whose match it meets, else a draw by weight (`draw`

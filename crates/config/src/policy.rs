@@ -612,7 +612,7 @@ pub(crate) fn read_rewrite(r: &mut Reader, n: &Node, path: &str) -> Rewrite {
 pub(crate) fn read_split(
     r: &mut Reader,
     f: &Fields,
-    read_backend: &mut dyn FnMut(&mut Reader, &str, usize, &str) -> Option<BackendAddr>,
+    backend: &mut dyn FnMut(&mut Reader, &str, usize, &str) -> Option<BackendAddr>,
 ) -> Vec<Split> {
     let Some(items) = r.list(f, "split") else {
         return Vec::new();
@@ -622,7 +622,7 @@ pub(crate) fn read_split(
         let path = format!("{}[{i}]", f.key_path("split"));
         let sf = r.fields(n, &path, keys::SPLIT);
         let name = r.string(&sf, "name").unwrap_or_default();
-        if !crate::service::valid_name(&name) {
+        if !crate::read::valid_name(&name) {
             r.err(
                 sf.key_line("name"),
                 &sf.key_path("name"),
@@ -640,7 +640,7 @@ pub(crate) fn read_split(
         }
         let mut backends = Vec::new();
         for (b, line) in r.string_list(&sf, "backends").unwrap_or_default() {
-            if let Some(addr) = read_backend(r, &b, line, &sf.key_path("backends")) {
+            if let Some(addr) = backend(r, &b, line, &sf.key_path("backends")) {
                 backends.push(addr);
             }
         }

@@ -60,6 +60,13 @@ impl<'n> Fields<'n> {
 
 pub use crate::keys::join;
 
+/// A name of a service or plan: letters, digits, `-`, `_`, `.`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// A [`keys::Kind::Switch`] as given: the bare `true`/`false`, or the mapping's fields.
 pub enum Switched<'n> {
     Bool(bool),

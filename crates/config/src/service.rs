@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::keys;
-use crate::read::{Fields, Reader};
+use crate::read::{valid_name, Fields, Reader};
 use crate::yaml::Node;
 use crate::{
     AuthMethod, BackendAddr, Config, EscapedSlashes, LimitKey, LoadBalancing, PathType, Quota,
@@ -188,13 +188,6 @@ pub(crate) fn read_scopes(r: &mut Reader, f: &Fields, key: &str) -> Vec<String> 
         }
     }
     scopes
-}
-
-/// A name of a service or plan: letters, digits, `-`, `_`, `.`.
-pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn read_quota(r: &mut Reader, node: &Node, path: &str) -> Quota {
