@@ -124,9 +124,9 @@ healthCheckInterval: 5
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="bench/run.sh", description="HexGate benchmarks (docs/benchmarks.md).")
     ap.add_argument("mode", nargs="?", default="plain", choices=["plain", "full", "apikey", "policies", "scale", "memory", "h2", "tls",
-                                                           "profile", "grpc", "upstream-tls", "accesslog"],
+                                                           "profile", "grpc", "upstream-tls", "accesslog", "tracing"],
                     help="plain: HexGate vs nginx vs haproxy; full: HexGate plain vs JWT vs Redis limits vs both "
                          "vs API key + plan limits through Redis; "
                          "apikey: only plain, JWT + Redis limits and API key + plan limits through Redis (and nginx); "
@@ -136,7 +136,9 @@ def main():
                          "profile: instructions per request under callgrind, HexGate and nginx; "
                          "grpc: gRPC unary over h2c, HexGate (h2c:// backend) vs nginx grpc_pass; "
                          "upstream-tls: HexGate vs nginx proxy_ssl to an HTTPS keep-alive backend; "
-                         "accesslog: no access log vs the text line vs JSON lines, both to a file")
+                         "accesslog: no access log vs the text line vs JSON lines, both to a file (and nginx); "
+                         "tracing: no tracing vs OTLP/HTTP export at sampleRatio 1.0 and 0.01 to an nginx "
+                         "`return 200` sink (its CPU counted apart), and nginx")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--conns", default="64,256")
@@ -156,7 +158,12 @@ def main():
     ap.add_argument("--no-direct", action="store_true", help="grpc: skip the run straight to the backend")
     ap.add_argument("--max-other", type=float, default=10.0,
                     help="grpc, upstream-tls: drop runs where CPU outside the proxy, backend and load generator "
-                         "exceeds this % of the machine (another build or test running)")
+                         "exceeds this %% of the machine (another build or test running)")
+    ap.add_argument("--otlp-endpoint", default=None,
+                    help="tracing: export to this OTLP endpoint (a real collector; its CPU is not measured) "
+                         "instead of the nginx sink the bench starts")
+    ap.add_argument("--no-nginx", action="store_true",
+                    help="accesslog, tracing: skip nginx (the reference proxy) to shorten each round")
     ap.add_argument("--no-hexgate", action="store_true",
                     help="grpc, upstream-tls: nginx (and the backend) only, e.g. to try the harness")
     args = ap.parse_args()
@@ -180,6 +187,7 @@ def main():
     backend_port, nginx_port, haproxy_port = (free_port() for _ in range(3))
     procs = []
     redis = None
+    sink = None  # tracing: the OTLP sink (an nginx answering every POST with an empty 200)
     try:
         with open(os.path.join(tmp, "backend.conf"), "w") as f:
             f.write(f"""worker_processes 1; daemon off; pid {tmp}/backend.pid; error_log {tmp}/backend.err;
@@ -189,6 +197,23 @@ http {{ access_log off; keepalive_requests 1000000;
 """)
         procs.append(Proc(["nginx", "-c", f"{tmp}/backend.conf", "-p", tmp], log))
         wait_port(backend_port)
+        if args.mode == "tracing" and not args.otlp_endpoint:
+            # A cheap OTLP/HTTP sink in its own process (so its CPU is counted apart from the
+            # gateway's and the backend's): `return 200` reads and discards each export's body, and
+            # an empty body is a valid empty ExportTraceServiceResponse. stub_status counts the POSTs.
+            sink_port = free_port()
+            with open(os.path.join(tmp, "sink.conf"), "w") as f:
+                f.write(f"""worker_processes 1; daemon off; pid {tmp}/sink.pid; error_log {tmp}/sink.err;
+events {{ worker_connections 1024; }}
+http {{ access_log off; keepalive_requests 1000000; client_max_body_size 0; client_body_buffer_size 1m;
+  server {{ listen 127.0.0.1:{sink_port};
+    location = /sink_status {{ stub_status; }}
+    location / {{ default_type application/x-protobuf; return 200; }} }} }}
+""")
+            sink = Proc(["nginx", "-c", f"{tmp}/sink.conf", "-p", tmp], log)
+            procs.append(sink)
+            wait_port(sink_port)
+            sink_requests.port = sink_port
         # targets: name -> (proc, port, wrk extra args)
         targets = {}
         admins = {}
@@ -203,7 +228,14 @@ http {{ access_log off; keepalive_requests 1000000;
         if args.mode == "accesslog":
             # The issue's bar: the JSON access log to a file within 5 % of plain's CPU per request.
             for fmt in ("text", "json"):
-                hg_variants[f"hg+{fmt}log"] = (f'accessLog: {{format: {fmt}, path: "{tmp}/{fmt}-access.log"}}\n', "")
+                hg_variants[f"hg+{fmt}log"] = (
+                    f'accessLog: {{enabled: true, format: {fmt}, path: "{tmp}/{fmt}-access.log"}}\n', "")
+        if args.mode == "tracing":
+            # Every request is a new trace (wrk sends no traceparent): the parent-based sampler
+            # falls back to the ratio, so 1.0 exports a span tree per request and 0.01 one in 100.
+            endpoint = args.otlp_endpoint or f"http://127.0.0.1:{sink_requests.port}"
+            for ratio in TRACING_RATIOS:
+                hg_variants[f"hg+trace@{ratio}"] = (tracing_yaml(endpoint, ratio), "")
         if features:
             subprocess.run([args.hexgate, "keygen", "--out", f"{tmp}/keys"], check=True, capture_output=True)
             token = subprocess.run([args.hexgate, "token", "--key", f"{tmp}/keys/private.pem", "--sub", "bench",
@@ -250,8 +282,9 @@ http {{ access_log off; keepalive_requests 1000000;
             with open(cfg, "w") as f:
                 f.write(hexgate_yaml(port, admin, backend_port, extra, route_extra))
             targets[name] = (Proc([args.hexgate, "run", "--config", cfg], log), port, headers.get(name, []))
+            procs.append(targets[name][0])  # stopped by the finally below even if a later start fails
             admins[name] = admin
-            wait_port(port)
+            wait_started(name, targets[name][0], port, log)
             check_200(name, port, headers.get(name, []))
             if name == "hg+policies":
                 check_policies(port)
@@ -264,8 +297,10 @@ http {{ access_log off; keepalive_requests 1000000;
     location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }} }}
 """)
-        if args.mode not in ("policies", "accesslog"):  # HexGate against itself only
+        # policies: HexGate against itself only; accesslog and tracing: nginx as a reference unless --no-nginx.
+        if args.mode != "policies" and not (args.mode in ("accesslog", "tracing") and args.no_nginx):
             targets["nginx"] = (Proc(["nginx", "-c", f"{tmp}/proxy.conf", "-p", tmp], log), nginx_port, [])
+            procs.append(targets["nginx"][0])
             wait_port(nginx_port)
         if use_haproxy:
             with open(os.path.join(tmp, "haproxy.cfg"), "w") as f:
@@ -286,31 +321,42 @@ backend be
   server s1 127.0.0.1:{backend_port}
 """)
             targets["haproxy"] = (Proc(["haproxy", "-f", f"{tmp}/haproxy.cfg"], log), haproxy_port, [])
+            procs.append(targets["haproxy"][0])
             wait_port(haproxy_port)
-        procs += [t[0] for t in targets.values()]
         time.sleep(0.5)
         reference = "nginx" if args.mode == "plain" else "hexgate"
-        compare = ("hg+apikey+plans+redis", "hg+jwt+redis")  # the API-key bar: own CPU ≤ JWT + limits
+        compares = [("hg+apikey+plans+redis", "hg+jwt+redis")]  # the API-key bar: own CPU ≤ JWT + limits
         if args.mode == "policies":
-            compare = ("hg+policies", "hexgate")  # the policies bar: CPU per request within 10 %
+            compares = [("hg+policies", "hexgate")]  # the policies bar: CPU per request within 10 %
         if args.mode == "accesslog":
-            compare = ("hg+jsonlog", "hexgate")  # the access-log bar: CPU per request within 5 %
+            compares = [("hg+jsonlog", "hexgate")]  # the access-log bar: CPU per request within 5 %
+        if args.mode == "tracing":
+            compares = [(f"hg+trace@{ratio}", "hexgate") for ratio in TRACING_RATIOS]
+        sent = {name: 0 for name in targets}  # requests each target answered (warm-ups included)
+        sink_posts = {name: 0 for name in targets}  # OTLP exports the sink received during its runs
 
         results = {}
         redis_stats = {}
         for conns in [int(c) for c in args.conns.split(",")]:
             for name, (proc, port, hdrs) in targets.items():
-                run_wrk(port, conns, 2, 1, extra=hdrs)  # warm-up
+                sent[name] += run_wrk(port, conns, 2, 1, extra=hdrs)["requests"]  # warm-up
             for r in range(args.rounds):
                 for name, (proc, port, hdrs) in targets.items():
                     s0, t0 = steal()
                     c0 = cpu_ticks(proc.pids())
                     rc0 = cpu_ticks(redis.pids()) if redis else 0
                     e0 = evalsha_calls(redis_port) if redis else 0
+                    sc0 = cpu_ticks(sink.pids()) if sink else 0
+                    sp0 = sink_requests() if sink else 0
                     res = run_wrk(port, conns, args.seconds, 1, extra=hdrs)
                     c1 = cpu_ticks(proc.pids())
                     rc1 = cpu_ticks(redis.pids()) if redis else 0
                     e1 = evalsha_calls(redis_port) if redis else 0
+                    sc1 = cpu_ticks(sink.pids()) if sink else 0
+                    sp1 = sink_requests() - 1 if sink else 0  # less the status request itself
+                    sent[name] += res["requests"]
+                    sink_posts[name] += max(0, sp1 - sp0)
+                    res["sink_cpu_us"] = (sc1 - sc0) / CLK_TCK * 1e6 / max(1, res["requests"])
                     s1, t1 = steal()
                     res["steal"] = 100.0 * (s1 - s0) / max(1, t1 - t0)
                     res["cpu_us"] = (c1 - c0) / CLK_TCK * 1e6 / max(1, res["requests"])
@@ -320,6 +366,8 @@ backend be
                     extra_txt = ""
                     if redis and "redis" in name:
                         extra_txt = f"  redis cpu/req {res['redis_cpu_us']:5.1f}us  evalsha/req {res['evalsha_per_req']:.2f}"
+                    if sink and name.startswith("hg+trace"):
+                        extra_txt = f"  sink cpu/req {res['sink_cpu_us']:5.2f}us"
                     print(f"c={conns} round={r + 1} {name:21s} {res['rps']:9.0f} req/s  p50 {res['p50']:6.2f}ms  "
                           f"p99 {res['p99']:6.2f}ms  cpu/req {res['cpu_us']:5.1f}us  steal {res['steal']:4.1f}%" + extra_txt
                           + (f"  non2xx {res['non2xx']}" if res["non2xx"] else "")
@@ -343,15 +391,25 @@ backend be
                 ev = f"{m['evalsha_per_req']:.2f}" if "redis" in name else "-"
                 print(f"| {conns} | {name} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['cpu_us']:.1f} | "
                       f"{rcpu} | {ev} | {m['kept']} | {ratio:.2f} | {cpu_ratio:.2f} |")
-        if all(n in targets for n in compare):
+        for compare in compares:
+            if not all(n in targets for n in compare):
+                continue
             print()
             print(f"{compare[0]} ÷ {compare[1]} (medians of the round-by-round ratios, same run):")
-            print("| conns | req/s | own CPU µs/req | Redis CPU µs/req |")
+            if args.mode == "tracing":
+                # The sink's CPU has no counterpart on the plain route: shown per request, not as a ratio.
+                print("| conns | req/s | own CPU µs/req | sink CPU µs/req (not in own) |")
+            else:
+                print("| conns | req/s | own CPU µs/req | Redis CPU µs/req |")
             print("|---|---|---|---|")
             for conns in [int(c) for c in args.conns.split(",")]:
                 rps_r, cpu_r, rcpu_r = pairwise(results[(conns, compare[0])], results[(conns, compare[1])],
                                                 args.max_steal, keys=("rps", "cpu_us", "redis_cpu_us"))
                 rcpu_txt = "-" if rcpu_r != rcpu_r else f"{rcpu_r:.2f}"  # nan: no Redis in either
+                if args.mode == "tracing":
+                    runs = results[(conns, compare[0])]
+                    kept = [x for x in runs if x["steal"] <= args.max_steal] or runs
+                    rcpu_txt = f"{statistics.median(x['sink_cpu_us'] for x in kept):.2f}" if sink else "-"
                 print(f"| {conns} | {rps_r:.2f} | {cpu_r:.2f} | {rcpu_txt} |")
             if args.mode == "policies":
                 print("bar: own CPU µs/req ratio at most 1.10")
@@ -370,6 +428,19 @@ backend be
                         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
                     os.remove(path)  # large; nothing else reads it
                 print(f"| {name} | {lines} | {size} | {access_log_dropped(admins[name])} |")
+        if args.mode == "tracing":
+            print()
+            print("Spans (the gateway's counters at the end; requests include warm-ups; "
+                  "sink POSTs counted during the variant's measured runs):")
+            print("| proxy | sampleRatio | requests | spans exported | spans dropped | exported per request | sink POSTs |")
+            print("|---|---|---|---|---|---|---|")
+            for ratio in TRACING_RATIOS:
+                name = f"hg+trace@{ratio}"
+                exported = admin_metric(admins[name], "hexgate_tracing_exported_spans_total")
+                dropped = admin_metric(admins[name], "hexgate_tracing_dropped_spans_total")
+                per = f"{exported / max(1, sent[name]):.3f}" if isinstance(exported, int) else "?"
+                posts = sink_posts[name] if sink else "-"
+                print(f"| {name} | {ratio} | {sent[name]} | {exported} | {dropped} | {per} | {posts} |")
     finally:
         for p in reversed(procs):
             p.stop()
@@ -430,14 +501,63 @@ def check_200(name, port, hdrs):
 
 def access_log_dropped(admin_port):
     """hexgate_access_log_dropped_total from the admin listener."""
+    return admin_metric(admin_port, "hexgate_access_log_dropped_total")
+
+
+def admin_metric(admin_port, metric):
+    """The sum of a counter's series (with or without labels) from the admin listener's /metrics;
+    "?" when it is not there."""
     conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
     try:
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode()
     finally:
         conn.close()
-    m = re.search(r"^hexgate_access_log_dropped_total (\d+)$", text, re.M)
-    return int(m.group(1)) if m else "?"
+    values = re.findall(rf"^{re.escape(metric)}(?:{{[^}}]*}})? (\d+(?:\.\d+)?(?:e\+?\d+)?)$", text, re.M)
+    return int(sum(float(v) for v in values)) if values else "?"
+
+
+TRACING_RATIOS = ("1.0", "0.01")
+
+
+def tracing_yaml(endpoint, ratio):
+    """The gateway's tracing block: OTLP over HTTP (protobuf; /v1/traces appended to a URL
+    without a path), parent-based sampling at the ratio."""
+    return (f"tracing:\n"
+            f'  otlpEndpoint: "{endpoint}"\n'
+            f"  serviceName: hexgate-bench\n"
+            f"  sampleRatio: {ratio}\n")
+
+
+def sink_requests():
+    """Requests the OTLP sink (nginx) has served, from its stub_status (this request included)."""
+    conn = http.client.HTTPConnection("127.0.0.1", sink_requests.port, timeout=5)
+    try:
+        conn.request("GET", "/sink_status")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return int(re.search(r"^\s*\d+\s+\d+\s+(\d+)\s*$", text, re.M).group(1))
+
+
+sink_requests.port = None
+
+
+def wait_started(name, proc, port, log, timeout=10):
+    """wait_port, but a gateway that exits (a config it refuses) stops the run with its own words."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.p.poll() is not None:
+            log.flush()
+            with open(log.name) as f:
+                tail = f.read()[-2000:]
+            raise SystemExit(f"{name} exited ({proc.p.returncode}) before listening; the log ends:\n{tail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{name}: port {port} never opened")
 
 
 def evalsha_calls(port):

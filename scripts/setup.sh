@@ -56,6 +56,15 @@ if ! "$venv/bin/python" -c 'import grpc' >/dev/null 2>&1; then
   "$venv/bin/pip" install -q "grpcio==$GRPCIO_VERSION"
   "$venv/bin/python" -c 'import grpc' || { echo "setup: grpcio does not import in $venv" >&2; exit 1; }
 fi
+# tests/it/openmetrics.rs checks the OpenMetrics exposition with prometheus_client's strict parser;
+# added to the venv above (kept as it is when it already works).
+PROMETHEUS_CLIENT_VERSION=0.26.0
+if ! "$venv/bin/python" -c 'import prometheus_client' >/dev/null 2>&1; then
+  echo "setup: installing prometheus_client $PROMETHEUS_CLIENT_VERSION in $venv"
+  "$venv/bin/pip" install -q "prometheus_client==$PROMETHEUS_CLIENT_VERSION"
+  "$venv/bin/python" -c 'import prometheus_client.openmetrics.parser' \
+    || { echo "setup: prometheus_client does not import in $venv" >&2; exit 1; }
+fi
 
 have cargo || { echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
 # `make lint` (run by CI after the tests) needs rustfmt and clippy.

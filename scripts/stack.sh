@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole HexGate stack on this machine, no Docker:
 #   Consul dev agent, Redis, the config pushed to Consul KV, N gateways (self-registered in Consul),
-#   nginx with TLS in front of them, Prometheus finding the gateways through Consul, and (unless
-#   --no-backends) the three example backends registered in Consul.
+#   nginx with TLS in front of them, Prometheus finding the gateways through Consul (exemplars
+#   kept), and (unless --no-backends) the three example backends registered in Consul. Traces: an
+#   OTLP collector when one is installed (otelcol-contrib, otelcol, jaeger or jaeger-all-in-one on
+#   PATH), started on loopback, or OTLP_ENDPOINT=URL to send them to one already running.
 #
 #   scripts/stack.sh up [--gateways N] [--no-backends]   start (idempotent), wait until healthy
 #   scripts/stack.sh status                              show each part
@@ -11,6 +13,10 @@
 # Ports (environment): CONSUL_PORT=8500 REDIS_PORT=6379 NGINX_PORT=8443 PROMETHEUS_PORT=9090
 #   GATEWAY_BASE_PORT=8001 (gateway i listens on BASE+i-1) ADMIN_BASE_PORT=9911
 #   BACKEND_PORTS="8081 8082 8083" (user, user, product)
+#   OTLP_PORT (the collector's OTLP/HTTP port; the first free one from 4318 when unset; gRPC on the
+#   next free one) JAEGER_UI_PORT=16686
+# Traces to a collector already running (nothing started): OTLP_ENDPOINT=http://HOST:4318 (OTLP
+#   over HTTP) or grpc://HOST:4317; HEXGATE_STACK_SAMPLE_RATIO=1.0 (the stack samples every request)
 # Run directory (pids, logs, rendered configs): HEXGATE_RUN_DIR=./run
 # Quota on /users/ per consumer per minute: HEXGATE_STACK_QUOTA=100
 set -euo pipefail
@@ -25,6 +31,8 @@ GATEWAY_BASE_PORT="${GATEWAY_BASE_PORT:-8001}"
 ADMIN_BASE_PORT="${ADMIN_BASE_PORT:-9911}"
 BACKEND_PORTS="${BACKEND_PORTS:-8081 8082 8083}"
 QUOTA="${HEXGATE_STACK_QUOTA:-100}"
+SAMPLE_RATIO="${HEXGATE_STACK_SAMPLE_RATIO:-1.0}"
+JAEGER_UI_PORT="${JAEGER_UI_PORT:-16686}"
 KEYS="${HEXGATE_KEYS_DIR:-$ROOT/config}"   # private.pem/public.pem and cert.pem/key.pem
 HEXGATE="${HEXGATE_BIN:-$ROOT/target/release/hexgate}"
 BACKEND_BIN="${HEXGATE_BACKEND_BIN:-$ROOT/target/release/examples/backend}"
@@ -99,6 +107,76 @@ render() { # template, output, then KEY=VALUE pairs
 
 gateway_count() { cat "$RUN/gateways" 2>/dev/null || echo 0; }
 
+# Something accepts connections on 127.0.0.1:PORT.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The first port from $1 up that nothing listens on and that is not one of the others given.
+free_port_from() {
+  local p="$1"; shift
+  while port_open "$p" || [[ " $* " == *" $p "* ]]; do p=$((p + 1)); done
+  echo "$p"
+}
+
+# Traces. Sets TRACING (the config's `tracing:` block, empty without a collector) and TRACES (the
+# summary's line). OTLP_ENDPOINT: a collector already running, nothing started. Otherwise the first
+# collector on PATH, on loopback ports kept in $RUN/collector.ports while it runs (so `up` again
+# renders the same endpoint).
+collector() {
+  TRACING="" TRACES=""
+  local endpoint="${OTLP_ENDPOINT:-}" bin="" b
+  if [ -z "$endpoint" ]; then
+    for b in otelcol-contrib otelcol jaeger jaeger-all-in-one; do
+      if command -v "$b" >/dev/null 2>&1; then bin="$b"; break; fi
+    done
+    if [ -z "$bin" ]; then
+      TRACES="off: no OTLP collector on PATH (otelcol-contrib, otelcol, jaeger, jaeger-all-in-one); to use one, run up with OTLP_ENDPOINT=http://HOST:4318"
+      return 0
+    fi
+    local http grpc query
+    if alive collector && [ -f "$RUN/collector.ports" ]; then
+      read -r http grpc query <"$RUN/collector.ports"
+    else
+      http="${OTLP_PORT:-$(free_port_from 4318)}"
+      grpc="$(free_port_from 4317 "$http")"
+      query="$(free_port_from 16685 "$http" "$grpc" "$JAEGER_UI_PORT")"
+      echo "$http $grpc $query" >"$RUN/collector.ports"
+    fi
+    case "$bin" in
+      otelcol*)
+        render "$ROOT/deploy/stack/otelcol.yaml.tmpl" "$RUN/collector.yaml" OTLP_PORT="$http" OTLP_GRPC_PORT="$grpc"
+        start collector "$bin" --config "$RUN/collector.yaml"
+        TRACES="$bin on 127.0.0.1:$http (OTLP/HTTP), spans logged to $RUN/logs/collector.log" ;;
+      jaeger)  # Jaeger v2: an OpenTelemetry Collector build, configured by file
+        render "$ROOT/deploy/stack/jaeger.yaml.tmpl" "$RUN/collector.yaml" OTLP_PORT="$http" OTLP_GRPC_PORT="$grpc" \
+          JAEGER_UI_PORT="$JAEGER_UI_PORT" JAEGER_QUERY_GRPC_PORT="$query"
+        start collector "$bin" --config "$RUN/collector.yaml"
+        TRACES="Jaeger UI http://localhost:$JAEGER_UI_PORT (OTLP/HTTP on 127.0.0.1:$http)" ;;
+      jaeger-all-in-one)  # Jaeger v1: flags (its other ports keep their defaults)
+        start collector env COLLECTOR_OTLP_ENABLED=true "$bin" --memory.max-traces=100000 \
+          --collector.otlp.http.host-port="127.0.0.1:$http" --collector.otlp.grpc.host-port="127.0.0.1:$grpc" \
+          --query.http-server.host-port="127.0.0.1:$JAEGER_UI_PORT" --query.grpc-server.host-port="127.0.0.1:$query"
+        TRACES="Jaeger UI http://localhost:$JAEGER_UI_PORT (OTLP/HTTP on 127.0.0.1:$http)" ;;
+    esac
+    wait_for "$bin" 30 port_open "$http"
+    endpoint="http://127.0.0.1:$http"
+  else
+    TRACES="sent to $endpoint (OTLP_ENDPOINT)"
+  fi
+  TRACING="tracing:
+  otlpEndpoint: \"$endpoint\"
+  serviceName: hexgate
+  sampleRatio: $SAMPLE_RATIO"
+}
+
+# Prometheus keeps exemplars (trace ids on the latency histogram) from 2.26 on, behind a flag.
+prometheus_flags() {
+  local v; v="$(prometheus --version 2>&1 | sed -n 's/^prometheus, version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -1)"
+  set -- $v
+  if [ $# = 2 ] && { [ "$1" -gt 2 ] || { [ "$1" = 2 ] && [ "$2" -ge 26 ]; }; }; then
+    echo "--enable-feature=exemplar-storage"
+  fi
+}
+
 up() {
   local n=2 backends=1
   while [ $# -gt 0 ]; do
@@ -125,8 +203,10 @@ up() {
   start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
   wait_for redis 10 sh -c "redis-cli -p $REDIS_PORT PING | grep -q PONG"
 
+  collector
   render "$ROOT/deploy/stack/config.yaml.tmpl" "$RUN/config.yaml" \
     CONSUL_PORT="$CONSUL_PORT" REDIS_PORT="$REDIS_PORT" KEYS="$KEYS" QUOTA="$QUOTA"
+  [ -z "$TRACING" ] || printf '%s\n' "$TRACING" >>"$RUN/config.yaml"
   "$HEXGATE" config push --force --key hexgate/config "$RUN/config.yaml"
 
   if [ $backends = 1 ]; then
@@ -184,8 +264,10 @@ up() {
   done
   render "$ROOT/deploy/stack/prometheus.yml.tmpl" "$RUN/prometheus/prometheus.yml" \
     CONSUL_PORT="$CONSUL_PORT" PROMETHEUS_PORT="$PROMETHEUS_PORT" SD_URLS="${sd%$'\n'}"
+  # shellcheck disable=SC2046  # no flag, or one without spaces
   start prometheus prometheus --config.file="$RUN/prometheus/prometheus.yml" \
-    --storage.tsdb.path="$RUN/prometheus/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
+    --storage.tsdb.path="$RUN/prometheus/data" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    $(prometheus_flags)
   wait_for prometheus 30 curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/-/ready"
 
   cat <<EOF
@@ -195,6 +277,7 @@ HexGate stack is up ($n gateways).
   Consul UI      http://localhost:$CONSUL_PORT
   Prometheus     http://localhost:$PROMETHEUS_PORT
   Redis          127.0.0.1:$REDIS_PORT
+  Traces         $TRACES
   Gateways       $(for i in $(seq 1 "$n"); do printf 'http://127.0.0.1:%s (admin %s)  ' $((GATEWAY_BASE_PORT + i - 1)) $((ADMIN_BASE_PORT + i - 1)); done)
   Token          TOKEN=\$($HEXGATE token --key $KEYS/private.pem --sub alice)
   Logs and pids  $RUN/logs, $RUN/pids
@@ -225,6 +308,8 @@ down() {
   stop_pid nginx
   for f in "$RUN"/pids/gateway-*.pid; do [ -e "$f" ] && stop_pid "$(basename "$f" .pid)"; done
   for f in "$RUN"/pids/backend-*.pid; do [ -e "$f" ] && stop_pid "$(basename "$f" .pid)"; done
+  stop_pid collector   # after the gateways, which send their last spans as they stop
+  rm -f "$RUN/collector.ports"
   stop_pid redis
   stop_pid consul
   rm -f "$RUN/gateways"

@@ -408,6 +408,8 @@ pub struct Access {
     pub path: String,
     pub version: &'static str,
     pub refusal: Option<Refusal>,
+    /// The request's trace: the gateway's (with `tracing`), else the client's `traceparent`.
+    pub trace_id: Option<u128>,
 }
 
 /// A refusal made by the gateway, as the log shows it.
@@ -468,6 +470,7 @@ pub struct Upstream {
 pub struct Fields<'a> {
     pub time: SystemTime,
     pub request_id: &'a str,
+    pub trace_id: Option<u128>,
     pub client_ip: IpAddr,
     pub method: &'a Method,
     pub path: &'a str,
@@ -506,7 +509,15 @@ pub fn json_line(f: &Fields) -> String {
     rfc3339_millis(&mut o, f.time);
     o.push_str("\",\"request_id\":");
     json_str(&mut o, f.request_id);
-    o.push_str(",\"trace_id\":null,\"client_ip\":\"");
+    match f.trace_id {
+        Some(id) => {
+            o.push_str(",\"trace_id\":\"");
+            o.push_str(&crate::otel::context::hex32(id));
+            o.push('"');
+        }
+        None => o.push_str(",\"trace_id\":null"),
+    }
+    o.push_str(",\"client_ip\":\"");
     let _ = write!(o, "{}", f.client_ip);
     o.push_str("\",\"method\":");
     json_str(&mut o, f.method.as_str());
@@ -716,6 +727,7 @@ mod tests {
         Fields {
             time: UNIX_EPOCH + Duration::from_millis(1_796_126_400_123),
             request_id: "r-1",
+            trace_id: None,
             client_ip: IpAddr::from([10, 0, 0, 1]),
             method: &Method::GET,
             path: "/x\"y",
@@ -787,6 +799,14 @@ mod tests {
         assert_eq!(v["upstream"], "http://[::1]:8081");
         assert_eq!(v["upstream_ms"].as_f64(), Some(2.25));
         assert_eq!(v["retries"], 1);
+
+        // A trace id: 32 lower-case hex digits, leading zeros kept.
+        let line = json_line(&Fields {
+            trace_id: Some(0xabc),
+            ..fields()
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["trace_id"], "00000000000000000000000000000abc");
     }
 
     /// A full queue drops and counts; the line that fits is delivered.
@@ -809,7 +829,7 @@ mod tests {
         }
         assert_eq!(n as u64 + dropped, CAPACITY as u64 + 10);
         assert!(metrics
-            .render(&[])
+            .render(&[], crate::metrics::Format::Text)
             .contains(&format!("hexgate_access_log_dropped_total {dropped}\n")));
     }
 }

@@ -276,10 +276,54 @@ fn json(value: serde_json::Value) -> Response<Body> {
     )
 }
 
+/// The exposition format a scraper asked for in `Accept`: OpenMetrics when it lists
+/// `application/openmetrics-text` (any version: we write 1.0.0, which 0.0.1 readers take) with
+/// a q above 0 and at least the text format's, else the text format (also when nothing listed
+/// is acceptable: a scrape is better answered than refused). The text format's q is that of
+/// the most specific range naming it: `text/plain`, else `text/*`, else `*/*`. Prometheus
+/// sends `application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5,...`.
+fn metrics_format(headers: &HeaderMap) -> crate::metrics::Format {
+    // Highest q seen for OpenMetrics, and for text/plain, text/* and */*.
+    let (mut om, mut plain, mut text_any, mut any) = (None, None, None, None);
+    let ranges = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        // A q that does not parse counts as 1 (the range was listed to be accepted).
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(1.0))
+            .clamp(0.0, 1.0);
+        let slot = match media.as_str() {
+            "application/openmetrics-text" => &mut om,
+            "text/plain" => &mut plain,
+            "text/*" => &mut text_any,
+            "*/*" => &mut any,
+            _ => continue,
+        };
+        *slot = Some(slot.map_or(q, |old: f32| old.max(q)));
+    }
+    let text = plain.or(text_any).or(any).unwrap_or(0.0);
+    match om {
+        Some(q) if q > 0.0 && q >= text => crate::metrics::Format::OpenMetrics,
+        _ => crate::metrics::Format::Text,
+    }
+}
+
 /// `hexgate_load_shed_total{service,plan}`: requests `maxInFlight` refused, by plan (`plan=""`
 /// for requests without one), for the routes that set it. The counters live with the route
 /// (a reload starts them again, as Prometheus' counter resets allow).
-fn render_load_shed(snap: &crate::snapshot::Snapshot, out: &mut String) {
+fn render_load_shed(
+    snap: &crate::snapshot::Snapshot,
+    out: &mut String,
+    format: crate::metrics::Format,
+) {
+    use crate::metrics::{write_header, Kind};
     use std::fmt::Write as _;
     let routes: Vec<_> = snap
         .services
@@ -289,8 +333,13 @@ fn render_load_shed(snap: &crate::snapshot::Snapshot, out: &mut String) {
     if routes.is_empty() {
         return;
     }
-    out.push_str("# HELP hexgate_load_shed_total Requests refused by maxInFlight, by plan.\n");
-    out.push_str("# TYPE hexgate_load_shed_total counter\n");
+    write_header(
+        out,
+        format,
+        "hexgate_load_shed_total",
+        Kind::Counter,
+        "Requests refused by maxInFlight, by plan.",
+    );
     for (s, f) in &routes {
         for (plan, n) in f.shed() {
             let _ = writeln!(
@@ -301,10 +350,13 @@ fn render_load_shed(snap: &crate::snapshot::Snapshot, out: &mut String) {
             );
         }
     }
-    out.push_str(
-        "# HELP hexgate_in_flight_requests Requests in flight on routes with maxInFlight.\n",
+    write_header(
+        out,
+        format,
+        "hexgate_in_flight_requests",
+        Kind::Gauge,
+        "Requests in flight on routes with maxInFlight.",
     );
-    out.push_str("# TYPE hexgate_in_flight_requests gauge\n");
     for (s, f) in &routes {
         let _ = writeln!(
             out,
@@ -377,16 +429,23 @@ pub fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            {
-                let mut out = state.metrics.render(&snap.health());
-                state.discovery.render(&mut out);
-                render_load_shed(&snap, &mut out);
-                out
-            },
-        ),
+        "/metrics" => {
+            let format = metrics_format(req.headers());
+            let mut out = String::with_capacity(16 * 1024);
+            state
+                .metrics
+                .render_families(&mut out, &snap.health(), format);
+            state
+                .discovery
+                .render(&mut out, format == crate::metrics::Format::OpenMetrics);
+            render_load_shed(&snap, &mut out, format);
+            format.finish(&mut out);
+            let mut r = text(StatusCode::OK, format.content_type(), out);
+            // The body depends on Accept: caches must not hand one format to the other.
+            r.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("accept"));
+            r
+        }
         "/admin/config" => json(serde_json::json!({
             "generation": snap.generation,
             "config": &snap.settings.shown,
@@ -457,5 +516,65 @@ mod tests {
         );
         assert_eq!(peer_key(ip("::ffff:127.0.0.2")), ip("127.0.0.2"));
         assert_ne!(peer_key(ip("127.0.0.2")), peer_key(ip("127.0.0.3")));
+    }
+
+    #[test]
+    fn metrics_format_follows_accept() {
+        use crate::metrics::Format::{OpenMetrics, Text};
+        let format = |accept: &[&str]| {
+            let mut h = HeaderMap::new();
+            for a in accept {
+                h.append(header::ACCEPT, HeaderValue::from_str(a).unwrap());
+            }
+            metrics_format(&h)
+        };
+        // What Prometheus sends by default, and with scrape_protocols set to the text format.
+        const PROMETHEUS: &str = "application/openmetrics-text;version=1.0.0,\
+            application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,\
+            */*;q=0.1";
+        assert_eq!(format(&[PROMETHEUS]), OpenMetrics);
+        assert_eq!(format(&["text/plain;version=0.0.4;q=1,*/*;q=0.1"]), Text);
+        assert_eq!(format(&[]), Text);
+        assert_eq!(format(&["*/*"]), Text);
+        assert_eq!(format(&["text/plain"]), Text);
+        assert_eq!(format(&["Application/OpenMetrics-Text"]), OpenMetrics);
+        assert_eq!(
+            format(&["text/html", "application/openmetrics-text"]),
+            OpenMetrics
+        );
+        // q=0: not acceptable, whatever else is listed.
+        assert_eq!(format(&["application/openmetrics-text;q=0"]), Text);
+        assert_eq!(
+            format(&["application/openmetrics-text; Q=0.0, */*;q=0.1"]),
+            Text
+        );
+        // The highest q wins; the most specific range sets the text format's q.
+        assert_eq!(
+            format(&["text/plain;q=0.9,application/openmetrics-text;q=0.5"]),
+            Text
+        );
+        assert_eq!(
+            format(&["text/plain;q=0.4,application/openmetrics-text;q=0.5"]),
+            OpenMetrics
+        );
+        assert_eq!(
+            format(&["text/plain;q=0,*/*,application/openmetrics-text;q=0.2"]),
+            OpenMetrics
+        );
+        assert_eq!(
+            format(&["text/*;q=0.3,*/*,application/openmetrics-text;q=0.2"]),
+            Text
+        );
+        assert_eq!(
+            format(&["application/openmetrics-text;q=0.5, text/plain;q=0.5"]),
+            OpenMetrics
+        );
+        // Two OpenMetrics ranges: the higher q counts.
+        assert_eq!(
+            format(&[
+                "application/openmetrics-text;version=9;q=0,application/openmetrics-text;q=0.8"
+            ]),
+            OpenMetrics
+        );
     }
 }

@@ -26,6 +26,7 @@ pub mod health;
 pub mod ledger;
 pub mod lingering;
 pub mod listen;
+pub mod otel;
 pub mod proxy;
 pub mod reload;
 pub mod router;

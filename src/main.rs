@@ -644,6 +644,8 @@ fn run_gateway_at(
         let state = State::new(compiled, source, consul, overrides);
         // The access log's writer and SIGUSR1 (reopen), whether or not the log is on now.
         hexgate::access_log::start(&cfg, state.metrics.clone()).map_err(anyhow::Error::msg)?;
+        // The span exporter, whether or not tracing is on now (a reload may turn it on).
+        hexgate::otel::export::start(state.metrics.clone());
         // API keys from Consul are fetched before serving when Consul answers soon; otherwise
         // the gateway serves with none (every key refused) until the watcher gets them.
         let (keys_ready, first_keys) = tokio::sync::oneshot::channel();
@@ -681,6 +683,7 @@ fn run_gateway_at(
         }
         server::serve(state, listeners, &cfg, shutdown_signal()).await;
         hexgate::access_log::flush(std::time::Duration::from_secs(2)).await;
+        hexgate::otel::export::flush(std::time::Duration::from_secs(2)).await;
         if let Some(r) = &registration {
             r.deregister().await;
         }

@@ -18,6 +18,8 @@ use crate::upstream::{BackendSet, Pool, Profile};
 /// One service as the request path sees it.
 pub struct ServiceRt {
     pub name: String,
+    /// The route's `path` as configured (spans' `http.route`).
+    pub route: Arc<str>,
     pub pool: Arc<Pool>,
     /// The Consul watch feeding this pool, if any.
     pub discovery: Option<crate::discovery::WatchKey>,
@@ -120,6 +122,8 @@ impl Fixed {
 pub struct Settings {
     /// `accessLog`, when on: its format, destination and dropped-line counter.
     pub access_log: Option<crate::access_log::Sink>,
+    /// `tracing`, when on: sampling and where spans go.
+    pub tracing: Option<Arc<crate::otel::Tracer>>,
     /// The header-field policy (`rules::headers`) every request goes through.
     pub header_policy: HeaderPolicy,
     /// The HTTP/1 limits of the admin listener's new connections.
@@ -224,6 +228,7 @@ impl Snapshot {
             ));
             let rt = Arc::new(ServiceRt {
                 name: s.name.clone(),
+                route: Arc::from(s.path.as_str()),
                 pool,
                 discovery: s
                     .consul_service_name
@@ -310,6 +315,7 @@ impl Snapshot {
         }
         let settings = Settings {
             access_log: crate::access_log::Sink::of(&config, metrics),
+            tracing: crate::otel::Tracer::of(config.tracing.as_ref()),
             header_policy: HeaderPolicy {
                 max_count: usize::try_from(config.max_header_count).unwrap_or(usize::MAX),
                 max_bytes: config.max_header_size,

@@ -11,6 +11,36 @@ use crate::auth::{AuthError, Identity};
 use crate::error::{GatewayError, Reject};
 use crate::snapshot::{ServiceRt, Snapshot};
 
+/// How a request was authenticated (its span's attributes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    None,
+    ApiKey,
+    /// A JWT; `cached` when the verified-token cache knew it (no signature check).
+    Jwt {
+        cached: bool,
+    },
+}
+
+impl How {
+    pub fn method(self) -> &'static str {
+        match self {
+            How::None => "none",
+            How::ApiKey => "api_key",
+            How::Jwt { .. } => "jwt",
+        }
+    }
+
+    /// `hit` or `miss` for a JWT.
+    pub fn cached(self) -> Option<&'static str> {
+        match self {
+            How::Jwt { cached: true } => Some("hit"),
+            How::Jwt { cached: false } => Some("miss"),
+            _ => None,
+        }
+    }
+}
+
 /// The consumer identity when the route requires a credential; a refusal carries the challenge
 /// (RFC 6750 section 3). An API key is used when the route accepts keys and the request carries
 /// one; otherwise the route's JWT check applies.
@@ -18,6 +48,7 @@ pub async fn authenticate<B>(
     snap: &Snapshot,
     svc: &ServiceRt,
     req: &Request<B>,
+    how: &mut How,
 ) -> Result<Option<Arc<Identity>>, Reject> {
     if !svc.auth {
         return Ok(None);
@@ -26,6 +57,7 @@ pub async fn authenticate<B>(
     if let Some(k) = keys {
         let mut values = req.headers().get_all(&k.header).iter();
         if let Some(value) = values.next() {
+            *how = How::ApiKey;
             let now = hexgate_http::clock::Clock::System.now_secs();
             // Two keys in one request are refused, not chosen between.
             let checked = if values.next().is_some() {
@@ -49,7 +81,10 @@ pub async fn authenticate<B>(
     let Some(auth) = &snap.auth else {
         return Err(GatewayError::Internal("authentication not configured".into()).into());
     };
-    match auth.authenticate(req.headers()).await {
+    let mut cached = false;
+    let result = auth.authenticate_noting(req.headers(), &mut cached).await;
+    *how = How::Jwt { cached };
+    match result {
         Ok(identity) => Ok(Some(identity)),
         Err(e) => {
             svc.metrics.auth_failure(e.label());

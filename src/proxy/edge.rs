@@ -76,7 +76,7 @@ pub fn request_id<B>(req: &Request<B>) -> String {
             }
         }
     }
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    crate::otel::context::hex32(fastrand::u128(..))
 }
 
 /// Step 3: a declared body over the route's `maxBodySize` is refused (413) before anything is

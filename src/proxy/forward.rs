@@ -19,6 +19,7 @@
 //! without one they count for nothing, and they never reset a streak (only an answer below
 //! 500 does).
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ use super::outgoing::{check_switch, hop_by_hop_present, strip_hop_by_hop, Outgoi
 use super::retry::Why;
 use crate::body::{Body, BodyFailure, BodyProgress, BodyState};
 use crate::error::GatewayError;
+use crate::otel::{Kind, Trace, Val};
 use crate::snapshot::{ServiceRt, Snapshot};
 use crate::upstream::Pool;
 use crate::upstream::{Backend, ConnectError, Failure, H2Failure, PoolReturn, Sender};
@@ -211,10 +213,38 @@ struct Attempts<'a> {
     /// Retries made for this request (the access log's `retries`).
     retried: u32,
     fives: u8,
+    /// The request's trace: each attempt is a client span of it.
+    trace: Option<&'a Trace>,
+    /// The attempt being made, while its span is recorded.
+    current: Option<AttemptSpan>,
+    /// Attempts begun (a span's `http.request.resend_count`).
+    begun: u32,
+}
+
+/// An upstream attempt's span, recorded when the next attempt begins or the request ends.
+struct AttemptSpan {
+    timer: crate::otel::Timer,
+    backend: Arc<Backend>,
+    method: http::Method,
+    resend: u32,
+    status: Option<u16>,
+    error: Option<String>,
+}
+
+impl Drop for Attempts<'_> {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 impl<'a> Attempts<'a> {
-    fn new(snap: &'a Snapshot, svc: &'a ServiceRt, pool: &'a Pool, deadline: Instant) -> Self {
+    fn new(
+        snap: &'a Snapshot,
+        svc: &'a ServiceRt,
+        pool: &'a Pool,
+        deadline: Instant,
+        trace: Option<&'a Trace>,
+    ) -> Self {
         Attempts {
             snap,
             svc,
@@ -227,7 +257,105 @@ impl<'a> Attempts<'a> {
             counted: [0; 4],
             retried: 0,
             fives: 0,
+            trace,
+            current: None,
+            begun: 0,
         }
+    }
+
+    /// An attempt on `backend` begins: the previous one's span ends, this one's starts. The
+    /// span id a `traceparent` upstream names: the attempt's, or the server span's when the
+    /// request is not recorded (0 without tracing).
+    fn begin(&mut self, backend: &Arc<Backend>, method: &http::Method) -> u64 {
+        self.close();
+        let Some(trace) = self.trace else { return 0 };
+        let resend = self.begun;
+        self.begun += 1;
+        match trace.start() {
+            Some(timer) => {
+                let id = timer.span_id;
+                self.current = Some(AttemptSpan {
+                    timer,
+                    backend: backend.clone(),
+                    method: method.clone(),
+                    resend,
+                    status: None,
+                    error: None,
+                });
+                id
+            }
+            None => trace.span_id,
+        }
+    }
+
+    /// The attempt's answer (its status).
+    fn answered(&mut self, status: u16) {
+        if let Some(a) = &mut self.current {
+            a.status = Some(status);
+        }
+    }
+
+    /// Ends the current attempt's span: its backend, resend count, status or failure.
+    fn close(&mut self) {
+        let (Some(a), Some(trace)) = (self.current.take(), self.trace) else {
+            return;
+        };
+        let mut attrs: Vec<(&'static str, Val)> = Vec::with_capacity(7);
+        let method = crate::otel::known_method(&a.method);
+        attrs.push(("http.request.method", Val::from(method.unwrap_or("_OTHER"))));
+        if method.is_none() {
+            attrs.push((
+                "http.request.method_original",
+                Val::from(a.method.as_str().to_string()),
+            ));
+        }
+        let (host, port) = match a.backend.authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<i64>().ok()),
+            None => (a.backend.authority.as_str(), None),
+        };
+        attrs.push((
+            "server.address",
+            Val::from(host.trim_matches(['[', ']']).to_string()),
+        ));
+        if let Some(p) = port {
+            attrs.push(("server.port", Val::Int(p)));
+        }
+        if a.resend > 0 {
+            attrs.push(("http.request.resend_count", Val::Int(i64::from(a.resend))));
+        }
+        let error = match (a.status, a.error) {
+            (Some(s), _) => {
+                attrs.push(("http.response.status_code", Val::Int(i64::from(s))));
+                (s >= 500).then(|| {
+                    attrs.push(("error.type", Val::from(s.to_string())));
+                    Cow::Owned(format!("HTTP {s}"))
+                })
+            }
+            (None, Some(reason)) => {
+                attrs.push(("error.type", Val::from(reason.clone())));
+                Some(Cow::Owned(reason))
+            }
+            (None, None) => {
+                attrs.push(("error.type", Val::from("no_response")));
+                Some(Cow::Borrowed("no response"))
+            }
+        };
+        attrs.push((
+            "hexgate.upstream.outcome",
+            match (a.status, &error) {
+                (Some(_), None) => Val::from("answered"),
+                (Some(_), Some(_)) => Val::from("answered_5xx"),
+                _ => Val::from("failed"),
+            },
+        ));
+        trace.end(
+            a.timer,
+            None,
+            method.unwrap_or("HTTP"),
+            Kind::Client,
+            attrs,
+            error,
+        );
     }
 
     /// The next backend to try, or why there is none.
@@ -348,8 +476,11 @@ impl<'a> Attempts<'a> {
 
     /// An upstream error that is no evidence against the backend (a stale pooled connection,
     /// a backend that gave up on a slow client): counted for the service only.
-    fn errored(&self, reason: &str) {
+    fn errored(&mut self, reason: &str) {
         self.svc.metrics.upstream_error(reason);
+        if let Some(a) = &mut self.current {
+            a.error.get_or_insert_with(|| reason.to_string());
+        }
     }
 }
 
@@ -422,15 +553,19 @@ fn discard(resp: Response<Incoming>, backend: &Arc<Backend>, sender: Sender) {
 }
 
 /// Sends `out` to a backend of its service (see [`send`]); counts the answer of a split.
-pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayError> {
+pub async fn forward(
+    snap: &Snapshot,
+    out: Outgoing,
+    trace: Option<&Trace>,
+) -> Result<Response<Body>, GatewayError> {
     let Some(counts) = out
         .split
         .and_then(|i| out.service.splits.get(i))
         .map(|s| s.metrics.clone())
     else {
-        return send(snap, out).await;
+        return send(snap, out, trace).await;
     };
-    let result = send(snap, out).await;
+    let result = send(snap, out, trace).await;
     counts.count(match &result {
         Ok(resp) => resp.status().as_u16(),
         Err(e) => e.status().as_u16(),
@@ -441,7 +576,11 @@ pub async fn forward(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, G
 /// Sends `out` to a backend of its service, retrying on another backend what `retryOn`
 /// allows (a request never written, a safe request after a reset or a retried status), within
 /// `timeouts.request` (or a gRPC request's shorter `grpc-timeout`).
-async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayError> {
+async fn send(
+    snap: &Snapshot,
+    out: Outgoing,
+    trace: Option<&Trace>,
+) -> Result<Response<Body>, GatewayError> {
     let Outgoing {
         service,
         mut req,
@@ -462,7 +601,7 @@ async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayE
     // failure of the backend, never stretched for a slow body.
     let client_deadline = request_timeout < svc.timeouts.request;
     let deadline = Instant::now() + request_timeout;
-    let mut attempts = Attempts::new(snap, svc, &pool, deadline);
+    let mut attempts = Attempts::new(snap, svc, &pool, deadline, trace);
     if let Some(budget) = &svc.retry.budget {
         budget.request();
     }
@@ -486,6 +625,11 @@ async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayE
             continue;
         }
         let _in_flight = InFlight::new(&backend);
+        let span_id = attempts.begin(&backend, req.method());
+        if let Some(t) = trace {
+            // Each attempt names its own span as the backend's parent.
+            t.inject(req.headers_mut(), span_id);
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let connect_timeout = svc.timeouts.connect.min(remaining);
         let cut_by_client = client_deadline && remaining < svc.timeouts.connect;
@@ -754,6 +898,7 @@ async fn send(snap: &Snapshot, out: Outgoing) -> Result<Response<Body>, GatewayE
             backend.record_success();
         }
         svc.metrics.upstream_duration.observe(sent_at.elapsed());
+        attempts.answered(status);
         if resendable && svc.retry.on_status(status) {
             // Decided on the head: nothing of this answer has reached the client. The last
             // attempt's answer is passed on as it is.

@@ -41,6 +41,7 @@ pub async fn check<B>(
     plan: Option<&PlanPolicy>,
     identity: Option<&Identity>,
     req: &Request<B>,
+    redis_failed: &mut Option<bool>,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, Reject> {
     let route = svc.limits.as_ref();
     if route.is_none() && plan.is_none_or(|p| p.rate.is_none() && p.quota.is_none()) {
@@ -56,6 +57,7 @@ pub async fn check<B>(
         req.headers(),
     ))
     .await;
+    *redis_failed = verdict.redis_failed;
     if verdict.unavailable {
         return Err(GatewayError::LimitsUnavailable.into());
     }

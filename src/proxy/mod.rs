@@ -39,9 +39,12 @@ use std::time::Instant;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
+use std::borrow::Cow;
+
 use crate::body::Body;
 use crate::error::{Reject, Side};
 use crate::metrics::ServiceMetrics;
+use crate::otel::{Kind, Val};
 use crate::snapshot::Snapshot;
 use crate::state::State;
 
@@ -85,6 +88,20 @@ pub struct Context {
     pub service: Option<Arc<crate::snapshot::ServiceRt>>,
     /// The request's `Origin`, when its route has `cors`.
     pub origin: Option<HeaderValue>,
+    /// The request's trace, when `tracing` is on.
+    pub trace: Option<crate::otel::Trace>,
+    /// Facts for the server span (a sampled request only).
+    span: Option<Box<SpanFacts>>,
+}
+
+/// What the server span says about the request that the pipeline does not otherwise keep.
+struct SpanFacts {
+    path: String,
+    user_agent: Option<HeaderValue>,
+    version: &'static str,
+    scheme: &'static str,
+    /// The refusal's reason, when the gateway answered for the backend.
+    refusal: Option<String>,
 }
 
 /// Entry point for every request on the public listeners.
@@ -94,6 +111,11 @@ pub async fn handle(
     conn: ConnInfo,
 ) -> Result<Response<Body>, Infallible> {
     let snap = state.snapshot.load_full();
+    let trace = snap
+        .settings
+        .tracing
+        .as_ref()
+        .map(|t| t.begin(req.headers()));
     let mut cx = Context {
         start: Instant::now(),
         request_id: edge::request_id(&req),
@@ -103,8 +125,29 @@ pub async fn handle(
                 path: req.uri().path().to_string(),
                 version: version_name(req.version()),
                 refusal: None,
+                // Without tracing, the client's trace (if any) still joins the line to it.
+                trace_id: match &trace {
+                    Some(t) => Some(t.trace_id),
+                    None => crate::otel::context::extract(req.headers())
+                        .0
+                        .map(|p| p.trace_id),
+                },
             })
         }),
+        span: trace.as_ref().filter(|t| t.recording()).map(|_| {
+            Box::new(SpanFacts {
+                path: crate::otel::clip(req.uri().path()).to_string(),
+                user_agent: req.headers().get(header::USER_AGENT).cloned(),
+                version: match req.version() {
+                    http::Version::HTTP_2 => "2",
+                    http::Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+                scheme: if conn.tls { "https" } else { "http" },
+                refusal: None,
+            })
+        }),
+        trace,
         metrics: snap.unmatched.clone(),
         response_headers: Vec::new(),
         grpc: grpc::Grpc::of(req.headers()),
@@ -128,6 +171,9 @@ pub async fn handle(
             }
             if let Some(access) = cx.access.as_deref_mut() {
                 access.refusal = Some(crate::access_log::Refusal::of(&reject.error));
+            }
+            if let Some(span) = cx.span.as_deref_mut() {
+                span.refusal = Some(crate::otel::clip(&reject.error.to_string()).to_string());
             }
             reject.to_response(&cx.request_id, cx.grpc.is_some())
         }
@@ -163,7 +209,25 @@ async fn run(
     // 3. Size limits, before anything is spent on the request.
     edge::declared_size(&req, &svc)?;
     // 4. Authenticate.
-    let identity = authn::authenticate(&cx.snap, &svc, &req).await?;
+    let timer = cx
+        .trace
+        .as_ref()
+        .filter(|_| svc.auth)
+        .and_then(|t| t.start());
+    let mut how = authn::How::None;
+    let identity = authn::authenticate(&cx.snap, &svc, &req, &mut how).await;
+    if let (Some(timer), Some(t)) = (timer, &cx.trace) {
+        let mut attrs = vec![("hexgate.auth.method", Val::from(how.method()))];
+        if let Some(cached) = how.cached() {
+            attrs.push(("hexgate.auth.cache", Val::from(cached)));
+        }
+        let error = identity
+            .as_ref()
+            .err()
+            .map(|r| Cow::Owned(r.error.to_string()));
+        t.end(timer, None, "authenticate", Kind::Internal, attrs, error);
+    }
+    let identity = identity?;
     cx.consumer = identity.as_ref().map(|i| i.consumer.clone());
     // 5. Authorise: the route's scopes; the consumer's plan.
     authn::authorize(&svc, identity.as_deref())?;
@@ -173,15 +237,22 @@ async fn run(
     let _in_flight = admission::enter(svc.in_flight.as_ref(), svc.plans, plan.map(|p| &**p))?;
     // 6. Limits: the route's, and the consumer's plan's.
     if svc.limits.is_some() || plan.is_some() {
-        cx.response_headers = limits::check(
+        let timer = cx.trace.as_ref().and_then(|t| t.start());
+        let mut redis_failed = None;
+        let verdict = limits::check(
             state,
             &svc,
             cx.client_ip,
             plan.map(|p| &**p),
             identity.as_deref(),
             &req,
+            &mut redis_failed,
         )
-        .await?;
+        .await;
+        if let (Some(timer), Some(t)) = (timer, &cx.trace) {
+            limits_spans(t, timer, &verdict, redis_failed);
+        }
+        cx.response_headers = verdict?;
     }
     // 7. The request as its backend gets it (split, rewrite, header rules).
     let out = outgoing::prepare(
@@ -199,13 +270,54 @@ async fn run(
         cx.grpc,
     )?;
     // 8 and 9. Pick a backend, forward (retries), response policy.
-    Ok(forward::forward(&cx.snap, out).await?)
+    Ok(forward::forward(&cx.snap, out, cx.trace.as_ref()).await?)
+}
+
+/// The limits phase's spans: `limits`, and when Redis was asked, its round trip (`EVALSHA`,
+/// an error when Redis failed, whatever the failure mode then decided).
+fn limits_spans(
+    t: &crate::otel::Trace,
+    timer: crate::otel::Timer,
+    verdict: &Result<Vec<(HeaderName, HeaderValue)>, Reject>,
+    redis_failed: Option<bool>,
+) {
+    let outcome = match verdict {
+        Ok(_) => "allowed",
+        Err(r) if r.error.status() == http::StatusCode::TOO_MANY_REQUESTS => "limited",
+        Err(_) => "unavailable",
+    };
+    let parent = timer.span_id;
+    if let (Some(failed), Some(redis)) = (redis_failed, t.start_at(&timer)) {
+        let attrs = vec![
+            ("db.system.name", Val::from("redis")),
+            ("db.operation.name", Val::from("EVALSHA")),
+        ];
+        let error = failed.then_some(Cow::Borrowed("Redis failed"));
+        t.end(redis, Some(parent), "EVALSHA", Kind::Client, attrs, error);
+    }
+    let mut attrs = vec![
+        (
+            "hexgate.limits.store",
+            Val::from(if redis_failed.is_some() {
+                "redis"
+            } else {
+                "memory"
+            }),
+        ),
+        ("hexgate.limits.outcome", Val::from(outcome)),
+    ];
+    if redis_failed == Some(true) && outcome != "unavailable" {
+        // failureMode open: what Redis could not decide was decided in memory.
+        attrs.push(("hexgate.limits.failed_open", Val::from("true")));
+    }
+    let error = (outcome == "unavailable").then_some(Cow::Borrowed("limits unavailable"));
+    t.end(timer, None, "limits", Kind::Internal, attrs, error);
 }
 
 /// The end of every request, answered or refused: the headers phases left for the response, the
 /// request id, metrics and the access log.
-fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
-    for (name, value) in cx.response_headers {
+fn finish(mut cx: Context, mut resp: Response<Body>) -> Response<Body> {
+    for (name, value) in std::mem::take(&mut cx.response_headers) {
         resp.headers_mut().insert(name, value);
     }
     // The route's response policies, on every answer it gives (refusals included): the header
@@ -247,7 +359,13 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
     }
     let elapsed = cx.start.elapsed();
     let code = cx.refused.unwrap_or(resp.status().as_u16());
-    cx.metrics.record(&cx.method, code, elapsed);
+    match cx.trace.as_ref().filter(|t| t.recording()) {
+        // A sampled request's duration may be the histogram's exemplar (OpenMetrics).
+        Some(t) => cx
+            .metrics
+            .record_traced(&cx.method, code, elapsed, t.trace_id),
+        None => cx.metrics.record(&cx.method, code, elapsed),
+    }
     if let Some(consumer) = &cx.consumer {
         cx.metrics.record_consumer(consumer, code);
     }
@@ -287,6 +405,7 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
             log::json_line(&log::Fields {
                 time: std::time::SystemTime::now(),
                 request_id: &cx.request_id,
+                trace_id: access.trace_id,
                 client_ip: cx.client_ip,
                 method: &cx.method,
                 path: &access.path,
@@ -303,7 +422,67 @@ fn finish(cx: Context, mut resp: Response<Body>) -> Response<Body> {
         };
         sink.send(line);
     }
+    if let (Some(trace), Some(tracer)) = (cx.trace.take(), &cx.snap.settings.tracing) {
+        if let Some(facts) = cx.span.take() {
+            let (name, attrs, error) = server_span(&cx, *facts, resp.status().as_u16());
+            trace.finish(tracer, cx.start, name, attrs, error);
+        }
+    }
     resp
+}
+
+/// The server span's name, attributes (OpenTelemetry's HTTP server conventions, then the
+/// gateway's own) and error status (a 5xx, as the conventions say for servers). Values are
+/// recorded as they are (addresses, header values) and written out by the exporter.
+fn server_span(
+    cx: &Context,
+    facts: SpanFacts,
+    status: u16,
+) -> (String, Vec<(&'static str, Val)>, Option<Cow<'static, str>>) {
+    let known = crate::otel::known_method(&cx.method);
+    let mut attrs: Vec<(&'static str, Val)> = Vec::with_capacity(18);
+    attrs.push(("http.request.method", Val::from(known.unwrap_or("_OTHER"))));
+    if known.is_none() {
+        attrs.push((
+            "http.request.method_original",
+            Val::from(cx.method.as_str().to_string()),
+        ));
+    }
+    let route = cx.service.as_ref().map(|s| s.route.clone());
+    let name = match (&route, known) {
+        (Some(r), m) => format!("{} {r}", m.unwrap_or("HTTP")),
+        (None, Some(m)) => m.to_string(),
+        (None, None) => "HTTP".to_string(),
+    };
+    if let Some(r) = route {
+        attrs.push(("http.route", Val::Shared(r)));
+    }
+    attrs.push(("url.path", Val::from(facts.path)));
+    attrs.push(("url.scheme", Val::from(facts.scheme)));
+    attrs.push(("network.protocol.name", Val::from("http")));
+    attrs.push(("network.protocol.version", Val::from(facts.version)));
+    attrs.push(("http.response.status_code", Val::Int(i64::from(status))));
+    attrs.push(("client.address", Val::Ip(cx.client_ip)));
+    attrs.push(("network.peer.address", Val::Ip(cx.conn.peer.ip())));
+    if let Some(v) = facts.user_agent.and_then(crate::otel::header_val) {
+        attrs.push(("user_agent.original", v));
+    }
+    attrs.push(("hexgate.service", Val::from(cx.metrics.name.clone())));
+    attrs.push(("hexgate.request_id", Val::from(cx.request_id.clone())));
+    if let Some(c) = &cx.consumer {
+        attrs.push(("hexgate.consumer", Val::from(c.clone())));
+    }
+    if let Some(p) = &cx.plan {
+        attrs.push(("hexgate.plan", Val::from(p.clone())));
+    }
+    if let Some(r) = &facts.refusal {
+        attrs.push(("hexgate.refusal", Val::from(r.clone())));
+    }
+    let error = (status >= 500).then(|| {
+        attrs.push(("error.type", Val::from(status.to_string())));
+        Cow::Owned(facts.refusal.unwrap_or_else(|| format!("HTTP {status}")))
+    });
+    (name, attrs, error)
 }
 
 /// The version as the access log writes it.

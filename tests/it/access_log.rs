@@ -12,7 +12,7 @@ use crate::support::*;
 const FIELDS: &[(&str, &[&str])] = &[
     ("time", &["string"]),
     ("request_id", &["string"]),
-    ("trace_id", &["null"]),
+    ("trace_id", &["string", "null"]),
     ("client_ip", &["string"]),
     ("method", &["string"]),
     ("path", &["string"]),
@@ -68,6 +68,14 @@ fn parse_lines(text: &str) -> Vec<Value> {
             }
             let time = v["time"].as_str().unwrap();
             assert!(is_rfc3339_millis(time), "time {time:?}");
+            if let Some(t) = v["trace_id"].as_str() {
+                assert!(
+                    t.len() == 32
+                        && t.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+                        && t.bytes().any(|c| c != b'0'),
+                    "trace_id {t:?}"
+                );
+            }
             v
         })
         .collect()
@@ -174,6 +182,7 @@ async fn json_lines_carry_every_field_for_answers_and_refusals() {
     assert_eq!(ok["client_ip"], "127.0.0.1");
     assert!(ok["consumer"].is_null() && ok["reason"].is_null());
     assert!(ok["limit_outcome"].is_null(), "no limit on this route");
+    assert!(ok["trace_id"].is_null(), "no tracing, no traceparent: {ok}");
     assert_eq!(
         ok["bytes_sent"].as_u64(),
         Some("Hello from Backend (Port )".len() as u64 + b.addr.port().to_string().len() as u64)
@@ -347,4 +356,91 @@ fn validate_refuses_a_file_in_a_missing_directory() {
     let ok = "gatewayPort: 18080\nservices: []\naccessLog: {path: here.log}\n";
     let (code, _, err) = validate_yaml(ok, &[]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// `trace_id`: without `tracing`, the client's valid `traceparent`'s trace (else null); with
+/// it, the request's trace as sent upstream, sampled or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_id_is_the_clients_without_tracing_and_the_gateways_with_it() {
+    use crate::otel::{Collector, TraceBackend, Traceparent, Wire};
+    let b = TraceBackend::start().await;
+    let svc = service("web", "/web/", &[&b.url()], "");
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let sampled = format!("00-{client_trace}-00f067aa0ba902b7-01");
+    let unsampled = format!("00-{client_trace}-00f067aa0ba902b7-00");
+    let send = |port: u16, path: &'static str, tp: Option<String>| async move {
+        let fields: Vec<(&str, &str)> = tp.iter().map(|t| ("traceparent", t.as_str())).collect();
+        let (s, _, _) = get_with(port, path, &fields).await.unwrap();
+        assert_eq!(s, 200, "{path}");
+    };
+
+    // Tracing off.
+    let dir = temp_dir("accesslog-trace-off");
+    let gw = Gateway::start_in(
+        dir.clone(),
+        &loopback_config("accessLog: {format: json, path: access.log}\n", &svc),
+    )
+    .await;
+    send(gw.port, "/web/none", None).await;
+    send(gw.port, "/web/client", Some(sampled.clone())).await;
+    send(gw.port, "/web/upper", Some(sampled.to_uppercase())).await;
+    let lines = wait_lines(&dir.join("access.log"), |l| l.len() >= 3).await;
+    assert!(line_for(&lines, "/web/none")["trace_id"].is_null());
+    assert_eq!(line_for(&lines, "/web/client")["trace_id"], client_trace);
+    assert!(
+        line_for(&lines, "/web/upper")["trace_id"].is_null(),
+        "an invalid traceparent is no trace"
+    );
+    // A gateway without tracing passes the client's context on untouched.
+    let seen = b.seen_for("/web/client");
+    assert_eq!(seen.traceparent, [sampled.as_str()]);
+    assert!(b.seen_for("/web/none").traceparent.is_empty());
+    drop(gw);
+
+    // Tracing on (ratio 1): the gateway's trace, as the backend got it.
+    let collector = Collector::start(Wire::Http).await;
+    let dir = temp_dir("accesslog-trace-on");
+    let top = format!(
+        "accessLog: {{format: json, path: access.log}}\ntracing:\n  otlpEndpoint: \"{}\"\n  sampleRatio: 1\n",
+        collector.url()
+    );
+    let gw = Gateway::start_in(dir.clone(), &loopback_config(&top, &svc)).await;
+    send(gw.port, "/web/new", None).await;
+    send(gw.port, "/web/joined", Some(sampled.clone())).await;
+    send(gw.port, "/web/unsampled", Some(unsampled.clone())).await;
+    send(gw.port, "/web/bad", Some(sampled.to_uppercase())).await;
+    let lines = wait_lines(&dir.join("access.log"), |l| l.len() >= 4).await;
+    for path in ["/web/new", "/web/joined", "/web/unsampled", "/web/bad"] {
+        let seen = b.seen_for(path);
+        assert_eq!(seen.traceparent.len(), 1, "{path}: {seen:?}");
+        let up = Traceparent::parse(&seen.traceparent[0]);
+        assert_eq!(
+            line_for(&lines, path)["trace_id"],
+            up.trace.as_str(),
+            "{path}"
+        );
+        let want_client = matches!(path, "/web/joined" | "/web/unsampled");
+        assert_eq!(up.trace == client_trace, want_client, "{path}: {up:?}");
+        assert_eq!(up.flags, if path == "/web/unsampled" { "00" } else { "01" });
+    }
+    // The sampled ones reached the collector under the logged trace id.
+    let new = line_for(&lines, "/web/new")["trace_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!collector.wait_trace(&new).await.is_empty());
+    drop(gw);
+
+    // Tracing on, ratio 0: an unsampled new trace still has its id in the log.
+    let dir = temp_dir("accesslog-trace-zero");
+    let gw = Gateway::start_in(
+        dir.clone(),
+        &loopback_config(&top.replace("sampleRatio: 1", "sampleRatio: 0"), &svc),
+    )
+    .await;
+    send(gw.port, "/web/zero", None).await;
+    let lines = wait_lines(&dir.join("access.log"), |l| !l.is_empty()).await;
+    let up = Traceparent::parse(&b.seen_for("/web/zero").traceparent[0]);
+    assert_eq!(up.flags, "00");
+    assert_eq!(line_for(&lines, "/web/zero")["trace_id"], up.trace.as_str());
 }

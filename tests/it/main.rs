@@ -20,6 +20,8 @@ mod ledger;
 mod lifecycle;
 mod limits;
 mod limits_diff;
+mod openmetrics;
+mod otel;
 mod plans;
 mod policies_admission;
 mod policies_http;

@@ -193,6 +193,16 @@ impl Authenticator {
 
     /// Checks the request's bearer token. RSA work is skipped for tokens already verified.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Identity>, AuthError> {
+        self.authenticate_noting(headers, &mut false).await
+    }
+
+    /// [`Self::authenticate`], setting `cached` when the verified-token cache answered (no
+    /// signature was checked): what a trace's authentication span reports.
+    pub async fn authenticate_noting(
+        &self,
+        headers: &HeaderMap,
+        cached: &mut bool,
+    ) -> Result<Arc<Identity>, AuthError> {
         let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
         let token = bearer(value)?;
         if token.len() > jwt::MAX_TOKEN_LEN {
@@ -204,6 +214,7 @@ impl Authenticator {
             .cache
             .get(token, key_generation, now, self.policy.leeway)?
         {
+            *cached = true;
             return Ok(hit);
         }
         let parts = jwt::split(token)?;

@@ -14,6 +14,8 @@ pub enum Kind {
     Port,
     /// A number greater than `min_exclusive`; quoted numbers are accepted too.
     Number { min_exclusive: f64 },
+    /// A number from 0 to 1, both included; quoted numbers are accepted too.
+    Fraction,
     /// `true` or `false` (unquoted).
     Bool,
     /// A Go duration (`250ms`, `90s`, `1h30m`) plus `d` for days; a bare integer means seconds.
@@ -130,6 +132,7 @@ pub static TOP: &[KeyDecl] = &[
     key("adminTokenFile", Kind::String, NONE, "file whose first line is the admin token (relative to the config's directory); `HEXGATE_ADMIN_TOKEN` in the environment is used when neither key is set. A token is required when `adminBind` is not a loopback address. Not together with `adminToken`"),
     key("maxBodySize", Kind::Size, NONE, "default per-service body limit: a larger declared Content-Length gets 413 before anything is forwarded; a chunked body is counted while it streams and the request ends in 413 when it goes over"),
     key("maxConnections", Kind::Int { min: 1, max: 10_000_000 }, Value("20000"), "client connections per instance; beyond it new connections wait"),
+    key("tracing", Kind::Block(TRACING), NONE, "OpenTelemetry traces exported over OTLP, see [Tracing and logs](#tracing-and-logs)"),
     key("accessLog", Kind::Switch(ACCESS_LOG), Value("false"), "one line per request: `true` is the seed's text line on stdout (`{enabled: true, format: text}`); a mapping sets the keys below"),
     key("shutdownTimeout", Kind::Duration, Value("30s"), "how long SIGTERM/SIGINT waits for in-flight requests"),
     key("trustedProxies", Kind::List(Item::Any), Value("[]"), "IPs/CIDRs whose `X-Forwarded-*` headers are kept and appended to; from anyone else they are replaced"),
@@ -150,6 +153,16 @@ pub static TOP: &[KeyDecl] = &[
     key("maxInFlight", Kind::Int { min: 1, max: 10_000_000 }, NONE, "default for services: requests in flight per service and instance; beyond it 503 at once with `Retry-After`"),
     key("retryOn", Kind::List(Item::OneOf(RETRY_ON)), Value("[connect-failure]"), "default for services: what is retried on another backend (within `retries`)"),
     key("retryBudget", Kind::Block(RETRY_BUDGET), NONE, "default for services: the share of requests that may be retries"),
+];
+
+/// `tracing`.
+#[rustfmt::skip]
+pub static TRACING: &[KeyDecl] = &[
+    key("enabled", Kind::Bool, Value("true"), "export traces (giving the block turns it on)"),
+    required("otlpEndpoint", Kind::String, "the collector: `http://` or `https://` for OTLP/HTTP (protobuf; `/v1/traces` is added unless the path already ends with it), `grpc://` or `grpcs://` (TLS) for OTLP/gRPC (port 4317 when none is given)"),
+    key("serviceName", Kind::String, Value("hexgate"), "the `service.name` resource attribute of every span"),
+    key("sampleRatio", Kind::Fraction, Value("1"), "share of new traces kept, decided on the trace id; parent-based: a request whose `traceparent` says sampled is always kept, one that says not sampled never"),
+    key("headers", Kind::Map, Value("{}"), "header fields sent with every export (`authorization` for hosted collectors); values are shown as `<redacted>`"),
 ];
 
 /// `accessLog` given as a mapping.
@@ -474,6 +487,7 @@ impl Kind {
             Kind::Int { min, max } => format!("integer, {min} to {max}"),
             Kind::Port => "port".into(),
             Kind::Number { min_exclusive } => format!("number above {min_exclusive}"),
+            Kind::Fraction => "number, 0 to 1".into(),
             Kind::Bool => "bool".into(),
             Kind::Duration => "duration".into(),
             Kind::Size => "size".into(),

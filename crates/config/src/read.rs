@@ -257,17 +257,23 @@ impl Reader {
 
     /// A number above its declared minimum.
     pub fn float(&mut self, f: &Fields, key: &str) -> Option<f64> {
-        let min_exclusive = match f.kind(key) {
-            keys::Kind::Number { min_exclusive } => min_exclusive,
+        let (min_exclusive, fraction) = match f.kind(key) {
+            keys::Kind::Number { min_exclusive } => (min_exclusive, false),
+            keys::Kind::Fraction => (f64::NAN, true),
             other => {
                 debug_assert!(false, "{} is declared {other:?}", f.key_path(key));
-                f64::MIN
+                (f64::MIN, false)
             }
         };
         let node = f.get(key)?;
         let path = f.key_path(key);
         let (s, _) = self.scalar(node, &path, "a number")?;
         match s.trim().parse::<f64>() {
+            Ok(v) if fraction && (0.0..=1.0).contains(&v) => Some(v),
+            Ok(v) if fraction => {
+                self.err(node.line, &path, format!("{v} must be from 0 to 1"));
+                None
+            }
             Ok(v) if v.is_finite() && v > min_exclusive => Some(v),
             Ok(v) => {
                 self.err(

@@ -70,6 +70,12 @@ fn key(d: &KeyDecl) -> Value {
             "exclusiveMinimum": min_exclusive,
             "pattern": NUMBER,
         }),
+        Kind::Fraction => json!({
+            "type": ["number", "string", "null"],
+            "minimum": 0,
+            "maximum": 1,
+            "pattern": NUMBER,
+        }),
         Kind::Bool => json!({"type": ["boolean", "null"]}),
         Kind::Duration => {
             json!({"type": ["integer", "string", "null"], "minimum": 0, "pattern": DURATION})
@@ -148,7 +154,7 @@ fn default(d: &KeyDecl) -> Option<Value> {
         Kind::Int { .. } | Kind::Port | Kind::Duration | Kind::Size if digits => {
             json!(v.parse::<u64>().ok()?)
         }
-        Kind::Number { .. } => json!(v.parse::<f64>().ok()?),
+        Kind::Number { .. } | Kind::Fraction => json!(v.parse::<f64>().ok()?),
         Kind::Bool | Kind::Switch(_) => json!(v == "true"),
         Kind::List(_) | Kind::Blocks(_) => {
             let inner = v.strip_prefix('[')?.strip_suffix(']')?;

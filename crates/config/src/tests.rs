@@ -611,3 +611,117 @@ fn access_log_takes_a_bool_or_a_mapping() {
     let e = errs("accessLog: {enabled: \"yes\"}\nservices: []\n");
     assert_eq!(e[0].key, "accessLog.enabled");
 }
+
+#[test]
+fn tracing_endpoints_headers_and_ratio() {
+    let svc = "services: [{name: a, path: /a, backends: [\"http://127.0.0.1:1\"]}]";
+    let read = |t: &str| parse(&format!("tracing: {t}\n{svc}"), "t.yaml");
+    let t = read("{otlpEndpoint: \"http://c:4318\"}")
+        .unwrap()
+        .tracing
+        .unwrap();
+    assert_eq!(
+        (t.host.as_str(), t.port, t.path.as_str()),
+        ("c", 4318, "/v1/traces")
+    );
+    assert_eq!((t.sample_ratio, t.service_name.as_str()), (1.0, "hexgate"));
+    let t = read("{otlpEndpoint: \"https://o.example.com/otlp/\"}")
+        .unwrap()
+        .tracing
+        .unwrap();
+    assert_eq!(
+        (t.port, t.tls, t.path.as_str()),
+        (443, true, "/otlp/v1/traces")
+    );
+    let t = read("{otlpEndpoint: \"http://c/v1/traces\"}")
+        .unwrap()
+        .tracing
+        .unwrap();
+    assert_eq!(t.path, "/v1/traces");
+    let t = read("{otlpEndpoint: \"grpcs://[::1]\", sampleRatio: 0}")
+        .unwrap()
+        .tracing
+        .unwrap();
+    assert_eq!(
+        (t.protocol, t.host.as_str(), t.port),
+        (crate::OtlpProtocol::Grpc, "::1", 4317)
+    );
+    assert_eq!(t.path, crate::OTLP_GRPC_PATH);
+    assert!(read("{otlpEndpoint: \"http://c\", enabled: false}")
+        .unwrap()
+        .tracing
+        .is_none());
+    // Headers: names lower-cased; values never shown.
+    let t = read("{otlpEndpoint: \"http://c\", headers: {Authorization: \"Bearer s3cret\"}}")
+        .unwrap()
+        .tracing
+        .unwrap();
+    assert_eq!(
+        t.headers,
+        vec![("authorization".to_string(), "Bearer s3cret".to_string())]
+    );
+    assert!(!format!("{t:?}").contains("s3cret"));
+    let shown = serde_json::to_string(&t).unwrap();
+    assert!(
+        !shown.contains("s3cret") && shown.contains("<redacted>"),
+        "{shown}"
+    );
+    for (bad, key, says) in [
+        (
+            "{otlpEndpoint: \"ftp://c\"}",
+            "tracing.otlpEndpoint",
+            "http://, https://, grpc://",
+        ),
+        (
+            "{otlpEndpoint: \"http://u:p@c\"}",
+            "tracing.otlpEndpoint",
+            "credentials",
+        ),
+        (
+            "{otlpEndpoint: \"http://c?a=1\"}",
+            "tracing.otlpEndpoint",
+            "no query",
+        ),
+        (
+            "{otlpEndpoint: \"grpc://c/x\"}",
+            "tracing.otlpEndpoint",
+            "no path",
+        ),
+        (
+            "{otlpEndpoint: \"http://c\", sampleRatio: 1.5}",
+            "tracing.sampleRatio",
+            "from 0 to 1",
+        ),
+        (
+            "{otlpEndpoint: \"http://c\", sampleRatio: -0.1}",
+            "tracing.sampleRatio",
+            "from 0 to 1",
+        ),
+        (
+            "{otlpEndpoint: \"http://c\", headers: {content-type: x}}",
+            "tracing.headers.content-type",
+            "exporter",
+        ),
+        (
+            "{otlpEndpoint: \"http://c\", headers: {\"a b\": x}}",
+            "tracing.headers.a b",
+            "valid header name",
+        ),
+        (
+            "{otlpEndpoint: \"http://c\", headers: {a: \"x\\ny\"}}",
+            "tracing.headers.a",
+            "control character",
+        ),
+        (
+            "{otlpEndpoint: \"http://c\", serviceName: \"\"}",
+            "tracing.serviceName",
+            "empty",
+        ),
+        ("{serviceName: x}", "tracing.otlpEndpoint", ""),
+    ] {
+        let e = read(bad).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
+        assert!(e.contains("t.yaml:1"), "{bad}: {e}");
+        assert!(!e.contains("u:p@"), "{e}");
+    }
+}

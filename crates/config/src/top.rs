@@ -12,7 +12,8 @@ use crate::service::{
 use crate::yaml::{self, Node};
 use crate::{
     parse_cidr, AccessLog, AccessLogFormat, Authentication, Config, Consul, FailureMode, LimitKey,
-    LoadBalancing, RateLimitHeaders, Redis, Timeouts, Tls, UnderscoreHeaders, ADMIN_TOKEN_ENV,
+    LoadBalancing, OtlpProtocol, RateLimitHeaders, Redis, Timeouts, Tls, Tracing,
+    UnderscoreHeaders, ADMIN_TOKEN_ENV,
 };
 
 fn read_ip(r: &mut Reader, f: &Fields, key: &str, default: IpAddr) -> IpAddr {
@@ -268,6 +269,147 @@ fn read_access_log(r: &mut Reader, f: &Fields) -> AccessLog {
     }
 }
 
+/// `tracing`: the endpoint split into what the exporter dials, the headers checked.
+fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
+    let f = r.fields(node, "tracing", keys::TRACING);
+    let enabled = r.bool(&f, "enabled").unwrap_or(true);
+    let Some(endpoint) = r.string(&f, "otlpEndpoint") else {
+        if !f.has("otlpEndpoint") {
+            r.err(
+                f.line,
+                "tracing.otlpEndpoint",
+                "is required: the collector's URL (http://127.0.0.1:4318, grpc://127.0.0.1:4317)",
+            );
+        }
+        return None;
+    };
+    let line = f.key_line("otlpEndpoint");
+    let bad = |r: &mut Reader, why: &str| {
+        r.err(
+            line,
+            "tracing.otlpEndpoint",
+            format!(
+                "{why}, found {:?}",
+                hexgate_http::httpc::redact_url(&endpoint)
+            ),
+        );
+    };
+    let uri = match endpoint.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            bad(
+                r,
+                "expected a URL such as http://127.0.0.1:4318 or grpc://127.0.0.1:4317",
+            );
+            return None;
+        }
+    };
+    let (protocol, tls, default_port) = match uri.scheme_str() {
+        Some("http") => (OtlpProtocol::Http, false, 80),
+        Some("https") => (OtlpProtocol::Http, true, 443),
+        Some("grpc") => (OtlpProtocol::Grpc, false, 4317),
+        Some("grpcs") => (OtlpProtocol::Grpc, true, 4317),
+        _ => {
+            bad(r, "expected an http://, https://, grpc:// or grpcs:// URL");
+            return None;
+        }
+    };
+    let Some(authority) = uri.authority() else {
+        bad(r, "expected a host");
+        return None;
+    };
+    if authority.as_str().contains('@') {
+        bad(
+            r,
+            "credentials do not belong in the URL: put them in tracing.headers (shown redacted)",
+        );
+        return None;
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() || uri.query().is_some() || endpoint.contains('#') {
+        bad(r, "expected a host and no query");
+        return None;
+    }
+    let path = match protocol {
+        OtlpProtocol::Http => {
+            let p = uri.path().trim_end_matches('/');
+            if p.ends_with("/v1/traces") {
+                p.to_string()
+            } else {
+                format!("{p}/v1/traces")
+            }
+        }
+        OtlpProtocol::Grpc => {
+            if !matches!(uri.path(), "" | "/") {
+                bad(r, "a gRPC endpoint has no path");
+                return None;
+            }
+            crate::OTLP_GRPC_PATH.to_string()
+        }
+    };
+    let mut headers = Vec::new();
+    for (name, value) in r.string_map(&f, "headers").unwrap_or_default() {
+        let lower = name.to_ascii_lowercase();
+        let key = format!("tracing.headers.{name}");
+        let line = f.get("headers").map_or(f.line, |h| h.line);
+        // What the exporter sets itself, and what would change the framing.
+        const OWN: &[&str] = &[
+            "host",
+            "content-type",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "te",
+            "keep-alive",
+            "upgrade",
+            "proxy-connection",
+            "trailer",
+            "expect",
+        ];
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            r.err(line, &key, "is not a valid header name");
+        } else if OWN.contains(&lower.as_str()) || lower.starts_with("grpc-") {
+            r.err(line, &key, "is set by the exporter itself");
+        } else if http::HeaderValue::from_str(&value).is_err() {
+            // The value is a secret: say what is wrong, never what it is.
+            r.err(
+                line,
+                &key,
+                "the value holds a control character or a byte above 0x7E",
+            );
+        } else if headers.iter().any(|(n, _): &(String, String)| *n == lower) {
+            r.err(line, &key, "is given twice (names are case-insensitive)");
+        } else {
+            headers.push((lower, value));
+        }
+    }
+    let service_name = r
+        .string(&f, "serviceName")
+        .unwrap_or_else(|| "hexgate".into());
+    if service_name.is_empty() {
+        r.err(
+            f.key_line("serviceName"),
+            "tracing.serviceName",
+            "must not be empty",
+        );
+    }
+    let t = Tracing {
+        otlp_endpoint: endpoint.clone(),
+        protocol,
+        tls,
+        host: host.to_string(),
+        port: authority.port_u16().unwrap_or(default_port),
+        path,
+        service_name,
+        sample_ratio: r.float(&f, "sampleRatio").unwrap_or(1.0),
+        headers,
+    };
+    enabled.then_some(t)
+}
+
 pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
     let f = r.fields(root, "", keys::TOP);
     let mut cfg = Config {
@@ -315,6 +457,7 @@ pub(crate) fn read_config(r: &mut Reader, root: &Node) -> Config {
         max_body_size: r.size(&f, "maxBodySize"),
         max_connections: r.uint(&f, "maxConnections").unwrap_or(20_000),
         access_log: read_access_log(r, &f),
+        tracing: f.get("tracing").and_then(|n| read_tracing(r, n)),
         shutdown_timeout: r
             .duration(&f, "shutdownTimeout")
             .unwrap_or(Duration::from_secs(30)),

@@ -377,6 +377,70 @@ impl AccessLog {
     }
 }
 
+/// How spans reach the collector (`tracing.otlpEndpoint`'s scheme).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies (`http://`, `https://`).
+    Http,
+    /// OTLP/gRPC (`grpc://`, `grpcs://`).
+    Grpc,
+}
+
+/// `tracing`: OpenTelemetry traces exported over OTLP.
+#[derive(Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tracing {
+    /// `otlpEndpoint` as written (credentials in it are refused).
+    pub otlp_endpoint: String,
+    #[serde(skip)]
+    pub protocol: OtlpProtocol,
+    /// `https://` or `grpcs://`.
+    #[serde(skip)]
+    pub tls: bool,
+    #[serde(skip)]
+    pub host: String,
+    #[serde(skip)]
+    pub port: u16,
+    /// The request path: the OTLP/HTTP path (`/v1/traces` added), or the gRPC method's.
+    #[serde(skip)]
+    pub path: String,
+    pub service_name: String,
+    pub sample_ratio: f64,
+    /// `headers`, names lower-case; the values are secrets (shown as `<redacted>`).
+    #[serde(serialize_with = "redact_values")]
+    pub headers: Vec<(String, String)>,
+}
+
+/// The gRPC method OTLP/gRPC exports call.
+pub const OTLP_GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Header values are credentials (`authorization`): never printed, not even by `{:?}`.
+impl std::fmt::Debug for Tracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracing")
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("protocol", &self.protocol)
+            .field("path", &self.path)
+            .field("service_name", &self.service_name)
+            .field("sample_ratio", &self.sample_ratio)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn redact_values<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(v.len()))?;
+    for (k, _) in v {
+        m.serialize_entry(k, "<redacted>")?;
+    }
+    m.end()
+}
+
 /// A validated configuration, defaults applied. Produced by [`crate::parse`].
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -409,6 +473,8 @@ pub struct Config {
     pub max_connections: u64,
     /// `accessLog`: `true`/`false` or the mapping.
     pub access_log: AccessLog,
+    /// `tracing`, when given and enabled.
+    pub tracing: Option<Tracing>,
     #[serde(with = "secs")]
     pub shutdown_timeout: Duration,
     pub trusted_proxies: Vec<String>,

@@ -187,7 +187,10 @@ impl Discovery {
         self.watches.lock().map(|w| w.len()).unwrap_or(0)
     }
 
-    pub fn render(&self, out: &mut String) {
+    /// Appends the discovery families to a metrics exposition. `openmetrics`: the OpenMetrics
+    /// format, where a counter family is named without the `_total` of its sample (this crate
+    /// does not depend on the metrics crate's `Format` for one name).
+    pub fn render(&self, out: &mut String, openmetrics: bool) {
         let _ = writeln!(out, "# HELP {CONSUL_LAST_SYNC} Unix time of the last successful answer for each Consul watch.");
         let _ = writeln!(out, "# TYPE {CONSUL_LAST_SYNC} gauge");
         if let Ok(w) = self.watches.lock() {
@@ -202,11 +205,18 @@ impl Discovery {
                 );
             }
         }
+        let family = if openmetrics {
+            CONSUL_ERRORS_TOTAL
+                .strip_suffix("_total")
+                .unwrap_or(CONSUL_ERRORS_TOTAL)
+        } else {
+            CONSUL_ERRORS_TOTAL
+        };
         let _ = writeln!(
             out,
-            "# HELP {CONSUL_ERRORS_TOTAL} Failed Consul queries (discovery and config)."
+            "# HELP {family} Failed Consul queries (discovery and config)."
         );
-        let _ = writeln!(out, "# TYPE {CONSUL_ERRORS_TOTAL} counter");
+        let _ = writeln!(out, "# TYPE {family} counter");
         let _ = writeln!(
             out,
             "{CONSUL_ERRORS_TOTAL} {}",

@@ -285,6 +285,10 @@ pub struct Verdict {
     pub retry_after: Option<u64>,
     /// Set when Redis failed and failureMode is closed.
     pub unavailable: bool,
+    /// What Redis did for this check: `None` when it was not asked (no Redis, no limit),
+    /// `Some(true)` when it failed one limit or more (decided in memory under failureMode open),
+    /// `Some(false)` when it decided them all. What a trace's Redis span reports.
+    pub redis_failed: Option<bool>,
 }
 
 /// What a check does when Redis fails (the config's `redis.failureMode`).
@@ -439,6 +443,8 @@ impl Limiter {
         }
 
         let (mut decided, failed) = self.decide(&charges).await;
+        let redis_failed =
+            (self.redis.is_some() && !charges.is_empty()).then(|| failed.iter().any(|f| *f));
         // Redis failed a limit under failureMode closed: the request is not served.
         let unavailable = decided.iter().any(Option::is_none);
         // A refused or unserved request uses no quota: the slots the limits took are given
@@ -452,6 +458,7 @@ impl Limiter {
             }
             return Verdict {
                 unavailable: true,
+                redis_failed,
                 ..Verdict::default()
             };
         }
@@ -475,6 +482,7 @@ impl Limiter {
             headers: self.fields(route, plan, mode, &charges, &decisions),
             retry_after,
             unavailable: false,
+            redis_failed,
         }
     }
 

@@ -1,6 +1,11 @@
 //! Prometheus metrics: names as constants, lock-free handles resolved per routing snapshot (the
 //! request path never hashes a label set), and the text exposition written at scrape time.
 //!
+//! Two expositions, chosen per scrape ([`Format`]): the Prometheus text format 0.0.4 and
+//! OpenMetrics 1.0. They carry the same series; OpenMetrics adds exemplars on the request
+//! duration buckets (the trace id of a sampled request, so a dashboard can jump from a latency
+//! spike to its trace), names counter families without `_total` and ends with `# EOF`.
+//!
 //! One series set is not fixed in advance: `hexgate_consumer_requests_total{service,consumer,code}`
 //! names at most [`consumers::TOP`] consumers per service (a Space-Saving sketch picks them, see
 //! [`consumers`]) and counts everyone else under `consumer="other"`, so its size stays bounded
@@ -13,8 +18,8 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Labels of `hexgate_auth_failures_total{reason}`, in a fixed order for lock-free counters.
 pub const AUTH_REASONS: [&str; 21] = [
@@ -95,6 +100,11 @@ pub const SPLIT_REQUESTS_TOTAL: &str = "hexgate_split_requests_total";
 /// Access log lines not written: the writer's queue was full, or the file could not be written.
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "hexgate_access_log_dropped_total";
 
+/// Spans the tracer dropped: its export queue was full, or the collector failed or timed out.
+pub const TRACING_DROPPED_SPANS_TOTAL: &str = "hexgate_tracing_dropped_spans_total";
+/// Spans the OTLP collector accepted.
+pub const TRACING_EXPORTED_SPANS_TOTAL: &str = "hexgate_tracing_exported_spans_total";
+
 /// Service label used for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
@@ -113,10 +123,90 @@ const CODES: [u16; 24] = [
     500, 501, 502, 503, 504,
 ];
 
+/// An exposition format, chosen per scrape from the `Accept` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4: what every scraper reads; no exemplars (promtool and
+    /// older Prometheus refuse them there).
+    Text,
+    /// OpenMetrics 1.0: exemplars on the request duration buckets, counter families named
+    /// without `_total`, `# EOF` at the end.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of an exposition in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// The name of a family in its `# HELP` and `# TYPE` lines. OpenMetrics names a counter
+    /// family without the `_total` its samples carry (a strict parser refuses
+    /// `# TYPE x_total counter`: the family `x_total` would own a sample `x_total_total`).
+    pub fn family(self, name: &str, kind: Kind) -> &str {
+        match (self, kind) {
+            (Format::OpenMetrics, Kind::Counter) => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        }
+    }
+
+    /// Ends an exposition: OpenMetrics requires `# EOF` as its last line (a scraper takes an
+    /// exposition without it as cut short).
+    pub fn finish(self, out: &mut String) {
+        if self == Format::OpenMetrics {
+            out.push_str("# EOF\n");
+        }
+    }
+}
+
+/// The type of a metric family, for its `# TYPE` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Writes a family's `# HELP` and `# TYPE` lines (its samples follow). `name` is the sample name
+/// (`..._total` for a counter); the family name is derived per format ([`Format::family`]).
+/// HELP text is escaped as the format wants: backslash and newline, and in OpenMetrics also the
+/// double quote.
+pub fn write_header(out: &mut String, format: Format, name: &str, kind: Kind, help: &str) {
+    let family = format.family(name, kind);
+    out.push_str("# HELP ");
+    out.push_str(family);
+    out.push(' ');
+    for ch in help.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if format == Format::OpenMetrics => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out.push('\n');
+    let _ = writeln!(out, "# TYPE {family} {}", kind.as_str());
+}
+
 /// One counter per service and reason: HELP and TYPE, then each non-zero series (and, with
 /// `first_always`, the first reason's even at zero, so every service has a series from the start).
+#[allow(clippy::too_many_arguments)]
 fn render_by_reason(
     out: &mut String,
+    format: Format,
     name: &str,
     help: &str,
     services: &[Arc<ServiceMetrics>],
@@ -124,8 +214,7 @@ fn render_by_reason(
     counts: impl Fn(&ServiceMetrics) -> &[AtomicU64],
     first_always: bool,
 ) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} counter");
+    write_header(out, format, name, Kind::Counter, help);
     for s in services {
         for (i, (reason, c)) in reasons.iter().zip(counts(s)).enumerate() {
             let v = c.load(Ordering::Relaxed);
@@ -177,26 +266,89 @@ pub fn method_index(m: &http::Method) -> usize {
     }
 }
 
+/// The latest sampled observation of one bucket: what an OpenMetrics exemplar shows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Exemplar {
+    /// A W3C trace id (never 0: an all-zero trace id is invalid).
+    trace_id: u128,
+    /// The observed value, in seconds: within the bucket's range by construction.
+    value: f64,
+    /// When it was observed, in milliseconds since the Unix epoch.
+    at_ms: u64,
+}
+
+/// One exemplar slot per bucket, the last one for `+Inf` (values above the last finite bound).
+/// A slot is written with `try_lock`: a request that finds it taken (another request or a
+/// scrape) skips storing rather than wait.
+type ExemplarSlots = [Mutex<Option<Exemplar>>; BUCKETS.len() + 1];
+
+/// A latency histogram over [`BUCKETS`] (seconds). Observing is a few relaxed atomic adds; a
+/// traced observation also leaves its trace id as the exemplar of its bucket.
 #[derive(Default)]
 pub struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_nanos: AtomicU64,
+    /// Allocated by the first traced observation, so histograms that never see one (upstream,
+    /// Redis, services without tracing) carry a pointer rather than twelve slots.
+    exemplars: OnceLock<Box<ExemplarSlots>>,
 }
 
 impl Histogram {
+    /// Records `d`: its bucket, the count and the sum; no exemplar is touched.
     pub fn observe(&self, d: Duration) {
+        self.add(d);
+    }
+
+    /// Records `d` as [`Self::observe`] does and keeps `trace_id` (a W3C trace id; 0, invalid,
+    /// keeps none) as the exemplar of the bucket `d` falls in, replacing the one before: the
+    /// OpenMetrics exposition shows the latest sampled request of each bucket. Never waits: when
+    /// the bucket's slot is busy the exemplar is not stored.
+    pub fn observe_with_exemplar(&self, d: Duration, trace_id: u128) {
+        let i = self.add(d);
+        if trace_id == 0 {
+            return;
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|t| t.as_millis() as u64)
+            .unwrap_or(0);
+        let slots = self.exemplars.get_or_init(Box::default);
+        if let Some(Ok(mut slot)) = slots.get(i).map(Mutex::try_lock) {
+            *slot = Some(Exemplar {
+                trace_id,
+                value: d.as_secs_f64(),
+                at_ms,
+            });
+        }
+    }
+
+    /// Counts `d`; returns the index of its bucket (`BUCKETS.len()`: `+Inf` only).
+    #[inline]
+    fn add(&self, d: Duration) -> usize {
         let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+        let i = BUCKETS.iter().position(|b| secs <= *b);
+        if let Some(i) = i {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        i.unwrap_or(BUCKETS.len())
     }
 
-    /// Writes the series; `labels` may be empty (then the series carry only `le`).
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
+    /// The exemplar of bucket `i` (`BUCKETS.len()`: `+Inf`), if one was kept.
+    fn exemplar(&self, i: usize) -> Option<Exemplar> {
+        let slot = self.exemplars.get()?.get(i)?;
+        match slot.lock() {
+            Ok(e) => *e,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    /// Writes the series; `labels` may be empty (then the series carry only `le`). OpenMetrics
+    /// gets canonical `le` values (`1.0`, not `1`) and each bucket's exemplar.
+    fn write(&self, out: &mut String, format: Format, name: &str, labels: &str) {
         let (prefix, own) = if labels.is_empty() {
             (String::new(), String::new())
         } else {
@@ -205,13 +357,61 @@ impl Histogram {
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
             cum += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{prefix}le=\"{b}\"}} {cum}");
+            match format {
+                Format::Text => {
+                    let _ = write!(out, "{name}_bucket{{{prefix}le=\"{b}\"}} {cum}");
+                }
+                Format::OpenMetrics => {
+                    let _ = write!(
+                        out,
+                        "{name}_bucket{{{prefix}le=\"{}\"}} {cum}",
+                        canonical_float(*b)
+                    );
+                    self.write_exemplar(out, i);
+                }
+            }
+            out.push('\n');
         }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{prefix}le=\"+Inf\"}} {count}");
+        // Read after the buckets: an observation counted in its bucket but not yet in `count`
+        // must not make the +Inf bucket smaller than the one before it.
+        let count = self.count.load(Ordering::Relaxed).max(cum);
+        let _ = write!(out, "{name}_bucket{{{prefix}le=\"+Inf\"}} {count}");
+        if format == Format::OpenMetrics {
+            self.write_exemplar(out, BUCKETS.len());
+        }
+        out.push('\n');
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{own} {sum}");
         let _ = writeln!(out, "{name}_count{own} {count}");
+    }
+
+    /// Appends ` # {trace_id="<32 hex>"} <value> <unix seconds.ms>` when bucket `i` has an
+    /// exemplar (its labels are 40 characters, under OpenMetrics' 128).
+    fn write_exemplar(&self, out: &mut String, i: usize) {
+        if let Some(e) = self.exemplar(i) {
+            let _ = write!(
+                out,
+                " # {{trace_id=\"{:032x}\"}} {} {}.{:03}",
+                e.trace_id,
+                e.value,
+                e.at_ms / 1000,
+                e.at_ms % 1000
+            );
+        }
+    }
+}
+
+/// A float as OpenMetrics' canonical numbers write it (Go's `%g` with `.0` added to whole
+/// numbers): `1.0`, `0.005`, `+Inf`; what strict parsers expect in `le`.
+fn canonical_float(v: f64) -> String {
+    if v == f64::INFINITY {
+        return "+Inf".into();
+    }
+    let s = v.to_string();
+    if s.contains(['.', 'e', 'N', 'i']) {
+        s
+    } else {
+        s + ".0"
     }
 }
 
@@ -416,6 +616,21 @@ impl ServiceMetrics {
         m.count(code);
         m.duration.observe(elapsed);
     }
+
+    /// [`Self::record`] for a sampled request: the same counting, and `trace_id` becomes the
+    /// exemplar of the duration bucket `elapsed` falls in (shown in the OpenMetrics exposition,
+    /// so a latency spike links to a trace).
+    pub fn record_traced(
+        &self,
+        method: &http::Method,
+        code: u16,
+        elapsed: Duration,
+        trace_id: u128,
+    ) {
+        let m = &self.methods[method_index(method)];
+        m.count(code);
+        m.duration.observe_with_exemplar(elapsed, trace_id);
+    }
 }
 
 /// All metrics of one gateway process.
@@ -434,6 +649,10 @@ pub struct Registry {
     pub ledger_changes: [AtomicU64; LEDGER_ACTIONS.len()],
     /// [`ACCESS_LOG_DROPPED_TOTAL`].
     pub access_log_dropped: AtomicU64,
+    /// [`TRACING_DROPPED_SPANS_TOTAL`].
+    pub tracing_dropped_spans: AtomicU64,
+    /// [`TRACING_EXPORTED_SPANS_TOTAL`].
+    pub tracing_exported_spans: AtomicU64,
 }
 
 impl Registry {
@@ -477,20 +696,36 @@ impl Registry {
         }
     }
 
-    /// Writes the Prometheus text format. `health` lists (service, backend, healthy).
-    pub fn render(&self, health: &[(String, String, bool)]) -> String {
+    /// The whole exposition in `format` (ended by `# EOF` in OpenMetrics). `health` lists
+    /// (service, backend, healthy).
+    pub fn render(&self, health: &[(String, String, bool)], format: Format) -> String {
         let mut out = String::with_capacity(16 * 1024);
+        self.render_families(&mut out, health, format);
+        format.finish(&mut out);
+        out
+    }
+
+    /// Appends the registry's families in `format`, without an end: the admin listener adds
+    /// other components' families, then [`Format::finish`].
+    pub fn render_families(
+        &self,
+        out: &mut String,
+        health: &[(String, String, bool)],
+        format: Format,
+    ) {
         let mut services: Vec<Arc<ServiceMetrics>> = match self.services.lock() {
             Ok(m) => m.values().cloned().collect(),
             Err(p) => p.into_inner().values().cloned().collect(),
         };
         services.sort_by(|a, b| a.name.cmp(&b.name));
 
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {HTTP_REQUESTS_TOTAL} Requests handled, by service, method and status code."
+            format,
+            HTTP_REQUESTS_TOTAL,
+            Kind::Counter,
+            "Requests handled, by service, method and status code.",
         );
-        let _ = writeln!(out, "# TYPE {HTTP_REQUESTS_TOTAL} counter");
         for s in &services {
             for (mi, m) in s.methods.iter().enumerate() {
                 for (ci, c) in m.codes.iter().enumerate() {
@@ -514,28 +749,40 @@ impl Registry {
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {HTTP_REQUEST_DURATION} Time from request to response headers, by service and method.");
-        let _ = writeln!(out, "# TYPE {HTTP_REQUEST_DURATION} histogram");
+        write_header(
+            out,
+            format,
+            HTTP_REQUEST_DURATION,
+            Kind::Histogram,
+            "Time from request to response headers, by service and method.",
+        );
         for s in &services {
             for (mi, m) in s.methods.iter().enumerate() {
                 if m.duration.count.load(Ordering::Relaxed) > 0 {
                     let labels = format!("service=\"{}\",method=\"{}\"", s.name, METHODS[mi]);
-                    m.duration.write(&mut out, HTTP_REQUEST_DURATION, &labels);
+                    m.duration
+                        .write(out, format, HTTP_REQUEST_DURATION, &labels);
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {UPSTREAM_REQUEST_DURATION} Time the upstream took to answer with headers, by service.");
-        let _ = writeln!(out, "# TYPE {UPSTREAM_REQUEST_DURATION} histogram");
+        write_header(
+            out,
+            format,
+            UPSTREAM_REQUEST_DURATION,
+            Kind::Histogram,
+            "Time the upstream took to answer with headers, by service.",
+        );
         for s in &services {
             if s.upstream_duration.count.load(Ordering::Relaxed) > 0 {
                 let labels = format!("service=\"{}\"", s.name);
                 s.upstream_duration
-                    .write(&mut out, UPSTREAM_REQUEST_DURATION, &labels);
+                    .write(out, format, UPSTREAM_REQUEST_DURATION, &labels);
             }
         }
         // connect_failed always, so every service has a series from the start.
         render_by_reason(
-            &mut out,
+            out,
+            format,
             UPSTREAM_ERRORS_TOTAL,
             "Failed upstream attempts (connect errors, TLS failures, resets, timeouts), by service and reason.",
             &services,
@@ -544,7 +791,8 @@ impl Registry {
             true,
         );
         render_by_reason(
-            &mut out,
+            out,
+            format,
             UPSTREAM_RETRIES_TOTAL,
             "Requests sent again to another backend, by service and reason (what the previous attempt met).",
             &services,
@@ -552,10 +800,12 @@ impl Registry {
             |s| &s.retries,
             false,
         );
-        let _ = writeln!(out, "# HELP {UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL} Retries not made because the route's retryBudget was spent, by service.");
-        let _ = writeln!(
+        write_header(
             out,
-            "# TYPE {UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL} counter"
+            format,
+            UPSTREAM_RETRY_BUDGET_EXHAUSTED_TOTAL,
+            Kind::Counter,
+            "Retries not made because the route's retryBudget was spent, by service.",
         );
         for s in &services {
             let v = s.retry_budget_exhausted.load(Ordering::Relaxed);
@@ -567,8 +817,13 @@ impl Registry {
                 );
             }
         }
-        let _ = writeln!(out, "# HELP {SPLIT_REQUESTS_TOTAL} Requests sent to a route's splits, by service, split and status code.");
-        let _ = writeln!(out, "# TYPE {SPLIT_REQUESTS_TOTAL} counter");
+        write_header(
+            out,
+            format,
+            SPLIT_REQUESTS_TOTAL,
+            Kind::Counter,
+            "Requests sent to a route's splits, by service, split and status code.",
+        );
         for s in &services {
             let mut splits: Vec<(String, Arc<CodeCounts>)> = match s.splits.lock() {
                 Ok(v) => v.clone(),
@@ -586,8 +841,13 @@ impl Registry {
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {GRPC_REQUESTS_TOTAL} gRPC requests, by service, HTTP status code and grpc-status (\"\" when the answer carried none).");
-        let _ = writeln!(out, "# TYPE {GRPC_REQUESTS_TOTAL} counter");
+        write_header(
+            out,
+            format,
+            GRPC_REQUESTS_TOTAL,
+            Kind::Counter,
+            "gRPC requests, by service, HTTP status code and grpc-status (\"\" when the answer carried none).",
+        );
         for s in &services {
             if let Ok(g) = s.grpc.lock() {
                 for ((code, st), v) in g.iter() {
@@ -605,7 +865,8 @@ impl Registry {
             }
         }
         render_by_reason(
-            &mut out,
+            out,
+            format,
             AUTH_FAILURES_TOTAL,
             "Requests refused by authentication (JWT, API key) or a missing scope, by service and reason.",
             &services,
@@ -613,8 +874,13 @@ impl Registry {
             |s| &s.auth_failures,
             false,
         );
-        let _ = writeln!(out, "# HELP {RATELIMIT_DECISIONS_TOTAL} Rate-limit and quota decisions, by service, limit and result.");
-        let _ = writeln!(out, "# TYPE {RATELIMIT_DECISIONS_TOTAL} counter");
+        write_header(
+            out,
+            format,
+            RATELIMIT_DECISIONS_TOTAL,
+            Kind::Counter,
+            "Rate-limit and quota decisions, by service, limit and result.",
+        );
         for s in &services {
             for (li, limit) in LIMITS.iter().enumerate() {
                 for (ri, result) in LIMIT_RESULTS.iter().enumerate() {
@@ -629,8 +895,13 @@ impl Registry {
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {QUOTA_LEDGER_CHANGES_TOTAL} Quota ledger changes made through the admin endpoints, by action.");
-        let _ = writeln!(out, "# TYPE {QUOTA_LEDGER_CHANGES_TOTAL} counter");
+        write_header(
+            out,
+            format,
+            QUOTA_LEDGER_CHANGES_TOTAL,
+            Kind::Counter,
+            "Quota ledger changes made through the admin endpoints, by action.",
+        );
         for (i, action) in LEDGER_ACTIONS.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -638,8 +909,17 @@ impl Registry {
                 self.ledger_changes[i].load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP {CONSUMER_REQUESTS_TOTAL} Authenticated requests, by service, consumer (the top {} per service, the rest as \"other\") and status code.", consumers::TOP);
-        let _ = writeln!(out, "# TYPE {CONSUMER_REQUESTS_TOTAL} counter");
+        write_header(
+            out,
+            format,
+            CONSUMER_REQUESTS_TOTAL,
+            Kind::Counter,
+            &format!(
+                "Authenticated requests, by service, consumer (the top {} per service, the rest \
+                 as \"other\") and status code.",
+                consumers::TOP
+            ),
+        );
         for s in &services {
             // Copied out, so the request path waits for the copy only, not for the writing.
             let mut series = match s.consumers.lock() {
@@ -668,30 +948,36 @@ impl Registry {
                 }
             }
         }
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {REDIS_ERRORS_TOTAL} Redis limit calls that failed or timed out."
+            format,
+            REDIS_ERRORS_TOTAL,
+            Kind::Counter,
+            "Redis limit calls that failed or timed out.",
         );
-        let _ = writeln!(out, "# TYPE {REDIS_ERRORS_TOTAL} counter");
         let _ = writeln!(
             out,
             "{REDIS_ERRORS_TOTAL} {}",
             self.redis_errors.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {REDIS_REQUEST_DURATION} Time of Redis limit calls."
+            format,
+            REDIS_REQUEST_DURATION,
+            Kind::Histogram,
+            "Time of Redis limit calls.",
         );
-        let _ = writeln!(out, "# TYPE {REDIS_REQUEST_DURATION} histogram");
         if self.redis_duration.count.load(Ordering::Relaxed) > 0 {
             self.redis_duration
-                .write(&mut out, REDIS_REQUEST_DURATION, "");
+                .write(out, format, REDIS_REQUEST_DURATION, "");
         }
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {JWKS_REFRESHES_TOTAL} JWKS fetches, by result."
+            format,
+            JWKS_REFRESHES_TOTAL,
+            Kind::Counter,
+            "JWKS fetches, by result.",
         );
-        let _ = writeln!(out, "# TYPE {JWKS_REFRESHES_TOTAL} counter");
         let _ = writeln!(
             out,
             "{JWKS_REFRESHES_TOTAL}{{result=\"success\"}} {}",
@@ -702,11 +988,13 @@ impl Registry {
             "{JWKS_REFRESHES_TOTAL}{{result=\"failure\"}} {}",
             self.jwks_refresh_failure.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {UPSTREAM_HEALTHY} 1 if the backend is in rotation, else 0."
+            format,
+            UPSTREAM_HEALTHY,
+            Kind::Gauge,
+            "1 if the backend is in rotation, else 0.",
         );
-        let _ = writeln!(out, "# TYPE {UPSTREAM_HEALTHY} gauge");
         for (svc, backend, ok) in health {
             let _ = writeln!(
                 out,
@@ -714,21 +1002,25 @@ impl Registry {
                 u8::from(*ok)
             );
         }
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {OPEN_CONNECTIONS} Client connections currently open."
+            format,
+            OPEN_CONNECTIONS,
+            Kind::Gauge,
+            "Client connections currently open.",
         );
-        let _ = writeln!(out, "# TYPE {OPEN_CONNECTIONS} gauge");
         let _ = writeln!(
             out,
             "{OPEN_CONNECTIONS} {}",
             self.open_connections.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {CONFIG_RELOADS_TOTAL} Config reloads, by result."
+            format,
+            CONFIG_RELOADS_TOTAL,
+            Kind::Counter,
+            "Config reloads, by result.",
         );
-        let _ = writeln!(out, "# TYPE {CONFIG_RELOADS_TOTAL} counter");
         let _ = writeln!(
             out,
             "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",
@@ -739,27 +1031,54 @@ impl Registry {
             "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
             self.reloads_failure.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {CONFIG_LAST_RELOAD_SUCCESS} Unix time of the last successful config load."
+            format,
+            CONFIG_LAST_RELOAD_SUCCESS,
+            Kind::Gauge,
+            "Unix time of the last successful config load.",
         );
-        let _ = writeln!(out, "# TYPE {CONFIG_LAST_RELOAD_SUCCESS} gauge");
         let _ = writeln!(
             out,
             "{CONFIG_LAST_RELOAD_SUCCESS} {}",
             self.last_reload_success.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        write_header(
             out,
-            "# HELP {ACCESS_LOG_DROPPED_TOTAL} Access log lines dropped: the writer's queue was full (the disk or stdout could not keep up) or the write failed."
+            format,
+            ACCESS_LOG_DROPPED_TOTAL,
+            Kind::Counter,
+            "Access log lines dropped: the writer's queue was full (the disk or stdout could not keep up) or the write failed.",
         );
-        let _ = writeln!(out, "# TYPE {ACCESS_LOG_DROPPED_TOTAL} counter");
         let _ = writeln!(
             out,
             "{ACCESS_LOG_DROPPED_TOTAL} {}",
             self.access_log_dropped.load(Ordering::Relaxed)
         );
-        out
+        write_header(
+            out,
+            format,
+            TRACING_DROPPED_SPANS_TOTAL,
+            Kind::Counter,
+            "Spans dropped: the export queue was full or the collector failed or timed out.",
+        );
+        let _ = writeln!(
+            out,
+            "{TRACING_DROPPED_SPANS_TOTAL} {}",
+            self.tracing_dropped_spans.load(Ordering::Relaxed)
+        );
+        write_header(
+            out,
+            format,
+            TRACING_EXPORTED_SPANS_TOTAL,
+            Kind::Counter,
+            "Spans the collector accepted.",
+        );
+        let _ = writeln!(
+            out,
+            "{TRACING_EXPORTED_SPANS_TOTAL} {}",
+            self.tracing_exported_spans.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -790,7 +1109,7 @@ mod tests {
         canary.count(599);
         assert!(Arc::ptr_eq(&canary, &s.split("canary")));
         s.split("stable");
-        let out = r.render(&[]);
+        let out = r.render(&[], Format::Text);
         for want in [
             "# TYPE hexgate_upstream_retries_total counter\n",
             "hexgate_upstream_retries_total{service=\"web\",reason=\"503\"} 2\n",
@@ -816,7 +1135,7 @@ mod tests {
         s.record_consumer(&quote, 200);
         r.record_ledger_change("credit");
         r.record_ledger_change("nonsense");
-        let out = r.render(&[]);
+        let out = r.render(&[], Format::Text);
         for want in [
             "# TYPE hexgate_consumer_requests_total counter\n",
             "hexgate_consumer_requests_total{service=\"orders\",consumer=\"alice\",code=\"200\"} 2\n",
@@ -829,5 +1148,205 @@ mod tests {
             assert!(out.contains(want), "{want} missing:\n{out}");
         }
         assert!(!out.contains("consumer=\"other\""), "{out}");
+    }
+
+    const TRACE: u128 = 0x4bf92f3577b34da6a3ce929d0e0e4736;
+
+    /// The bucket lines of `name` whose labels contain `labels`.
+    fn bucket_lines<'a>(out: &'a str, name: &str, labels: &str) -> Vec<&'a str> {
+        let prefix = format!("{name}_bucket{{{labels}");
+        out.lines().filter(|l| l.starts_with(&prefix)).collect()
+    }
+
+    #[test]
+    fn exemplars_land_in_the_bucket_of_their_value() {
+        let r = Registry::default();
+        let s = r.service("web");
+        s.record(&http::Method::GET, 200, Duration::from_millis(3));
+        s.record_traced(&http::Method::GET, 200, Duration::from_micros(7100), TRACE);
+        // Later in the same bucket: replaces the one before.
+        s.record_traced(&http::Method::GET, 200, Duration::from_micros(7200), 0xabc);
+        // Above the last finite bound: the +Inf bucket's.
+        s.record_traced(&http::Method::GET, 503, Duration::from_secs(12), TRACE);
+        // 0 is not a trace id: counted, no exemplar.
+        s.record_traced(&http::Method::GET, 200, Duration::from_millis(30), 0);
+        let out = r.render(&[], Format::OpenMetrics);
+        let lines = bucket_lines(
+            &out,
+            HTTP_REQUEST_DURATION,
+            "service=\"web\",method=\"GET\"",
+        );
+        assert_eq!(lines.len(), BUCKETS.len() + 1, "{out}");
+        for l in &lines {
+            let with = l.contains(" # {");
+            let want = l.contains("le=\"0.01\"") || l.contains("le=\"+Inf\"");
+            assert_eq!(with, want, "{l}");
+        }
+        let (sample, exemplar) = lines[1].split_once(" # ").unwrap();
+        assert_eq!(
+            sample,
+            "hexgate_http_request_duration_seconds_bucket{service=\"web\",method=\"GET\",\
+             le=\"0.01\"} 3"
+        );
+        let mut parts = exemplar.split(' ');
+        assert_eq!(
+            parts.next(),
+            Some("{trace_id=\"00000000000000000000000000000abc\"}")
+        );
+        assert_eq!(parts.next(), Some("0.0072"));
+        let ts = parts.next().unwrap();
+        let (secs, ms) = ts.split_once('.').unwrap();
+        assert_eq!(ms.len(), 3, "{ts}");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(now.abs_diff(secs.parse().unwrap()) < 60, "{ts}");
+        assert_eq!(parts.next(), None);
+        assert!(
+            lines[BUCKETS.len()].starts_with(
+                "hexgate_http_request_duration_seconds_bucket{service=\"web\",method=\"GET\",\
+                 le=\"+Inf\"} 5 # {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 12 "
+            ),
+            "{out}"
+        );
+        // Counted as `record` counts.
+        assert!(
+            out.contains(
+                "hexgate_http_requests_total{service=\"web\",method=\"GET\",code=\"200\"} 4\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "hexgate_http_requests_total{service=\"web\",method=\"GET\",code=\"503\"} 1\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "hexgate_http_request_duration_seconds_count{service=\"web\",method=\"GET\"} 5\n"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn text_format_has_no_exemplars_and_stays_as_it_was() {
+        let r = Registry::default();
+        let s = r.service("web");
+        s.record_traced(&http::Method::POST, 201, Duration::from_millis(700), TRACE);
+        s.record_traced(&http::Method::POST, 201, Duration::from_secs(30), TRACE);
+        let out = r.render(&[], Format::Text);
+        assert!(!out.contains(" # {"), "{out}");
+        assert!(!out.contains("# EOF"), "{out}");
+        assert!(!out.contains("trace_id"), "{out}");
+        let lines = bucket_lines(
+            &out,
+            HTTP_REQUEST_DURATION,
+            "service=\"web\",method=\"POST\"",
+        );
+        let les: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split("le=\"").nth(1).unwrap().split('"').next().unwrap())
+            .collect();
+        assert_eq!(
+            les,
+            [
+                "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10",
+                "+Inf"
+            ]
+        );
+        assert!(lines[7].ends_with("} 1"), "{out}");
+        assert!(lines[11].ends_with("} 2"), "{out}");
+        assert!(
+            out.contains(
+                "# HELP hexgate_http_requests_total Requests handled, by service, method and \
+                 status code.\n# TYPE hexgate_http_requests_total counter\n"
+            ),
+            "{out}"
+        );
+        // Double quotes in HELP are left as they are in the text format.
+        assert!(out.contains("(\"\" when the answer carried none)"), "{out}");
+        for want in [
+            "# TYPE hexgate_tracing_dropped_spans_total counter\nhexgate_tracing_dropped_spans_total 0\n",
+            "# TYPE hexgate_tracing_exported_spans_total counter\nhexgate_tracing_exported_spans_total 0\n",
+        ] {
+            assert!(out.contains(want), "{want} missing:\n{out}");
+        }
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total() {
+        let r = Registry::default();
+        let s = r.service("web");
+        s.record(&http::Method::GET, 200, Duration::from_millis(1));
+        s.retry(0);
+        r.tracing_dropped_spans.fetch_add(3, Ordering::Relaxed);
+        r.tracing_exported_spans.fetch_add(7, Ordering::Relaxed);
+        let out = r.render(
+            &[("web".into(), "127.0.0.1:1".into(), true)],
+            Format::OpenMetrics,
+        );
+        assert!(out.ends_with("\n# EOF\n"), "{out}");
+        assert_eq!(out.matches("# EOF").count(), 1, "{out}");
+        assert!(!out.contains("\n\n"), "{out}");
+        for want in [
+            "# HELP hexgate_tracing_dropped_spans Spans dropped: the export queue was full or \
+             the collector failed or timed out.\n# TYPE hexgate_tracing_dropped_spans counter\n\
+             hexgate_tracing_dropped_spans_total 3\n",
+            "# HELP hexgate_tracing_exported_spans Spans the collector accepted.\n\
+             # TYPE hexgate_tracing_exported_spans counter\n\
+             hexgate_tracing_exported_spans_total 7\n",
+            "# TYPE hexgate_http_requests counter\nhexgate_http_requests_total{",
+            "# TYPE hexgate_upstream_retries counter\n",
+            "# TYPE hexgate_http_request_duration_seconds histogram\n",
+            "# TYPE hexgate_upstream_healthy gauge\n",
+            "le=\"1.0\"} 1\n",
+            "le=\"10.0\"} 1\n",
+            // OpenMetrics escapes double quotes in HELP.
+            "(\\\"\\\" when the answer carried none)",
+        ] {
+            assert!(out.contains(want), "{want} missing:\n{out}");
+        }
+        // No family is named with `_total` (a gauge so named would read as a counter), and
+        // each counter's samples are its family name and `_total`.
+        let mut family = ("", "");
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split_once(' ').unwrap();
+                assert!(!family.0.ends_with("_total"), "{line}");
+            } else if !line.starts_with('#') && family.1 == "counter" {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(name, format!("{}_total", family.0), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn canonical_floats() {
+        let got: Vec<String> = BUCKETS.iter().map(|b| canonical_float(*b)).collect();
+        assert_eq!(
+            got,
+            ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0"]
+        );
+        assert_eq!(canonical_float(f64::INFINITY), "+Inf");
+        assert_eq!(canonical_float(0.0), "0.0");
+    }
+
+    #[test]
+    fn a_busy_exemplar_slot_is_skipped_not_waited_for() {
+        let h = Histogram::default();
+        h.observe_with_exemplar(Duration::from_millis(2), 1);
+        let slots = h.exemplars.get().unwrap();
+        let held = slots[0].lock().unwrap();
+        h.observe_with_exemplar(Duration::from_millis(3), 2);
+        drop(held);
+        assert_eq!(h.exemplar(0).map(|e| e.trace_id), Some(1));
+        assert_eq!(h.count.load(Ordering::Relaxed), 2);
+        // A plain observation never touches the exemplars.
+        let plain = Histogram::default();
+        plain.observe(Duration::from_millis(2));
+        assert!(plain.exemplars.get().is_none());
     }
 }
