@@ -76,7 +76,9 @@ pub fn extract(headers: &HeaderMap) -> (Option<Parent>, Option<HeaderValue>) {
     let mut states = headers.get_all(TRACESTATE).iter();
     let state = match (states.next(), states.next()) {
         (None, _) => None,
-        (Some(one), None) => (one.len() <= MAX_TRACESTATE).then(|| one.clone()),
+        // Copied: the field's bytes are a slice of hyper's whole read buffer, which a kept
+        // value would keep alive (and the span waiting in the export queue with it).
+        (Some(one), None) => Some(one.as_bytes().to_vec()),
         (Some(first), Some(second)) => {
             let mut joined = Vec::with_capacity(MAX_TRACESTATE);
             for v in [first, second].into_iter().chain(states) {
@@ -84,14 +86,15 @@ pub fn extract(headers: &HeaderMap) -> (Option<Parent>, Option<HeaderValue>) {
                     joined.push(b',');
                 }
                 joined.extend_from_slice(v.as_bytes());
+                if joined.len() > MAX_TRACESTATE {
+                    break;
+                }
             }
-            if joined.len() <= MAX_TRACESTATE {
-                HeaderValue::from_bytes(&joined).ok()
-            } else {
-                None
-            }
+            Some(joined)
         }
-    };
+    }
+    .filter(|s| s.len() <= MAX_TRACESTATE && valid_tracestate(s))
+    .and_then(|s| HeaderValue::from_bytes(&s).ok());
     (parent, state)
 }
 
@@ -109,7 +112,48 @@ pub fn put_hex(out: &mut [u8], v: u128) {
 pub fn hex32(v: u128) -> String {
     let mut b = [0u8; 32];
     put_hex(&mut b, v);
-    b.iter().map(|&c| char::from(c)).collect()
+    // Hex digits only: always UTF-8.
+    std::str::from_utf8(&b)
+        .map(str::to_owned)
+        .unwrap_or_default()
+}
+
+/// Whether `s` is a `tracestate` list as Trace Context section 3.3 writes it: at most 32
+/// members `key=value` separated by commas (optional spaces and tabs around them, empty members
+/// allowed); a key of lower-case letters, digits and `_-*/`, starting with a letter (or a digit
+/// in a `tenant@system` key), at most 256 characters; a value of 1 to 256 printable ASCII
+/// characters but `,` and `=`, not ending in a space. One that is not is dropped whole (the
+/// specification lets a vendor discard what it cannot parse; passing it on is not allowed).
+pub fn valid_tracestate(s: &[u8]) -> bool {
+    let mut members = 0;
+    for member in s.split(|&b| b == b',') {
+        let member = member.trim_ascii();
+        if member.is_empty() {
+            continue;
+        }
+        members += 1;
+        let Some(eq) = member.iter().position(|&b| b == b'=') else {
+            return false;
+        };
+        let (key, value) = (&member[..eq], &member[eq + 1..]);
+        let key_ok = !key.is_empty()
+            && key.len() <= 256
+            && key
+                .iter()
+                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b))
+            && key.iter().filter(|&&b| b == b'@').count() <= 1
+            && (key[0].is_ascii_lowercase() || (key[0].is_ascii_digit() && key.contains(&b'@')));
+        let value_ok = !value.is_empty()
+            && value.len() <= 256
+            && value.last() != Some(&b' ')
+            && value
+                .iter()
+                .all(|&b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=');
+        if !key_ok || !value_ok || members > 32 {
+            return false;
+        }
+    }
+    true
 }
 
 /// `00-<trace id>-<span id>-<flags>`.
@@ -221,6 +265,37 @@ mod tests {
         let big = format!("a={}", "x".repeat(MAX_TRACESTATE));
         long.insert(TRACESTATE, HeaderValue::from_str(&big).unwrap());
         assert_eq!(extract(&long).1, None);
+    }
+
+    #[test]
+    fn tracestate_lists_are_checked() {
+        for good in [
+            "rojo=00f067aa0ba902b7",
+            "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7",
+            "a=1,,b=2",
+            "t3nant@sys-1=x y",
+            "9tenant@vendor=v",
+            " a=1 ",
+        ] {
+            assert!(valid_tracestate(good.as_bytes()), "{good}");
+        }
+        let many = (0..33)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for bad in [
+            "novalue",
+            "Upper=1",
+            "a=",
+            "a=b=c",
+            "9digit=1",
+            "a@b@c=1",
+            "a=x\ty",
+            "a=\u{1}",
+            many.as_str(),
+        ] {
+            assert!(!valid_tracestate(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -101,14 +101,11 @@ pub fn known_method(m: &http::Method) -> Option<&'static str> {
     KNOWN.iter().copied().find(|k| *k == m.as_str())
 }
 
-/// A request header's value as an attribute: as it is when printable and at most
-/// [`MAX_VALUE`] bytes (no copy), clipped when longer; `None` when it is not text.
-pub fn header_val(v: HeaderValue) -> Option<Val> {
-    let s = v.to_str().ok()?;
-    if s.len() <= MAX_VALUE {
-        return Some(Val::Header(v));
-    }
-    Some(Val::from(clip(s).to_string()))
+/// A request header's value as an attribute, copied (a `HeaderValue` kept as it is would keep
+/// the whole buffer hyper read the request into, up to `maxHeaderSize`, for as long as the span
+/// waits in the export queue) and clipped to [`MAX_VALUE`]; `None` when it is not text.
+pub fn header_val(v: &HeaderValue) -> Option<Val> {
+    Some(Val::from(clip(v.to_str().ok()?).to_string()))
 }
 
 fn unix_ns() -> u64 {
@@ -154,8 +151,6 @@ pub enum Val {
     Int(i64),
     /// Written as text when encoded (off the request path).
     Ip(std::net::IpAddr),
-    /// A request header's value (visible ASCII, checked when recorded).
-    Header(HeaderValue),
 }
 
 impl From<&'static str> for Val {

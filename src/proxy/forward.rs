@@ -306,7 +306,7 @@ impl<'a> Attempts<'a> {
         if method.is_none() {
             attrs.push((
                 "http.request.method_original",
-                Val::from(a.method.as_str().to_string()),
+                Val::from(crate::otel::clip(a.method.as_str()).to_string()),
             ));
         }
         let (host, port) = match a.backend.authority.rsplit_once(':') {
@@ -326,7 +326,8 @@ impl<'a> Attempts<'a> {
         let error = match (a.status, a.error) {
             (Some(s), _) => {
                 attrs.push(("http.response.status_code", Val::Int(i64::from(s))));
-                (s >= 500).then(|| {
+                // A client span's 4xx is an error too (OpenTelemetry's HTTP conventions).
+                (s >= 400).then(|| {
                     attrs.push(("error.type", Val::from(s.to_string())));
                     Cow::Owned(format!("HTTP {s}"))
                 })
@@ -343,8 +344,9 @@ impl<'a> Attempts<'a> {
         attrs.push((
             "hexgate.upstream.outcome",
             match (a.status, &error) {
-                (Some(_), None) => Val::from("answered"),
-                (Some(_), Some(_)) => Val::from("answered_5xx"),
+                (Some(s), _) if s >= 500 => Val::from("answered_5xx"),
+                (Some(s), _) if s >= 400 => Val::from("answered_4xx"),
+                (Some(_), _) => Val::from("answered"),
                 _ => Val::from("failed"),
             },
         ));

@@ -94,6 +94,27 @@ pub struct Context {
     span: Option<Box<SpanFacts>>,
 }
 
+/// A request whose client went away before its answer (its future dropped, `finish` never
+/// reached) still ends its server span, so the backend's `traceparent` names a span the
+/// collector gets; attempt spans end as the forwarding state drops.
+impl Drop for Context {
+    fn drop(&mut self) {
+        let (Some(trace), Some(facts)) = (self.trace.take(), self.span.take()) else {
+            return;
+        };
+        let Some(tracer) = self.snap.settings.tracing.clone() else {
+            return;
+        };
+        // 499: nginx's "client closed request".
+        let (name, mut attrs, _) = server_span(self, *facts, 499);
+        attrs.push(("error.type", Val::from("client_closed")));
+        let error = Some(Cow::Borrowed(
+            "the client closed the connection before the answer",
+        ));
+        trace.finish(&tracer, self.start, name, attrs, error);
+    }
+}
+
 /// What the server span says about the request that the pipeline does not otherwise keep.
 struct SpanFacts {
     path: String,
@@ -377,16 +398,15 @@ fn finish(mut cx: Context, mut resp: Response<Body>) -> Response<Body> {
     }
     if let (Some(access), Some(sink)) = (&cx.access, &cx.snap.settings.access_log) {
         let line = if sink.format == crate::config::AccessLogFormat::Text {
-            format!(
-                "{} \"{} {} {}\" {} {:.3}ms service={} request_id={}\n",
+            crate::access_log::text_line(
                 cx.conn.peer.ip(),
-                cx.method,
-                crate::access_log::escape_text(&access.path),
+                &cx.method,
+                &access.path,
                 access.version,
                 resp.status().as_u16(),
-                elapsed.as_secs_f64() * 1000.0,
-                cx.metrics.name,
-                cx.request_id
+                elapsed,
+                &cx.metrics.name,
+                &cx.request_id,
             )
         } else {
             use crate::access_log::{self as log, Phase};
@@ -424,7 +444,8 @@ fn finish(mut cx: Context, mut resp: Response<Body>) -> Response<Body> {
     }
     if let (Some(trace), Some(tracer)) = (cx.trace.take(), &cx.snap.settings.tracing) {
         if let Some(facts) = cx.span.take() {
-            let (name, attrs, error) = server_span(&cx, *facts, resp.status().as_u16());
+            // A refusal sent as a gRPC answer (an HTTP 200) shows as the status it stands for.
+            let (name, attrs, error) = server_span(&cx, *facts, code);
             trace.finish(tracer, cx.start, name, attrs, error);
         }
     }
@@ -445,7 +466,7 @@ fn server_span(
     if known.is_none() {
         attrs.push((
             "http.request.method_original",
-            Val::from(cx.method.as_str().to_string()),
+            Val::from(crate::otel::clip(cx.method.as_str()).to_string()),
         ));
     }
     let route = cx.service.as_ref().map(|s| s.route.clone());
@@ -464,7 +485,7 @@ fn server_span(
     attrs.push(("http.response.status_code", Val::Int(i64::from(status))));
     attrs.push(("client.address", Val::Ip(cx.client_ip)));
     attrs.push(("network.peer.address", Val::Ip(cx.conn.peer.ip())));
-    if let Some(v) = facts.user_agent.and_then(crate::otel::header_val) {
+    if let Some(v) = facts.user_agent.as_ref().and_then(crate::otel::header_val) {
         attrs.push(("user_agent.original", v));
     }
     attrs.push(("hexgate.service", Val::from(cx.metrics.name.clone())));

@@ -304,7 +304,8 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
             return None;
         }
     };
-    let (protocol, tls, default_port) = match uri.scheme_str() {
+    let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+    let (protocol, tls, default_port) = match scheme.as_deref() {
         Some("http") => (OtlpProtocol::Http, false, 80),
         Some("https") => (OtlpProtocol::Http, true, 443),
         Some("grpc") => (OtlpProtocol::Grpc, false, 4317),
@@ -329,10 +330,27 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    if host.is_empty() || uri.query().is_some() || endpoint.contains('#') {
-        bad(r, "expected a host and no query");
+    if host.is_empty() {
+        bad(r, "expected a host");
         return None;
     }
+    if uri.query().is_some() || endpoint.contains('#') {
+        bad(r, "a query or a fragment has no meaning here");
+        return None;
+    }
+    // A port that is written must be one (`http::Uri` reads 79999 as no port at all, which
+    // would send the exports, and their headers, to the default port).
+    let port = match (authority.port(), authority.port_u16()) {
+        (None, _) => default_port,
+        (Some(_), Some(p)) if p > 0 => p,
+        (Some(p), _) => {
+            bad(
+                r,
+                &format!("port {} is not a port (1 to 65535)", p.as_str()),
+            );
+            return None;
+        }
+    };
     let path = match protocol {
         OtlpProtocol::Http => {
             let p = uri.path().trim_end_matches('/');
@@ -351,10 +369,23 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
         }
     };
     let mut headers = Vec::new();
-    for (name, value) in r.string_map(&f, "headers").unwrap_or_default() {
+    // Each entry's own line (the value's, which is the key's but in flow style).
+    let lines: Vec<usize> = match f.get("headers").map(|h| &h.kind) {
+        Some(crate::yaml::Kind::Map(entries)) => entries.iter().map(|(_, l, _)| *l).collect(),
+        _ => Vec::new(),
+    };
+    for (i, (name, value)) in r
+        .string_map(&f, "headers")
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         let lower = name.to_ascii_lowercase();
         let key = format!("tracing.headers.{name}");
-        let line = f.get("headers").map_or(f.line, |h| h.line);
+        let line = lines
+            .get(i)
+            .copied()
+            .unwrap_or_else(|| f.get("headers").map_or(f.line, |h| h.line));
         // What the exporter sets itself, and what would change the framing.
         const OWN: &[&str] = &[
             "host",
@@ -373,7 +404,10 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
             r.err(line, &key, "is not a valid header name");
         } else if OWN.contains(&lower.as_str()) || lower.starts_with("grpc-") {
             r.err(line, &key, "is set by the exporter itself");
-        } else if http::HeaderValue::from_str(&value).is_err() {
+        } else if !value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..=0x7e).contains(&b))
+        {
             // The value is a secret: say what is wrong, never what it is.
             r.err(
                 line,
@@ -401,7 +435,7 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
         protocol,
         tls,
         host: host.to_string(),
-        port: authority.port_u16().unwrap_or(default_port),
+        port,
         path,
         service_name,
         sample_ratio: r.float(&f, "sampleRatio").unwrap_or(1.0),
