@@ -24,7 +24,8 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
 
 use hexgate::auth::keys::Alg;
 use hexgate::auth::tools::{self, SigningKey};
@@ -313,6 +314,86 @@ impl Drop for SilentCollector {
     }
 }
 
+/// An OTLP/gRPC receiver that answers every export HTTP 200 `application/grpc` and then sends
+/// DATA without end: 64 KiB at a time (gRPC frames of empty messages), up to `limit` bytes per
+/// answer, the stream never ended until `for_at_most` after the export came (or until the
+/// client goes away).
+pub struct FloodCollector {
+    pub addr: SocketAddr,
+    /// Export requests received.
+    pub requests: Arc<AtomicU64>,
+    /// Bytes of answer handed to the connection, all answers together.
+    pub sent: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FloodCollector {
+    pub async fn start(limit: u64, for_at_most: Duration) -> FloodCollector {
+        const CHUNK: usize = 64 * 1024;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (r, s) = (requests.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (r, s) = (r.clone(), s.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (r, s) = (r.clone(), s.clone());
+                        async move {
+                            r.fetch_add(1, Ordering::Relaxed);
+                            let _ = req.into_body().collect().await;
+                            let until = tokio::time::Instant::now() + for_at_most;
+                            let chunk = Bytes::from(vec![0u8; CHUNK]);
+                            let data = futures_util::stream::unfold(0u64, move |n| {
+                                let (chunk, s) = (chunk.clone(), s.clone());
+                                async move {
+                                    if n >= limit || tokio::time::Instant::now() >= until {
+                                        // Held open until the time is up.
+                                        tokio::time::sleep_until(until).await;
+                                        return None;
+                                    }
+                                    s.fetch_add(CHUNK as u64, Ordering::Relaxed);
+                                    Some((
+                                        Ok::<_, Infallible>(Frame::data(chunk)),
+                                        n + CHUNK as u64,
+                                    ))
+                                }
+                            });
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(StreamBody::new(data))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FloodCollector {
+            addr,
+            requests,
+            sent,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+}
+
+impl Drop for FloodCollector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A backend that records the trace context it receives
 
@@ -326,7 +407,7 @@ pub struct Seen {
 }
 
 /// A real HTTP/1.1 backend on a loopback port that answers `ok` (200, or NNN for a path ending
-/// in `/status-NNN`) and records the
+/// in `/status-NNN`; after 2 s for a path containing `/slow`) and records the
 /// `traceparent`/`tracestate` of every request (health checks, `/health`, are only counted).
 pub struct TraceBackend {
     pub addr: SocketAddr,
@@ -371,6 +452,10 @@ impl TraceBackend {
                                     tracestate: all("tracestate"),
                                 };
                                 s.lock().unwrap().push(seen);
+                            }
+                            // `.../slow...` answers after 2 s (a client may leave meanwhile).
+                            if req.uri().path().contains("/slow") {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
                             }
                             // `.../status-NNN` answers NNN.
                             let status = req
@@ -977,9 +1062,11 @@ async fn sampling_is_parent_based_and_bad_traceparents_start_new_traces() {
     assert_eq!(status, 200);
     let up = backend.traceparent_for("/web/two");
     assert_ne!(up.trace, good_trace, "two traceparent fields are no parent");
-    // A tracestate over 512 bytes is dropped, the parent kept; one of 512 is passed on.
+    // A tracestate over 512 bytes is dropped, the parent kept; one of 512 is passed on (two
+    // members: a value is at most 256 characters).
     let (tp, long_trace, _) = client_context("01");
-    let long = format!("k={}", "x".repeat(511));
+    let long = format!("a={},b={}", "x".repeat(254), "y".repeat(254));
+    assert_eq!(long.len(), 513);
     assert_eq!(
         call(
             gw.port,
@@ -994,7 +1081,8 @@ async fn sampling_is_parent_based_and_bad_traceparents_start_new_traces() {
     assert_eq!(up.trace, long_trace);
     assert!(backend.seen_for("/web/long").tracestate.is_empty());
     let (tp, fits_trace, _) = client_context("01");
-    let fits = format!("k={}", "x".repeat(510));
+    let fits = format!("a={},b={}", "x".repeat(254), "y".repeat(253));
+    assert_eq!(fits.len(), 512);
     assert_eq!(
         call(
             gw.port,
@@ -1008,6 +1096,27 @@ async fn sampling_is_parent_based_and_bad_traceparents_start_new_traces() {
     assert_eq!(backend.seen_for("/web/fits").tracestate, [fits.as_str()]);
     let spans = all.wait_trace(&fits_trace).await;
     assert_eq!(one(&spans, "GET /web/").trace_state, fits);
+    // A tracestate that is not a list as Trace Context writes it is dropped, the parent kept.
+    for (i, bad) in [
+        "Upper=1",
+        "novalue",
+        "a=1,b",
+        &format!("k={}", "x".repeat(300)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (tp, bad_trace, _) = client_context("01");
+        let path = format!("/web/badstate{i}");
+        assert_eq!(
+            call(gw.port, &path, &[("traceparent", &tp), ("tracestate", bad)])
+                .await
+                .0,
+            200
+        );
+        assert_eq!(backend.traceparent_for(&path).trace, bad_trace, "{bad}");
+        assert!(backend.seen_for(&path).tracestate.is_empty(), "{bad}");
+    }
 
     // Exports are in order: once this last request's spans are in, nothing more is coming
     // for the unsampled trace.
@@ -1612,4 +1721,648 @@ async fn unknown_methods_follow_the_http_conventions() {
         str_attr(attempt, "http.request.method_original"),
         Some("PURGE")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients that leave, gRPC refusals, client spans' 4xx, collectors that flood, long values
+
+/// Waits (bounded) until `backend` has seen a request for `path`.
+async fn wait_seen(backend: &TraceBackend, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !backend.seen().iter().any(|s| s.path == path) {
+        assert!(
+            Instant::now() < deadline,
+            "{path} never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The spans of a request to `path` (a 2 s backend) whose client left at `left`, 200 ms or so
+/// after sending it: the server span (499, `client_closed`, an error, ended when the client
+/// left rather than when the backend would have answered) and the one attempt, which the
+/// backend's `traceparent` names.
+async fn check_left(
+    collector: &Collector,
+    backend: &TraceBackend,
+    trace: &str,
+    client_span: &str,
+    path: &str,
+) {
+    let spans = collector.wait_trace(trace).await;
+    assert_eq!(spans.len(), 2, "server and attempt: {spans:#?}");
+    let server = one(&spans, "GET /web/");
+    assert_eq!(hex(&server.parent_span_id), client_span);
+    assert_eq!(str_attr(server, "url.path"), Some(path));
+    assert_eq!(
+        int_attr(server, "http.response.status_code"),
+        Some(499),
+        "{server:?}"
+    );
+    assert_eq!(str_attr(server, "error.type"), Some("client_closed"));
+    assert!(is_error(server), "{server:?}");
+    let took = Duration::from_nanos(server.end_time_unix_nano - server.start_time_unix_nano);
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_millis(1500),
+        "the server span ends when the client leaves: {took:?}"
+    );
+    let attempts = of_kind(&spans, SpanKind::Client);
+    assert_eq!(attempts.len(), 1, "{spans:#?}");
+    let attempt = attempts[0];
+    assert_eq!(attempt.name, "GET");
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    assert_eq!(
+        hex(&attempt.span_id),
+        backend.traceparent_for(path).parent,
+        "the backend's parent is the attempt's span, and the collector has it"
+    );
+    assert_eq!(int_attr(attempt, "http.response.status_code"), None);
+    assert!(is_error(attempt), "no answer came: {attempt:?}");
+    check_parents(&spans, server);
+}
+
+/// A client that goes away before the answer (HTTP/1.1: it closes its connection; HTTP/2: it
+/// resets its stream) while the backend takes 2 s: the server span is exported all the same
+/// (499, `client_closed`, an error), and so is the attempt the backend was told is its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_still_has_its_spans_exported() {
+    let backend = TraceBackend::start().await;
+    let collector = Collector::start(Wire::Http).await;
+    let gw = Gateway::start(&loopback_config(
+        &tracing_block(&collector.url(), ""),
+        &service("web", "/web/", &[&backend.url()], ""),
+    ))
+    .await;
+
+    // HTTP/1.1: the connection closes 200 ms after the request, the backend holding it.
+    let (tp, trace, client_span) = client_context("01");
+    let mut conn = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    conn.write_all(
+        format!("GET /web/slow-h1 HTTP/1.1\r\nhost: localhost\r\ntraceparent: {tp}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let sent = Instant::now();
+    wait_seen(&backend, "/web/slow-h1").await;
+    tokio::time::sleep(Duration::from_millis(200).saturating_sub(sent.elapsed())).await;
+    drop(conn);
+    check_left(&collector, &backend, &trace, &client_span, "/web/slow-h1").await;
+
+    // HTTP/2: the stream is reset (CANCEL), the connection stays.
+    let (tp, trace, client_span) = client_context("01");
+    let tcp = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let (client, h2conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = h2conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://localhost:{}/web/slow-h2", gw.port))
+        .header("traceparent", &tp)
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = client.send_request(req, true).unwrap();
+    let sent = Instant::now();
+    wait_seen(&backend, "/web/slow-h2").await;
+    tokio::time::sleep(Duration::from_millis(200).saturating_sub(sent.elapsed())).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(resp);
+    check_left(&collector, &backend, &trace, &client_span, "/web/slow-h2").await;
+    drop(client);
+    driver.abort();
+
+    // The gateway goes on serving.
+    assert_eq!(call(gw.port, "/web/after", &[]).await.0, 200);
+}
+
+/// What came back for a gRPC call: the HTTP status, and the head's fields with the trailers'.
+struct GrpcReply {
+    status: u16,
+    fields: HeaderMap,
+}
+
+/// One gRPC call (h2c, prior knowledge) with an empty message: `traceparent` given.
+async fn grpc_call(port: u16, path: &str, traceparent: &str) -> GrpcReply {
+    let limit = Duration::from_secs(10);
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!("http://localhost:{port}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("traceparent", traceparent)
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    // A refusal may come (and end the stream) before the message is sent.
+    let _ = send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true);
+    let resp = tokio::time::timeout(limit, resp)
+        .await
+        .unwrap_or_else(|_| panic!("{path}: no answer"))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let (parts, mut body) = resp.into_parts();
+    let mut fields = parts.headers;
+    while let Some(chunk) = tokio::time::timeout(limit, body.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    if let Some(t) = tokio::time::timeout(limit, body.trailers())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        fields.extend(t);
+    }
+    driver.abort();
+    GrpcReply {
+        status: parts.status.as_u16(),
+        fields,
+    }
+}
+
+/// `hexgate_http_requests_total` for `service` and POST, by `code` label.
+fn post_codes(metrics: &str, service: &str) -> std::collections::BTreeMap<String, u64> {
+    let head =
+        format!("hexgate_http_requests_total{{service=\"{service}\",method=\"POST\",code=\"");
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&head)?;
+            let (code, value) = rest.split_once("\"} ")?;
+            Some((code.to_string(), value.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// A gRPC call the gateway refuses is answered HTTP 200 with a `grpc-status` in its head: the
+/// server span says the HTTP status the refusal stands for (the one the metrics count), not the
+/// 200 it was sent as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_grpc_call_spans_the_status_the_refusal_stands_for() {
+    // HTTP/1.1 only: gRPC cannot be forwarded to it.
+    let backend = TraceBackend::start().await;
+    let collector = Collector::start(Wire::Http).await;
+    let services = [
+        service("plain", "/plain.Service/", &[&backend.url()], ""),
+        service(
+            "tight",
+            "/tight.Service/",
+            &[&backend.url()],
+            "    rateLimiting: {enabled: true, ratePerSecond: 0.001, burst: 1}\n",
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&loopback_config(
+        &tracing_block(&collector.url(), ""),
+        &services,
+    ))
+    .await;
+    // (path, metrics service label, server span name, the status the refusal stands for,
+    // grpc-status): a backend that speaks HTTP/1.1 only, no route, the rate limit (its burst
+    // spent by the first call, itself refused for the backend).
+    let cases = [
+        (
+            "/plain.Service/Call",
+            "plain",
+            "POST /plain.Service/",
+            502,
+            "12",
+        ),
+        ("/nowhere.Service/Call", "unmatched", "POST", 404, "12"),
+        (
+            "/tight.Service/One",
+            "tight",
+            "POST /tight.Service/",
+            502,
+            "12",
+        ),
+        (
+            "/tight.Service/Two",
+            "tight",
+            "POST /tight.Service/",
+            429,
+            "8",
+        ),
+    ];
+    for (path, label, name, want, grpc_status) in cases {
+        let before = post_codes(&gw.metrics().await, label);
+        let (tp, trace, _) = client_context("01");
+        let reply = grpc_call(gw.port, path, &tp).await;
+        assert_eq!(reply.status, 200, "{path}: a gRPC refusal is an HTTP 200");
+        assert_eq!(
+            reply.fields.get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some(grpc_status),
+            "{path}: {:?}",
+            reply.fields
+        );
+        // The code the metrics counted for it.
+        let after = post_codes(&gw.metrics().await, label);
+        let counted: Vec<&String> = after
+            .iter()
+            .filter(|(code, n)| **n > before.get(*code).copied().unwrap_or(0))
+            .map(|(code, _)| code)
+            .collect();
+        assert_eq!(counted.len(), 1, "{path}: {before:?} then {after:?}");
+        let code: i64 = counted[0].parse().unwrap();
+        assert_eq!(code, want, "{path}: the metrics' code");
+
+        let spans = collector.wait_trace(&trace).await;
+        let server = one(&spans, name);
+        assert_eq!(server.kind, SpanKind::Server as i32);
+        assert_eq!(
+            int_attr(server, "http.response.status_code"),
+            Some(code),
+            "{path}: the span agrees with the metrics, not the HTTP 200: {server:?}"
+        );
+        assert!(str_attr(server, "hexgate.refusal").is_some(), "{server:?}");
+        assert_eq!(is_error(server), code >= 500, "{path}: {server:?}");
+        if code >= 500 {
+            assert_eq!(
+                str_attr(server, "error.type"),
+                Some(code.to_string().as_str())
+            );
+        } else {
+            assert_eq!(str_attr(server, "error.type"), None, "{server:?}");
+        }
+        assert!(
+            of_kind(&spans, SpanKind::Client).is_empty(),
+            "{path}: nothing was sent upstream: {spans:#?}"
+        );
+    }
+    assert!(backend.seen().is_empty(), "{:?}", backend.seen());
+}
+
+/// `validate` on `tracing:` lines (the block starts on line 4 of config.yaml): its exit code,
+/// and its output.
+fn validate_tracing(body: &str) -> (i32, String) {
+    let (code, out, err) = validate_yaml(
+        &format!("gatewayPort: 18080\nservices: []\ntracing:\n{body}"),
+        &[],
+    );
+    (code, format!("{out}{err}"))
+}
+
+#[test]
+fn tracing_endpoints_ports_and_header_entries_are_checked_where_written() {
+    let refused = |body: &str, want: &str, never: &str| {
+        let (code, out) = validate_tracing(body);
+        assert_eq!(code, 2, "{body}: {out}");
+        assert!(out.contains(want), "{body}: want {want:?} in {out}");
+        if !never.is_empty() {
+            assert!(!out.contains(never), "{body}: {never:?} shown in {out}");
+        }
+    };
+    // A port that is written must be one (`http::Uri` reads 79999 as no port at all: the
+    // exports, and their headers, would go to port 80).
+    for port in ["79999", "0", "65536", "99999999999", "43a1"] {
+        for scheme in ["http", "grpc"] {
+            refused(
+                &format!("  otlpEndpoint: \"{scheme}://127.0.0.1:{port}\"\n"),
+                "config.yaml:4: tracing.otlpEndpoint",
+                "",
+            );
+        }
+    }
+    // A fragment has no meaning here.
+    for endpoint in [
+        "http://127.0.0.1:4318/v1/traces#frag",
+        "http://127.0.0.1:4318#frag",
+        "grpc://127.0.0.1:4317#frag",
+    ] {
+        refused(
+            &format!("  otlpEndpoint: \"{endpoint}\"\n"),
+            "config.yaml:4: tracing.otlpEndpoint",
+            "",
+        );
+    }
+    // A header value with a character outside visible ASCII (escaped, or written as UTF-8):
+    // named by its key and line, never shown.
+    for value in ["Bearer s3cr\\u00f6t", "Bearer s3cr\u{f6}t"] {
+        refused(
+            &format!(
+                "  otlpEndpoint: \"http://127.0.0.1:4318\"\n  headers: {{authorization: \"{value}\"}}\n"
+            ),
+            "config.yaml:5: tracing.headers.authorization",
+            "s3cr",
+        );
+    }
+    // A block mapping, one header a line: an error on the third entry names its own line (8).
+    let block = |third: &str| {
+        format!(
+            "  otlpEndpoint: \"http://127.0.0.1:4318\"\n  headers:\n    x-one: a\n    x-two: b\n    {third}\n"
+        )
+    };
+    refused(
+        &block("content-type: text/plain"),
+        "config.yaml:8: tracing.headers.content-type",
+        "",
+    );
+    refused(
+        &block("x-three: \"s3cr\\u00f6t\""),
+        "config.yaml:8: tracing.headers.x-three",
+        "s3cr",
+    );
+    refused(
+        &block("x-three: \"s3cr\\u0001t\""),
+        "config.yaml:8: tracing.headers.x-three",
+        "s3cr",
+    );
+    refused(
+        &block("X-One: c"),
+        "config.yaml:8: tracing.headers.X-One",
+        "",
+    );
+    refused(
+        &block("grpc-timeout: 1S"),
+        "config.yaml:8: tracing.headers.grpc-timeout",
+        "",
+    );
+    // An entry before it that is not a string (refused itself) does not shift the lines.
+    refused(
+        "  otlpEndpoint: \"http://127.0.0.1:4318\"\n  headers:\n    x-one: a\n    x-two: [b]\n    content-type: text/plain\n",
+        "config.yaml:8: tracing.headers.content-type",
+        "",
+    );
+
+    for ok in [
+        "  otlpEndpoint: \"GRPC://127.0.0.1:4317\"\n",
+        "  otlpEndpoint: \"Grpcs://collector.example:4317\"\n",
+        "  otlpEndpoint: \"HTTP://127.0.0.1:4318\"\n",
+        "  otlpEndpoint: \"HTTPS://collector.example/v1/traces\"\n",
+        "  otlpEndpoint: \"http://127.0.0.1:65535\"\n",
+        "  otlpEndpoint: \"grpc://127.0.0.1:1\"\n",
+        "  otlpEndpoint: \"http://127.0.0.1:4318\"\n  headers:\n    x-one: a\n    x-two: b\n    authorization: \"Bearer s3cret\\tx\"\n",
+    ] {
+        let (code, out) = validate_tracing(ok);
+        assert_eq!(code, 0, "{ok}: {out}");
+        assert!(!out.contains("s3cret"), "{out}");
+    }
+}
+
+/// OpenTelemetry's HTTP conventions: a 4xx is an error of the client span (the attempt that got
+/// it), not of the server span (the client's request was answered as asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_4xx_is_an_error_of_the_client_span_only() {
+    let backend = TraceBackend::start().await;
+    let collector = Collector::start(Wire::Http).await;
+    let gw = Gateway::start(&loopback_config(
+        &tracing_block(&collector.url(), ""),
+        &service("web", "/web/", &[&backend.url()], ""),
+    ))
+    .await;
+    let (tp, trace, _) = client_context("01");
+    assert_eq!(
+        call(gw.port, "/web/status-404", &[("traceparent", &tp)])
+            .await
+            .0,
+        404
+    );
+    let spans = collector.wait_trace(&trace).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server = one(&spans, "GET /web/");
+    assert_eq!(int_attr(server, "http.response.status_code"), Some(404));
+    assert!(!is_error(server), "a 4xx is no server error: {server:?}");
+    assert_eq!(str_attr(server, "error.type"), None);
+    assert_eq!(str_attr(server, "hexgate.refusal"), None, "the backend's");
+    let attempt = one(&spans, "GET");
+    assert_eq!(attempt.kind, SpanKind::Client as i32);
+    assert_eq!(
+        hex(&attempt.span_id),
+        backend.traceparent_for("/web/status-404").parent
+    );
+    assert_eq!(int_attr(attempt, "http.response.status_code"), Some(404));
+    assert!(is_error(attempt), "a client span's 4xx: {attempt:?}");
+    assert_eq!(str_attr(attempt, "error.type"), Some("404"));
+    assert_eq!(
+        str_attr(attempt, "hexgate.upstream.outcome"),
+        Some("answered_4xx")
+    );
+
+    // Below 400 neither is an error.
+    let (tp, trace, _) = client_context("01");
+    assert_eq!(
+        call(gw.port, "/web/status-302", &[("traceparent", &tp)])
+            .await
+            .0,
+        302
+    );
+    let spans = collector.wait_trace(&trace).await;
+    let attempt = one(&spans, "GET");
+    assert!(!is_error(attempt), "{attempt:?}");
+    assert_eq!(str_attr(attempt, "error.type"), None);
+    assert_eq!(
+        str_attr(attempt, "hexgate.upstream.outcome"),
+        Some("answered")
+    );
+    assert!(!is_error(one(&spans, "GET /web/")));
+}
+
+/// A gRPC collector that answers 200 and then streams without end: the gateway reads a bounded
+/// part of the answer (its memory stays flat), counts the spans as dropped, and serves
+/// requests meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_collector_that_answers_without_end_costs_no_memory() {
+    const MIB: u64 = 1024 * 1024;
+    let backend = TraceBackend::start().await;
+    // At most 256 MiB an answer: far past the bound below, and bounded even for a gateway
+    // that would read it all.
+    let flood = FloodCollector::start(256 * MIB, Duration::from_secs(10)).await;
+    let gw = Gateway::start(&loopback_config(
+        &tracing_block(&flood.url(), "  sampleRatio: 0\n"),
+        &service("web", "/web/", &[&backend.url()], ""),
+    ))
+    .await;
+    // Unsampled requests (ratio 0, no parent) export nothing: the gateway warms up.
+    for i in 0..5 {
+        assert_eq!(call(gw.port, &format!("/web/warm{i}"), &[]).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(flood.requests.load(Ordering::Relaxed), 0);
+    let before = gw.rss_kib();
+
+    // Three sampled requests: six spans, exported to the flood.
+    for i in 0..3 {
+        let (tp, _, _) = client_context("01");
+        assert_eq!(
+            call(gw.port, &format!("/web/s{i}"), &[("traceparent", &tp)])
+                .await
+                .0,
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(13);
+    let mut peak = before;
+    let mut i = 0;
+    let m = loop {
+        peak = peak.max(gw.rss_kib());
+        let m = gw.metrics().await;
+        if counter(&m, DROPPED) >= 6 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spans never counted as dropped: {m}\n{}",
+            gw.log()
+        );
+        // Requests are answered while the export runs.
+        let t = Instant::now();
+        assert_eq!(call(gw.port, &format!("/web/during{i}"), &[]).await.0, 200);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    peak = peak.max(gw.rss_kib());
+    assert_eq!(counter(&m, DROPPED), 6, "{m}");
+    assert_eq!(counter(&m, EXPORTED), 0, "{m}");
+    assert!(flood.requests.load(Ordering::Relaxed) >= 1);
+    let sent = flood.sent.load(Ordering::Relaxed);
+    assert!(
+        sent > 64 * 1024,
+        "the collector sent more than an answer needs: {sent}"
+    );
+    let growth = peak.saturating_sub(before);
+    eprintln!("flooding collector: RSS {before} KiB, peak {peak} KiB, answer bytes sent {sent}");
+    assert!(
+        growth < 50 * 1024,
+        "RSS grew by {growth} KiB ({before} KiB then {peak} KiB) for one export"
+    );
+    assert!(gw.log().contains("trace export failed"), "{}", gw.log());
+    assert_eq!(call(gw.port, "/web/after", &[]).await.0, 200);
+}
+
+/// One request with method `method` and `fields` over a fresh HTTP/1.1 connection: its status
+/// (the body `ok` when 200).
+async fn call_method(port: u16, method: &str, path: &str, fields: &[(&str, &str)]) -> u16 {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (n, v) in fields {
+        b = b.header(*n, *v);
+    }
+    let (status, _, body) = request(port, b.body(http_body_util::Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(status != 200 || body == "ok", "{path}: {status} {body}");
+    status
+}
+
+/// A 30 KB method and a 30 KB user agent: the spans keep at most 1,024 bytes of each, and 300
+/// such requests (with a short tracestate) queued behind a collector that never answers cost
+/// the gateway little memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_methods_and_user_agents_are_clipped_and_queued_spans_stay_small() {
+    const MAX: usize = 1024;
+    let backend = TraceBackend::start().await;
+    let svc = service("web", "/web/", &[&backend.url()], "");
+    let method = "X".repeat(30_000);
+    let agent = format!("otel-it/{}", "a".repeat(30_000 - 8));
+
+    // What the spans hold, at a collector that answers.
+    let collector = Collector::start(Wire::Http).await;
+    let gw = Gateway::start(&loopback_config(&tracing_block(&collector.url(), ""), &svc)).await;
+    let (tp, trace, _) = client_context("01");
+    assert_eq!(
+        call_method(
+            gw.port,
+            &method,
+            "/web/long",
+            &[("traceparent", &tp), ("user-agent", &agent)]
+        )
+        .await,
+        200,
+        "a 30 KB extension method is taken: {}",
+        gw.log()
+    );
+    let spans = collector.wait_trace(&trace).await;
+    assert_eq!(spans.len(), 2);
+    for g in &spans {
+        for a in &g.span.attributes {
+            if let Some(AnyVal::StringValue(v)) = a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                assert!(
+                    v.len() <= MAX,
+                    "{} of {:?}: {} bytes",
+                    a.key,
+                    g.span.name,
+                    v.len()
+                );
+            }
+        }
+    }
+    let server = one(&spans, "HTTP /web/");
+    assert_eq!(str_attr(server, "http.request.method"), Some("_OTHER"));
+    assert!(
+        str_attr(server, "http.request.method_original") == Some(&method[..MAX]),
+        "the method's first 1,024 bytes"
+    );
+    assert!(
+        str_attr(server, "user_agent.original") == Some(&agent[..MAX]),
+        "the user agent's first 1,024 bytes"
+    );
+    let attempt = one(&spans, "HTTP");
+    assert!(
+        str_attr(attempt, "http.request.method_original") == Some(&method[..MAX]),
+        "the attempt's method: its first 1,024 bytes"
+    );
+    drop(gw);
+
+    // 300 such requests queued behind a collector that never answers.
+    let silent = SilentCollector::start().await;
+    let gw = Gateway::start(&loopback_config(
+        &tracing_block(&format!("http://{}", silent.addr), ""),
+        &svc,
+    ))
+    .await;
+    let fields = |tp: &str| -> Vec<(String, String)> {
+        vec![
+            ("traceparent".into(), tp.to_string()),
+            ("tracestate".into(), "k=v".into()),
+            ("user-agent".into(), agent.clone()),
+        ]
+    };
+    // Warm up, until an export hangs (everything after it waits in the queue).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    while silent.accepted.load(Ordering::Relaxed) == 0 || i < 5 {
+        assert!(Instant::now() < deadline, "no export tried: {}", gw.log());
+        let (tp, _, _) = client_context("01");
+        let f = fields(&tp);
+        let f: Vec<(&str, &str)> = f.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        assert_eq!(
+            call_method(gw.port, &method, &format!("/web/warm{i}"), &f).await,
+            200
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = gw.rss_kib();
+    let started = Instant::now();
+    for i in 0..300 {
+        let (tp, _, _) = client_context("01");
+        let f = fields(&tp);
+        let f: Vec<(&str, &str)> = f.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        assert_eq!(
+            call_method(gw.port, &method, &format!("/web/q{i}"), &f).await,
+            200
+        );
+    }
+    let after = gw.rss_kib();
+    eprintln!(
+        "300 queued requests: RSS {before} KiB then {after} KiB, in {:?}",
+        started.elapsed()
+    );
+    // Measured: about 0 with the spans' values copied and clipped; about 51 MiB when each kept
+    // its 30 KB method twice and, through its tracestate, hyper's whole read buffer.
+    assert!(
+        after.saturating_sub(before) < 25 * 1024,
+        "RSS grew from {before} KiB to {after} KiB for 300 queued requests"
+    );
+    // Queued, not dropped (the hung export holds the exporter for 10 s).
+    if started.elapsed() < Duration::from_secs(5) {
+        let m = gw.metrics().await;
+        assert_eq!(counter(&m, DROPPED), 0, "{m}");
+    }
 }

@@ -340,16 +340,21 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
     }
     // A port that is written must be one (`http::Uri` reads 79999 as no port at all, which
     // would send the exports, and their headers, to the default port).
-    let port = match (authority.port(), authority.port_u16()) {
-        (None, _) => default_port,
-        (Some(_), Some(p)) if p > 0 => p,
-        (Some(p), _) => {
-            bad(
-                r,
-                &format!("port {} is not a port (1 to 65535)", p.as_str()),
-            );
-            return None;
-        }
+    // Read from the text: `http::Uri` gives no port at all for `:79999` or `:`, which would send
+    // the exports, and their headers, to the default port.
+    let after_host = match authority.as_str().rfind(']') {
+        Some(i) => &authority.as_str()[i + 1..],
+        None => authority.as_str(),
+    };
+    let port = match after_host.rfind(':').map(|i| &after_host[i + 1..]) {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => {
+                bad(r, &format!("port {p:?} is not a port (1 to 65535)"));
+                return None;
+            }
+        },
     };
     let path = match protocol {
         OtlpProtocol::Http => {
@@ -369,22 +374,21 @@ fn read_tracing(r: &mut Reader, node: &Node) -> Option<Tracing> {
         }
     };
     let mut headers = Vec::new();
-    // Each entry's own line (the value's, which is the key's but in flow style).
-    let lines: Vec<usize> = match f.get("headers").map(|h| &h.kind) {
-        Some(crate::yaml::Kind::Map(entries)) => entries.iter().map(|(_, l, _)| *l).collect(),
+    // Each entry's own line, by its name (entries that are not strings are left out of
+    // `string_map`, so their order does not match).
+    let lines: Vec<(&str, usize)> = match f.get("headers").map(|h| &h.kind) {
+        Some(crate::yaml::Kind::Map(entries)) => {
+            entries.iter().map(|(k, l, _)| (k.as_str(), *l)).collect()
+        }
         _ => Vec::new(),
     };
-    for (i, (name, value)) in r
-        .string_map(&f, "headers")
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    for (name, value) in r.string_map(&f, "headers").unwrap_or_default() {
         let lower = name.to_ascii_lowercase();
         let key = format!("tracing.headers.{name}");
         let line = lines
-            .get(i)
-            .copied()
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, l)| *l)
             .unwrap_or_else(|| f.get("headers").map_or(f.line, |h| h.line));
         // What the exporter sets itself, and what would change the framing.
         const OWN: &[&str] = &[
