@@ -680,7 +680,7 @@ fn tracing_endpoints_headers_and_ratio() {
         (
             "{otlpEndpoint: \"http://c?a=1\"}",
             "tracing.otlpEndpoint",
-            "no query",
+            "a query",
         ),
         (
             "{otlpEndpoint: \"grpc://c/x\"}",
