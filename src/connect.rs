@@ -1,6 +1,6 @@
 //! `hexgate validate --connect`: after the compile step, what a config needs the network for
-//! (the JWKS URL, each Redis node, Consul, the API key list in Consul KV), tried once each
-//! within a few seconds.
+//! (the JWKS URL, each Redis node, Consul, the API key list in Consul KV, the OTLP collector),
+//! tried once each within a few seconds.
 
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ fn consul_client(cfg: &crate::config::Consul) -> Result<ConsulClient, String> {
     Ok(c)
 }
 
-/// Every check `cfg` calls for, in order: JWKS, Redis nodes, Consul.
+/// Every check `cfg` calls for, in order: JWKS, Redis nodes, Consul, the OTLP collector.
 pub async fn checks(cfg: &Config) -> Vec<Check> {
     let mut checks: Vec<Check> = Vec::new();
     if let Some(url) = &cfg.authentication.jwks_url {
@@ -83,6 +83,15 @@ pub async fn checks(cfg: &Config) -> Vec<Check> {
             }
             Err(e) => checks.push(("Consul".into(), Err(e.to_string()))),
         }
+    }
+    if let Some(t) = &cfg.tracing {
+        checks.push((
+            format!(
+                "OTLP collector {}",
+                crate::httpc::redact_url(&t.otlp_endpoint)
+            ),
+            within(crate::otel::export::probe(t)).await,
+        ));
     }
     checks
 }

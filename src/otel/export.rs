@@ -107,6 +107,37 @@ impl Target {
     }
 }
 
+/// Every target a snapshot has named, by the id spans carry: a request hands over a number, not
+/// an `Arc` (whose count, touched by every worker and dropped on the exporter's thread, would
+/// bounce between cores on each request). Targets are kept for the life of the process, one
+/// per distinct `tracing` block ever loaded.
+fn targets() -> &'static Mutex<Vec<(Tracing, Arc<Target>)>> {
+    static T: OnceLock<Mutex<Vec<(Tracing, Arc<Target>)>>> = OnceLock::new();
+    T.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// The id of `t`'s target, made on first use (a reload that keeps the block keeps the id).
+pub fn register(t: &Tracing) -> u32 {
+    let mut all = match targets().lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(i) = all.iter().position(|(c, _)| c == t) {
+        return i as u32;
+    }
+    all.push((t.clone(), Target::of(t)));
+    (all.len() - 1) as u32
+}
+
+/// The target registered as `id`.
+pub fn target(id: u32) -> Option<Arc<Target>> {
+    let all = match targets().lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    all.get(id as usize).map(|(_, t)| t.clone())
+}
+
 struct Queue {
     tx: mpsc::Sender<Finished>,
     rx: Mutex<Option<mpsc::Receiver<Finished>>>,
@@ -140,9 +171,7 @@ fn count(f: impl FnOnce(&Registry)) {
 pub fn send(f: Finished) {
     if let Err(e) = queue().tx.try_send(f) {
         let n = match &e {
-            mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => {
-                f.spans.len()
-            }
+            mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f.spans,
         };
         count(|m| {
             m.tracing_dropped_spans
@@ -206,10 +235,7 @@ async fn exporter(
             // Requests grouped by target (in order; a reload changes it rarely).
             let mut rest = &items[..];
             while let Some(first) = rest.first() {
-                let same = rest
-                    .iter()
-                    .take_while(|f| Arc::ptr_eq(&f.target, &first.target))
-                    .count();
+                let same = rest.iter().take_while(|f| f.target == first.target).count();
                 let (batch, tail) = rest.split_at(same);
                 export_batch(batch, &mut last_warning).await;
                 rest = tail;
@@ -226,8 +252,14 @@ async fn exporter(
 
 /// Exports one batch (one target's requests), counting its spans as exported or dropped.
 async fn export_batch(batch: &[Finished], last_warning: &mut Option<Instant>) {
-    let target = batch[0].target.clone();
-    let spans: usize = batch.iter().map(|f| f.spans.len()).sum();
+    let spans: usize = batch.iter().map(|f| f.spans).sum();
+    let Some(target) = batch.first().and_then(|f| target(f.target)) else {
+        count(|m| {
+            m.tracing_dropped_spans
+                .fetch_add(spans as u64, Ordering::Relaxed);
+        });
+        return;
+    };
     let body = super::proto::encode(
         &super::proto::Names {
             service: &target.service_name,
@@ -254,6 +286,22 @@ async fn export_batch(batch: &[Finished], last_warning: &mut Option<Instant>) {
             }
         }
     }
+}
+
+/// `validate --connect`'s check: an export with no spans, which a collector accepts (an
+/// OTLP/HTTP 2xx, a gRPC status 0) when it is there and takes OTLP.
+pub async fn probe(t: &Tracing) -> Result<String, String> {
+    let target = Target::of(t);
+    let empty = super::proto::encode(
+        &super::proto::Names {
+            service: &target.service_name,
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        &[],
+    );
+    export(&target, empty)
+        .await
+        .map(|()| "accepted an export with no spans".into())
 }
 
 /// Sends one encoded request to the collector.

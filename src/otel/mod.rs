@@ -34,7 +34,7 @@ pub struct Tracer {
     bound: u64,
     /// What the exporter needs (endpoint, headers, service name); spans carry it, so a reload
     /// that changes it sends later spans to the new collector.
-    pub target: Arc<export::Target>,
+    pub target: u32,
 }
 
 impl Tracer {
@@ -43,7 +43,7 @@ impl Tracer {
         let t = cfg?;
         Some(Arc::new(Tracer {
             bound: context::ratio_bound(t.sample_ratio),
-            target: export::Target::of(t),
+            target: export::register(t),
         }))
     }
 
@@ -68,7 +68,7 @@ impl Tracer {
                 Box::new(Recorder {
                     base_ns: unix_ns(),
                     base: Instant::now(),
-                    spans: Mutex::new(Vec::with_capacity(4)),
+                    spans: Mutex::new((Vec::with_capacity(2048), 0)),
                 })
             }),
         }
@@ -104,8 +104,8 @@ pub fn known_method(m: &http::Method) -> Option<&'static str> {
 /// A request header's value as an attribute, copied (a `HeaderValue` kept as it is would keep
 /// the whole buffer hyper read the request into, up to `maxHeaderSize`, for as long as the span
 /// waits in the export queue) and clipped to [`MAX_VALUE`]; `None` when it is not text.
-pub fn header_val(v: &HeaderValue) -> Option<Val> {
-    Some(Val::from(clip(v.to_str().ok()?).to_string()))
+pub fn header_val(v: &HeaderValue) -> Option<Val<'_>> {
+    Some(Val::from(clip(v.to_str().ok()?)))
 }
 
 fn unix_ns() -> u64 {
@@ -128,11 +128,13 @@ pub struct Trace {
     rec: Option<Box<Recorder>>,
 }
 
-/// A sampled request's finished child spans; times are offsets from one wall-clock reading.
+/// A sampled request's finished spans, already encoded ([`proto::span`]); times are offsets
+/// from one wall-clock reading.
 struct Recorder {
     base_ns: u64,
     base: Instant,
-    spans: Mutex<Vec<SpanRec>>,
+    /// The encoded spans, and how many.
+    spans: Mutex<(Vec<u8>, usize)>,
 }
 
 /// OTLP's span kinds (the protobuf's numbers).
@@ -143,50 +145,45 @@ pub enum Kind {
     Client = 3,
 }
 
-/// An attribute value.
+/// An attribute value, borrowed from the request where it can be (a span is encoded when it
+/// ends, so nothing needs to outlive the request).
 #[derive(Debug, Clone)]
-pub enum Val {
-    Str(Cow<'static, str>),
-    Shared(Arc<str>),
+pub enum Val<'a> {
+    Str(Cow<'a, str>),
     Int(i64),
-    /// Written as text when encoded (off the request path).
+    /// Written as text by `crate::text` when encoded.
     Ip(std::net::IpAddr),
 }
 
-impl From<&'static str> for Val {
-    fn from(s: &'static str) -> Val {
+impl<'a> From<&'a str> for Val<'a> {
+    fn from(s: &'a str) -> Val<'a> {
         Val::Str(Cow::Borrowed(s))
     }
 }
-impl From<String> for Val {
-    fn from(s: String) -> Val {
+impl From<String> for Val<'_> {
+    fn from(s: String) -> Self {
         Val::Str(Cow::Owned(s))
     }
 }
-impl From<Arc<str>> for Val {
-    fn from(s: Arc<str>) -> Val {
-        Val::Shared(s)
-    }
-}
-impl From<i64> for Val {
-    fn from(v: i64) -> Val {
+impl From<i64> for Val<'_> {
+    fn from(v: i64) -> Self {
         Val::Int(v)
     }
 }
 
 /// A finished span.
 #[derive(Debug, Clone)]
-pub struct SpanRec {
+pub struct SpanRec<'a> {
     pub span_id: u64,
-    /// 0: the client's span or none (for the server span, see [`Finished`]).
+    /// 0: no parent (a server span without a client's).
     pub parent_id: u64,
-    pub name: Cow<'static, str>,
+    pub name: Cow<'a, str>,
     pub kind: Kind,
     pub start_ns: u64,
     pub end_ns: u64,
-    pub attrs: Vec<(&'static str, Val)>,
+    pub attrs: Vec<(&'static str, Val<'a>)>,
     /// The span's status is Error with this message.
-    pub error: Option<Cow<'static, str>>,
+    pub error: Option<Cow<'a, str>>,
 }
 
 /// A child span being timed (only for a sampled request).
@@ -219,14 +216,14 @@ impl Trace {
     }
 
     /// Records a child span of `parent` (the server span when `None`) that ends now.
-    pub fn end(
+    pub fn end<'a>(
         &self,
         timer: Timer,
         parent: Option<u64>,
-        name: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'a, str>>,
         kind: Kind,
-        attrs: Vec<(&'static str, Val)>,
-        error: Option<Cow<'static, str>>,
+        attrs: Vec<(&'static str, Val<'a>)>,
+        error: Option<Cow<'a, str>>,
     ) {
         let Some(rec) = &self.rec else { return };
         let at = |i: Instant| rec.base_ns + i.saturating_duration_since(rec.base).as_nanos() as u64;
@@ -240,10 +237,13 @@ impl Trace {
             attrs,
             error,
         };
-        match rec.spans.lock() {
-            Ok(mut v) => v.push(span),
-            Err(p) => p.into_inner().push(span),
-        }
+        let state = self.tracestate.as_ref().map_or(&b""[..], |s| s.as_bytes());
+        let mut spans = match rec.spans.lock() {
+            Ok(v) => v,
+            Err(p) => p.into_inner(),
+        };
+        proto::span(&mut spans.0, self.trace_id, state, &span);
+        spans.1 += 1;
     }
 
     /// The `traceparent` for a request sent upstream by the span `span_id` (an upstream
@@ -268,21 +268,21 @@ impl Trace {
 
     /// Ends the request: its server span (started at `start`, named and described by the
     /// caller) and the children recorded, handed to the exporter. Nothing when not recording.
-    pub fn finish(
+    pub fn finish<'a>(
         self,
         tracer: &Tracer,
         start: Instant,
         name: String,
-        attrs: Vec<(&'static str, Val)>,
-        error: Option<Cow<'static, str>>,
+        attrs: Vec<(&'static str, Val<'a>)>,
+        error: Option<Cow<'a, str>>,
     ) {
         let Some(rec) = self.rec else { return };
         let at = |i: Instant| rec.base_ns + i.saturating_duration_since(rec.base).as_nanos() as u64;
-        let mut spans = match rec.spans.into_inner() {
+        let (mut bytes, count) = match rec.spans.into_inner() {
             Ok(v) => v,
             Err(p) => p.into_inner(),
         };
-        spans.push(SpanRec {
+        let server = SpanRec {
             span_id: self.span_id,
             parent_id: self.parent.unwrap_or(0),
             name: Cow::Owned(name),
@@ -295,20 +295,23 @@ impl Trace {
             end_ns: at(Instant::now()),
             attrs,
             error,
-        });
+        };
+        let state = self.tracestate.as_ref().map_or(&b""[..], |s| s.as_bytes());
+        proto::span(&mut bytes, self.trace_id, state, &server);
         export::send(Finished {
-            target: tracer.target.clone(),
-            trace_id: self.trace_id,
-            tracestate: self.tracestate,
-            spans,
+            target: tracer.target,
+            bytes,
+            spans: count + 1,
         });
     }
 }
 
-/// A finished request's spans, on their way to the exporter.
+/// A finished request's spans, encoded, on their way to the exporter.
 pub struct Finished {
-    pub target: Arc<export::Target>,
-    pub trace_id: u128,
-    pub tracestate: Option<HeaderValue>,
-    pub spans: Vec<SpanRec>,
+    /// Where they go ([`export::register`]).
+    pub target: u32,
+    /// `ScopeSpans.spans` entries ([`proto::span`]).
+    pub bytes: Vec<u8>,
+    /// How many spans `bytes` holds (what the counters count).
+    pub spans: usize,
 }

@@ -300,30 +300,35 @@ impl<'a> Attempts<'a> {
         let (Some(a), Some(trace)) = (self.current.take(), self.trace) else {
             return;
         };
-        let mut attrs: Vec<(&'static str, Val)> = Vec::with_capacity(7);
-        let method = crate::otel::known_method(&a.method);
+        let AttemptSpan {
+            timer,
+            backend,
+            method: m,
+            resend,
+            status,
+            error: failure,
+        } = a;
+        let mut attrs: Vec<(&'static str, Val<'_>)> = Vec::with_capacity(8);
+        let method = crate::otel::known_method(&m);
         attrs.push(("http.request.method", Val::from(method.unwrap_or("_OTHER"))));
         if method.is_none() {
             attrs.push((
                 "http.request.method_original",
-                Val::from(crate::otel::clip(a.method.as_str()).to_string()),
+                Val::from(crate::otel::clip(m.as_str())),
             ));
         }
-        let (host, port) = match a.backend.authority.rsplit_once(':') {
+        let (host, port) = match backend.authority.rsplit_once(':') {
             Some((h, p)) => (h, p.parse::<i64>().ok()),
-            None => (a.backend.authority.as_str(), None),
+            None => (backend.authority.as_str(), None),
         };
-        attrs.push((
-            "server.address",
-            Val::from(host.trim_matches(['[', ']']).to_string()),
-        ));
+        attrs.push(("server.address", Val::from(host.trim_matches(['[', ']']))));
         if let Some(p) = port {
             attrs.push(("server.port", Val::Int(p)));
         }
-        if a.resend > 0 {
-            attrs.push(("http.request.resend_count", Val::Int(i64::from(a.resend))));
+        if resend > 0 {
+            attrs.push(("http.request.resend_count", Val::Int(i64::from(resend))));
         }
-        let error = match (a.status, a.error) {
+        let error = match (status, &failure) {
             (Some(s), _) => {
                 attrs.push(("http.response.status_code", Val::Int(i64::from(s))));
                 // A client span's 4xx is an error too (OpenTelemetry's HTTP conventions).
@@ -333,8 +338,8 @@ impl<'a> Attempts<'a> {
                 })
             }
             (None, Some(reason)) => {
-                attrs.push(("error.type", Val::from(reason.clone())));
-                Some(Cow::Owned(reason))
+                attrs.push(("error.type", Val::from(reason.as_str())));
+                Some(Cow::Borrowed(reason.as_str()))
             }
             (None, None) => {
                 attrs.push(("error.type", Val::from("no_response")));
@@ -343,15 +348,15 @@ impl<'a> Attempts<'a> {
         };
         attrs.push((
             "hexgate.upstream.outcome",
-            match (a.status, &error) {
-                (Some(s), _) if s >= 500 => Val::from("answered_5xx"),
-                (Some(s), _) if s >= 400 => Val::from("answered_4xx"),
-                (Some(_), _) => Val::from("answered"),
-                _ => Val::from("failed"),
-            },
+            Val::from(match status {
+                Some(s) if s >= 500 => "answered_5xx",
+                Some(s) if s >= 400 => "answered_4xx",
+                Some(_) => "answered",
+                None => "failed",
+            }),
         ));
         trace.end(
-            a.timer,
+            timer,
             None,
             method.unwrap_or("HTTP"),
             Kind::Client,

@@ -106,7 +106,7 @@ impl Drop for Context {
             return;
         };
         // 499: nginx's "client closed request".
-        let (name, mut attrs, _) = server_span(self, *facts, 499);
+        let (name, mut attrs, _) = server_span(self, &facts, 499);
         attrs.push(("error.type", Val::from("client_closed")));
         let error = Some(Cow::Borrowed(
             "the client closed the connection before the answer",
@@ -445,7 +445,7 @@ fn finish(mut cx: Context, mut resp: Response<Body>) -> Response<Body> {
     if let (Some(trace), Some(tracer)) = (cx.trace.take(), &cx.snap.settings.tracing) {
         if let Some(facts) = cx.span.take() {
             // A refusal sent as a gRPC answer (an HTTP 200) shows as the status it stands for.
-            let (name, attrs, error) = server_span(&cx, *facts, code);
+            let (name, attrs, error) = server_span(&cx, &facts, code);
             trace.finish(tracer, cx.start, name, attrs, error);
         }
     }
@@ -454,31 +454,38 @@ fn finish(mut cx: Context, mut resp: Response<Body>) -> Response<Body> {
 
 /// The server span's name, attributes (OpenTelemetry's HTTP server conventions, then the
 /// gateway's own) and error status (a 5xx, as the conventions say for servers). Values are
-/// recorded as they are (addresses, header values) and written out by the exporter.
-fn server_span(
-    cx: &Context,
-    facts: SpanFacts,
+/// borrowed from the request (the span is encoded before it ends).
+fn server_span<'a>(
+    cx: &'a Context,
+    facts: &'a SpanFacts,
     status: u16,
-) -> (String, Vec<(&'static str, Val)>, Option<Cow<'static, str>>) {
+) -> (String, Vec<(&'static str, Val<'a>)>, Option<Cow<'a, str>>) {
     let known = crate::otel::known_method(&cx.method);
-    let mut attrs: Vec<(&'static str, Val)> = Vec::with_capacity(18);
+    let mut attrs: Vec<(&'static str, Val<'a>)> = Vec::with_capacity(18);
     attrs.push(("http.request.method", Val::from(known.unwrap_or("_OTHER"))));
     if known.is_none() {
         attrs.push((
             "http.request.method_original",
-            Val::from(crate::otel::clip(cx.method.as_str()).to_string()),
+            Val::from(crate::otel::clip(cx.method.as_str())),
         ));
     }
-    let route = cx.service.as_ref().map(|s| s.route.clone());
-    let name = match (&route, known) {
-        (Some(r), m) => format!("{} {r}", m.unwrap_or("HTTP")),
+    let route = cx.service.as_ref().map(|s| &*s.route);
+    let name = match (route, known) {
+        (Some(r), m) => {
+            let m = m.unwrap_or("HTTP");
+            let mut n = String::with_capacity(m.len() + 1 + r.len());
+            n.push_str(m);
+            n.push(' ');
+            n.push_str(r);
+            n
+        }
         (None, Some(m)) => m.to_string(),
         (None, None) => "HTTP".to_string(),
     };
     if let Some(r) = route {
-        attrs.push(("http.route", Val::Shared(r)));
+        attrs.push(("http.route", Val::from(r)));
     }
-    attrs.push(("url.path", Val::from(facts.path)));
+    attrs.push(("url.path", Val::from(facts.path.as_str())));
     attrs.push(("url.scheme", Val::from(facts.scheme)));
     attrs.push(("network.protocol.name", Val::from("http")));
     attrs.push(("network.protocol.version", Val::from(facts.version)));
@@ -488,20 +495,23 @@ fn server_span(
     if let Some(v) = facts.user_agent.as_ref().and_then(crate::otel::header_val) {
         attrs.push(("user_agent.original", v));
     }
-    attrs.push(("hexgate.service", Val::from(cx.metrics.name.clone())));
-    attrs.push(("hexgate.request_id", Val::from(cx.request_id.clone())));
+    attrs.push(("hexgate.service", Val::from(cx.metrics.name.as_str())));
+    attrs.push(("hexgate.request_id", Val::from(cx.request_id.as_str())));
     if let Some(c) = &cx.consumer {
-        attrs.push(("hexgate.consumer", Val::from(c.clone())));
+        attrs.push(("hexgate.consumer", Val::from(&**c)));
     }
     if let Some(p) = &cx.plan {
-        attrs.push(("hexgate.plan", Val::from(p.clone())));
+        attrs.push(("hexgate.plan", Val::from(&**p)));
     }
     if let Some(r) = &facts.refusal {
-        attrs.push(("hexgate.refusal", Val::from(r.clone())));
+        attrs.push(("hexgate.refusal", Val::from(r.as_str())));
     }
     let error = (status >= 500).then(|| {
         attrs.push(("error.type", Val::from(status.to_string())));
-        Cow::Owned(facts.refusal.unwrap_or_else(|| format!("HTTP {status}")))
+        match &facts.refusal {
+            Some(r) => Cow::Borrowed(r.as_str()),
+            None => Cow::Owned(format!("HTTP {status}")),
+        }
     });
     (name, attrs, error)
 }

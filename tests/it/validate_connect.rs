@@ -1,5 +1,5 @@
 //! `hexgate validate --connect`: after the offline checks, what needs the network is tried (the
-//! JWKS URL, Redis, Consul), one line each, non-zero exit when any failed.
+//! JWKS URL, Redis, Consul, the OTLP collector), one line each, non-zero exit when any failed.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -170,4 +170,42 @@ fn each_failure_on_its_own_line_and_offline_problems_first() {
     ));
     assert_eq!(code, 2, "{out}");
     assert!(!out.contains("Redis 127.0.0.1"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_otlp_collector_is_sent_an_export_with_no_spans() {
+    use crate::otel::{Collector, Wire};
+    for wire in [Wire::Http, Wire::Grpc { status: 0 }] {
+        let collector = Collector::start(wire).await;
+        let url = collector.url();
+        let yaml = format!(
+            "tracing: {{otlpEndpoint: \"{url}\", headers: {{authorization: \"Bearer s3cret\"}}}}\n{SERVICE}"
+        );
+        let (code, out) = tokio::task::spawn_blocking(move || validate_connect(&yaml))
+            .await
+            .unwrap();
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains(&format!("OTLP collector {url}: ok"))
+                || out.contains(&format!("OTLP collector {url}")) && out.contains("accepted"),
+            "{out}"
+        );
+        assert!(!out.contains("s3cret"), "{out}");
+        // It reached the collector as a real export: one request, well formed, no spans,
+        // with the configured header.
+        let exports = collector.exports();
+        assert_eq!(exports.len(), 1, "{} exports", exports.len());
+        assert_eq!(exports[0].headers["authorization"], "Bearer s3cret");
+        assert!(collector.spans().is_empty());
+    }
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let yaml = format!("tracing: {{otlpEndpoint: \"{url}\"}}\n{SERVICE}");
+    let (code, out) = tokio::task::spawn_blocking(move || validate_connect(&yaml))
+        .await
+        .unwrap();
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("OTLP collector {url}: FAILED")),
+        "{out}"
+    );
 }
