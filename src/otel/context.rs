@@ -98,13 +98,16 @@ pub fn extract(headers: &HeaderMap) -> (Option<Parent>, Option<HeaderValue>) {
     (parent, state)
 }
 
-/// Writes `v`'s lowest `out.len()` hex digits (lower case) into `out`. By hand: `core::fmt`'s
-/// `{:032x}` took about 1,600 instructions per `traceparent`, this about 100 (callgrind).
+/// Writes `v`'s lowest `out.len()` hex digits (lower case, `out.len()` even) into `out`, two
+/// digits per byte. By hand: `core::fmt`'s `{:032x}` took about 1,600 instructions per
+/// `traceparent`, this about 100 (callgrind).
 pub fn put_hex(out: &mut [u8], v: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let n = out.len();
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = DIGITS[((v >> (4 * (n - 1 - i))) & 0xf) as usize];
+    let bytes = v.to_be_bytes();
+    let n = out.len() / 2;
+    for (pair, b) in out.chunks_exact_mut(2).zip(&bytes[16 - n..]) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
 }
 
