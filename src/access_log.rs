@@ -644,7 +644,28 @@ pub fn json_str(o: &mut String, s: &str) {
 
 /// `t` as RFC 3339 in UTC with milliseconds: `2026-12-01T12:00:00.123Z`.
 pub fn rfc3339_millis(o: &mut String, t: SystemTime) {
+    // The text changes once a millisecond while a busy worker logs dozens of lines in one:
+    // each thread keeps the last millisecond's text.
+    thread_local! {
+        static LAST: std::cell::RefCell<(u128, String)> =
+            const { std::cell::RefCell::new((u128::MAX, String::new())) };
+    }
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let ms = d.as_millis();
+    LAST.with(|cell| {
+        let Ok(mut last) = cell.try_borrow_mut() else {
+            return write_rfc3339(o, d);
+        };
+        if last.0 != ms {
+            last.1.clear();
+            write_rfc3339(&mut last.1, d);
+            last.0 = ms;
+        }
+        o.push_str(&last.1);
+    });
+}
+
+fn write_rfc3339(o: &mut String, d: Duration) {
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);

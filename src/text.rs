@@ -43,8 +43,10 @@ pub fn push_padded(o: &mut String, v: u64, width: usize) {
 }
 
 fn push_ascii(o: &mut String, b: &[u8]) {
-    // Digits, dots and the like only: always UTF-8.
-    o.push_str(std::str::from_utf8(b).unwrap_or_default());
+    o.reserve(b.len());
+    for &c in b {
+        o.push(char::from(c));
+    }
 }
 
 /// An IPv4 address as `Display` writes it.
