@@ -11,18 +11,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 /// `v` in decimal.
-pub fn push_u64(o: &mut String, mut v: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    push_ascii(o, &buf[i..]);
+pub fn push_u64(o: &mut String, v: u64) {
+    push_padded(o, v, 0);
 }
 
 /// `v` in decimal, at least `width` digits (zero-padded), as `{v:0width$}`.

@@ -62,10 +62,9 @@ fn message(out: &mut Vec<u8>, field: u32, body: &[u8]) {
     bytes_field(out, field, body);
 }
 
-/// A `KeyValue` (field `field` of its parent) with a string value.
-fn kv_str(out: &mut Vec<u8>, field: u32, key: &str, value: &[u8]) {
-    // AnyValue { string_value = 1 }
-    let any = 1 + varint_len(value.len() as u64) + value.len();
+/// A `KeyValue`'s head (field `field` of its parent): its tag and length, its key, and the
+/// tag and length of its `AnyValue` of `any` bytes, which the caller writes next.
+fn kv_head(out: &mut Vec<u8>, field: u32, key: &str, any: usize) {
     // KeyValue { key = 1, value = 2 }
     let kv = opt_len(key.as_bytes()) + 1 + varint_len(any as u64) + any;
     tag(out, field, LEN);
@@ -73,19 +72,23 @@ fn kv_str(out: &mut Vec<u8>, field: u32, key: &str, value: &[u8]) {
     opt_bytes(out, 1, key.as_bytes());
     tag(out, 2, LEN);
     varint(out, any as u64);
+}
+
+/// A `KeyValue` with a string value (`AnyValue { string_value = 1 }`).
+fn kv_str(out: &mut Vec<u8>, field: u32, key: &str, value: &[u8]) {
+    kv_head(
+        out,
+        field,
+        key,
+        1 + varint_len(value.len() as u64) + value.len(),
+    );
     bytes_field(out, 1, value);
 }
 
-/// A `KeyValue` with an int value.
+/// A `KeyValue` with an int value (`AnyValue { int_value = 3 }`; int64: a negative number
+/// takes ten bytes).
 fn kv_int(out: &mut Vec<u8>, field: u32, key: &str, value: i64) {
-    // AnyValue { int_value = 3 } (int64: negative numbers take ten bytes).
-    let any = 1 + varint_len(value as u64);
-    let kv = opt_len(key.as_bytes()) + 1 + varint_len(any as u64) + any;
-    tag(out, field, LEN);
-    varint(out, kv as u64);
-    opt_bytes(out, 1, key.as_bytes());
-    tag(out, 2, LEN);
-    varint(out, any as u64);
+    kv_head(out, field, key, 1 + varint_len(value as u64));
     tag(out, 3, VARINT);
     varint(out, value as u64);
 }

@@ -140,7 +140,7 @@ fn parse_exposition(text: &str) -> Vec<Series> {
 }
 
 /// `promtool check metrics` on the exposition: it parses (lint findings are printed, not fatal).
-fn promtool_parses(text: &str) {
+pub fn promtool_parses(text: &str) {
     require_tool("promtool");
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])

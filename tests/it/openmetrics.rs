@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::consumer_metrics::promtool_parses;
 use crate::support::*;
 
 /// What Prometheus sends when it scrapes (its default `scrape_protocols`).
@@ -96,36 +97,6 @@ fn parse(text: &str, om: bool) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-/// `promtool check metrics` on a text-format exposition: it parses (lint findings are printed,
-/// not fatal).
-fn promtool_parses(text: &str) {
-    require_tool("promtool");
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Exit 1 and "error while linting": the text did not parse; 3: lint findings only.
-    assert!(
-        out.status.success() || !said.contains("error while linting"),
-        "promtool refused the exposition: {said}\n{text}"
-    );
 }
 
 /// GET /metrics with `Accept` when given: (Content-Type, Vary, body).

@@ -1500,6 +1500,33 @@ fn redis_top(port: u16, failure_mode: &str) -> String {
     format!("redis:\n  address: \"127.0.0.1:{port}\"\n  timeout: 200ms\n  failureMode: {failure_mode}\n")
 }
 
+/// A gateway whose limits go through `redis` with `failure_mode`, once Redis has seen its first
+/// limit call (requests to `warm`, bounded to 10 s).
+async fn gateway_using_redis(
+    redis: &RedisServer,
+    failure_mode: &str,
+    collector: &str,
+    services: &str,
+    warm: &str,
+) -> Gateway {
+    let gw = Gateway::start(&loopback_config(
+        &format!(
+            "{}{}",
+            redis_top(redis.port, failure_mode),
+            tracing_block(collector, "")
+        ),
+        services,
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("evalsha") == 0 {
+        call(gw.port, warm, &[]).await;
+        assert!(Instant::now() < deadline, "Redis never used: {}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_spans_show_a_refusal_and_a_redis_outage() {
     let mut redis = RedisServer::start();
@@ -1520,21 +1547,7 @@ async fn limits_spans_show_a_refusal_and_a_redis_outage() {
         ),
     ]
     .concat();
-    let gw = Gateway::start(&loopback_config(
-        &format!(
-            "{}{}",
-            redis_top(redis.port, "closed"),
-            tracing_block(&collector.url(), "")
-        ),
-        &services,
-    ))
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.calls("evalsha") == 0 {
-        call(gw.port, "/open/warm", &[]).await;
-        assert!(Instant::now() < deadline, "Redis never used: {}", gw.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw = gateway_using_redis(&redis, "closed", &collector.url(), &services, "/open/warm").await;
 
     // Limited: the limits span says so; nothing went upstream; a 429 is no server error.
     assert_eq!(call(gw.port, "/tight/1", &[]).await.0, 200);
@@ -1588,21 +1601,7 @@ async fn limits_spans_show_a_refusal_and_a_redis_outage() {
     // failureMode open: Redis fails under a running gateway and the request is served from
     // memory, yet the Redis call failed: a Redis span, if there is one, must say so.
     redis.restart();
-    let gw = Gateway::start(&loopback_config(
-        &format!(
-            "{}{}",
-            redis_top(redis.port, "open"),
-            tracing_block(&collector.url(), "")
-        ),
-        &services,
-    ))
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.calls("evalsha") == 0 {
-        call(gw.port, "/open/warm2", &[]).await;
-        assert!(Instant::now() < deadline, "Redis never used: {}", gw.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let gw = gateway_using_redis(&redis, "open", &collector.url(), &services, "/open/warm2").await;
     redis.kill();
     let (tp, trace, _) = client_context("01");
     assert_eq!(
