@@ -62,14 +62,19 @@ pub fn parse_traceparent(v: &[u8]) -> Option<Parent> {
 }
 
 /// The request's parent: its one valid `traceparent` (two fields are no parent, as the
-/// specification asks), and its `tracestate` fields joined, when there is a parent and they
-/// fit in [`MAX_TRACESTATE`].
-pub fn extract(headers: &HeaderMap) -> (Option<Parent>, Option<HeaderValue>) {
+/// specification asks).
+pub fn parent(headers: &HeaderMap) -> Option<Parent> {
     let mut fields = headers.get_all(TRACEPARENT).iter();
-    let parent = match (fields.next(), fields.next()) {
+    match (fields.next(), fields.next()) {
         (Some(v), None) => parse_traceparent(v.as_bytes()),
         _ => None,
-    };
+    }
+}
+
+/// The request's [`parent`], and its `tracestate` fields joined, when there is a parent and
+/// they fit in [`MAX_TRACESTATE`].
+pub fn extract(headers: &HeaderMap) -> (Option<Parent>, Option<HeaderValue>) {
+    let parent = parent(headers);
     if parent.is_none() {
         return (None, None);
     }

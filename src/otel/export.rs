@@ -53,17 +53,33 @@ pub struct Target {
     pub service_name: String,
     /// OTLP/HTTP: the client (its TLS settings made once).
     http: Option<Endpoint>,
-    /// OTLP/gRPC: host, port, and for `grpcs://` the TLS settings (ALPN h2). `None` when the
-    /// TLS settings could not be made: then nothing is sent (never in the clear).
-    grpc: Option<(String, u16, Option<Arc<rustls::ClientConfig>>)>,
+    /// OTLP/gRPC: `None` when the TLS settings could not be made: then nothing is sent (never
+    /// in the clear).
+    grpc: Option<Grpc>,
+}
+
+/// Where OTLP/gRPC calls go.
+struct Grpc {
+    host: String,
+    port: u16,
+    /// For `grpcs://`: TLS with ALPN h2.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The call's URI (scheme, authority, method path), made once.
+    uri: String,
 }
 
 impl Target {
     pub fn of(t: &Tracing) -> Arc<Target> {
-        let authority = if t.host.contains(':') {
-            format!("[{}]:{}", t.host, t.port)
-        } else {
-            format!("{}:{}", t.host, t.port)
+        let authority = crate::httpc::authority(&t.host, t.port);
+        let grpc = |tls: Option<Arc<rustls::ClientConfig>>| Grpc {
+            host: t.host.clone(),
+            port: t.port,
+            uri: format!(
+                "{}://{authority}{}",
+                if tls.is_some() { "https" } else { "http" },
+                t.path
+            ),
+            tls,
         };
         let (http, grpc) = match t.protocol {
             OtlpProtocol::Http => (
@@ -80,10 +96,10 @@ impl Target {
                 crate::httpc::tls_with_roots(None).ok().map(|c| {
                     let mut c = (*c).clone();
                     c.alpn_protocols = vec![b"h2".to_vec()];
-                    (t.host.clone(), t.port, Some(Arc::new(c)))
+                    grpc(Some(Arc::new(c)))
                 }),
             ),
-            OtlpProtocol::Grpc => (None, Some((t.host.clone(), t.port, None))),
+            OtlpProtocol::Grpc => (None, Some(grpc(None))),
         };
         Arc::new(Target {
             protocol: t.protocol,
@@ -333,9 +349,7 @@ async fn export(target: &Target, body: Bytes) -> Result<(), String> {
                 Err(format!("the collector answered {status}"))
             }
         }
-        (None, Some((host, port, tls))) => {
-            grpc_export(target, host, *port, tls.as_ref(), body).await
-        }
+        (None, Some(to)) => grpc_export(target, to, body).await,
         (None, None) => Err("no usable endpoint (its TLS settings could not be made)".into()),
     }
 }
@@ -343,30 +357,21 @@ async fn export(target: &Target, body: Bytes) -> Result<(), String> {
 /// One unary OTLP/gRPC call over a new HTTP/2 connection: the message in gRPC's length-prefixed
 /// framing, the answer's `grpc-status` (in the head of a trailers-only answer, else in the
 /// trailers) must be 0.
-async fn grpc_export(
-    target: &Target,
-    host: &str,
-    port: u16,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-    body: Bytes,
-) -> Result<(), String> {
+async fn grpc_export(target: &Target, to: &Grpc, body: Bytes) -> Result<(), String> {
+    let Grpc {
+        host,
+        port,
+        tls,
+        uri,
+    } = to;
+    let (host, port) = (host.as_str(), *port);
     let mut framed = BytesMut::with_capacity(5 + body.len());
     framed.put_u8(0);
     framed.put_u32(body.len() as u32);
     framed.extend_from_slice(&body);
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let uri = format!(
-        "{}://{authority}{}",
-        if tls.is_some() { "https" } else { "http" },
-        target.path
-    );
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(uri)
+        .uri(uri.as_str())
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
         .header(header::USER_AGENT, "hexgate");

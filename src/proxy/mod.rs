@@ -149,9 +149,7 @@ pub async fn handle(
                 // Without tracing, the client's trace (if any) still joins the line to it.
                 trace_id: match &trace {
                     Some(t) => Some(t.trace_id),
-                    None => crate::otel::context::extract(req.headers())
-                        .0
-                        .map(|p| p.trace_id),
+                    None => crate::otel::context::parent(req.headers()).map(|p| p.trace_id),
                 },
             })
         }),

@@ -71,11 +71,7 @@ pub struct BackendAddr {
 
 impl BackendAddr {
     pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        hexgate_http::httpc::authority(&self.host, self.port)
     }
 }
 

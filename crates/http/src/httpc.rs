@@ -117,6 +117,15 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// `host:port` as a URI authority: an IPv6 address in brackets.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Where requests go: scheme, host, port; and TLS settings for https.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -241,11 +250,7 @@ impl Endpoint {
     }
 
     fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        authority(&self.host, self.port)
     }
 
     /// Sends one request; returns status, headers and the whole body.
